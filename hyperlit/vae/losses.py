@@ -1,0 +1,82 @@
+"""Loss terms of decoder fine-tuning: reconstruction, adversarial (G and D), adaptive weight, warm-up ramp.
+
+Formulas follow the LDM/taming reference (spec vae-decoder.md §1.1-1.2) with the fixes of §9:
+fp32 adaptive weight, D warm-up and a ramp instead of the hard switch at ``disc_start``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+RECONSTRUCTION = ("l1", "mse")
+GAN_LOSSES = ("hinge", "non_saturating")
+RAMPS = ("linear", "cosine")
+
+
+def reconstruction_loss(x: Tensor, x_hat: Tensor, kind: str) -> Tensor:
+    """Mean per-element L1 or squared error.
+
+    LDM sums over C·H·W and divides by B; with the KL term gone (frozen encoder) that only rescales every
+    term by the same constant, and the adaptive GAN weight is a gradient-norm ratio, so the mean is equivalent.
+    """
+    diff = x_hat.float() - x.float()
+    if kind == "l1":
+        return diff.abs().mean()
+    if kind == "mse":
+        return diff.square().mean()
+    raise ValueError(f"loss.reconstruction={kind!r} is not supported; allowed: {', '.join(RECONSTRUCTION)}")
+
+
+def discriminator_loss(logits_real: Tensor, logits_fake: Tensor, kind: str) -> Tensor:
+    """D objective on real and (detached) fake logits, halved as in LDM so both kinds have the same scale."""
+    if kind == "hinge":
+        return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+    if kind == "non_saturating":
+        return 0.5 * (F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean())
+    raise ValueError(f"disc.loss={kind!r} is not supported; allowed: {', '.join(GAN_LOSSES)}")
+
+
+def generator_loss(logits_fake: Tensor, kind: str) -> Tensor:
+    """G objective: ``-mean D(x̂)`` for hinge (LDM), ``mean softplus(-D(x̂))`` for the non-saturating loss."""
+    if kind == "hinge":
+        return -logits_fake.float().mean()
+    if kind == "non_saturating":
+        return F.softplus(-logits_fake.float()).mean()
+    raise ValueError(f"disc.loss={kind!r} is not supported; allowed: {', '.join(GAN_LOSSES)}")
+
+
+def adaptive_weight(
+    rec_loss: Tensor, gan_loss: Tensor, last_layer: Tensor, max_weight: float = 1e4, eps: float = 1e-4
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``‖∇_W rec‖ / (‖∇_W gan‖ + eps)`` at the decoder's last layer W, clamped to [0, max_weight], detached.
+
+    Returns (weight, rec_grad_norm, gan_grad_norm), all fp32 scalars. The graph is retained so the caller can
+    still backpropagate the total loss.
+    """
+    g_rec = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
+    g_gan = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]
+    n_rec = torch.linalg.vector_norm(g_rec.float())
+    n_gan = torch.linalg.vector_norm(g_gan.float())
+    weight = (n_rec / (n_gan + eps)).clamp(0.0, max_weight)
+    return weight.detach(), n_rec.detach(), n_gan.detach()
+
+
+def adversarial_factor(step: int, start: int, warmup_steps: int, ramp_steps: int, ramp: str = "linear") -> float:
+    """Generator-side GAN factor in [0, 1].
+
+    D trains from ``start``; G's adversarial term stays 0 for ``warmup_steps`` more steps (D warm-up, so G
+    never meets a random D) and then ramps to 1 over ``ramp_steps`` (0 = switch on at once).
+    """
+    if ramp not in RAMPS:
+        raise ValueError(f"disc.ramp={ramp!r} is not supported; allowed: {', '.join(RAMPS)}")
+    begin = start + warmup_steps
+    if step < begin:
+        return 0.0
+    if ramp_steps <= 0:
+        return 1.0
+    t = min(1.0, (step - begin + 1) / ramp_steps)
+    return t if ramp == "linear" else 0.5 * (1.0 - math.cos(math.pi * t))
