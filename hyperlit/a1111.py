@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import pickle
+import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,10 +77,14 @@ def _load_weights_only(path: Path) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        blocked = re.search(r"unsupported GLOBAL (\S+)", str(err), flags=re.IGNORECASE)
+        if blocked:
+            raise HypernetworkFileError(
+                f"{path}: refused: the pickle references {blocked.group(1)}, which is not plain weights or "
+                "metadata; the file was not loaded and no code in it ran"
+            ) from None
         raise HypernetworkFileError(
-            f"{path}: refused: the pickle holds objects other than plain weights and metadata, so it was not "
-            f"loaded and no code in it ran ({first})"
+            f"{path}: not a readable torch file (truncated, corrupt or another format); nothing in it was run"
         ) from None
     except Exception as err:  # torch raises many types for truncated or foreign files
         raise HypernetworkFileError(

@@ -12,7 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from hyperlit import a1111
@@ -45,7 +45,7 @@ def read_safetensors(path: str | Path) -> HypernetworkFile:
         with open(path, "rb") as handle:
             header_len = int.from_bytes(handle.read(8), "little")
             header = json.loads(handle.read(header_len))
-    except (SafetensorsError, OSError, ValueError) as err:
+    except (SafetensorError, OSError, ValueError) as err:
         raise HypernetworkFileError(f"{path}: not a readable safetensors file: {err}") from None
     meta = header.get("__metadata__", {})
     if meta.get("format") != SAFETENSORS_FORMAT:

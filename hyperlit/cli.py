@@ -1,0 +1,100 @@
+"""The ``hyperlit`` console script: inspect and convert hypernetwork files (and other subcommands)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from hyperlit import formats
+from hyperlit.a1111 import HypernetworkFile
+
+
+def describe(content: HypernetworkFile) -> dict:
+    """Everything `hyperlit inspect` reports, as plain data."""
+    config = content.config
+    parameters = sum(t.numel() for pair in content.layers.values() for state in pair for t in state.values())
+    comfy_ok, comfy_reason = config.comfyui_compatible()
+    return {
+        "name": content.name,
+        "layout": content.layout,
+        "widths": list(content.layers),
+        "layer_structure": config.layer_structure,
+        "activation": config.activation,
+        "activate_output": config.activate_output,
+        "layer_norm": config.layer_norm,
+        "dropout_structure": config.dropout_probabilities(),
+        "weight_init": config.weight_init,
+        "parameters": parameters,
+        "step": content.step,
+        "sd_checkpoint": content.sd_checkpoint,
+        "sd_checkpoint_name": content.sd_checkpoint_name,
+        "optional_info": content.optional_info,
+        "comfyui_same_function": comfy_ok,
+        "comfyui_note": comfy_reason or None,
+    }
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    info = describe(formats.read_file(args.file))
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    width = max(len(key) for key in info)
+    for key, value in info.items():
+        if value is None:
+            continue
+        if key == "parameters":
+            value = f"{value:,}"
+        print(f"{key.replace('_', ' '):<{width}}  {value}")
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    src, dst = Path(args.input), Path(args.output)
+    if src.resolve() == dst.resolve():
+        raise ValueError(f"convert: input and output are the same file ({src}); choose another output name")
+    content = formats.read_file(src)
+    if args.strip_dropout:
+        content = formats.strip_dropout(content)
+    formats.write_file(dst, replace(content))
+    print(f"wrote {dst} ({formats.read_file(dst).layout})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hyperlit", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    inspect = sub.add_parser("inspect", help="show what a hypernetwork file (.pt or .safetensors) holds")
+    inspect.add_argument("file")
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    inspect.set_defaults(run=_inspect)
+
+    convert = sub.add_parser("convert", help="convert between A1111 .pt and hyperlit .safetensors")
+    convert.add_argument("input")
+    convert.add_argument("output", help="the extension (.pt or .safetensors) chooses the format")
+    convert.add_argument(
+        "--strip-dropout",
+        action="store_true",
+        help="write an inference copy without Dropout slots (renumbered keys, same eval-mode outputs)",
+    )
+    convert.set_defaults(run=_convert)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError, OSError) as err:
+        print(f"hyperlit {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
