@@ -1,0 +1,159 @@
+"""LightningDataModule for an A1111 dataset folder (images + same-stem .txt captions).
+
+Built by Hydra as `instantiate(cfg.data, encoder=components, name=..., seed=...)`. prepare_data() encodes
+everything that is not yet in the disk cache (so slow encoding never runs into distributed timeouts);
+setup() loads from the cache, encoding in memory only what is still missing (e.g. no cache_dir).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from hyperlit.data.captions import load_template, varies_per_step
+from hyperlit.data.folder import SourceItem, scan_folder
+from hyperlit.data.options import DataOptions
+from hyperlit.data.paths import resolve_path
+from hyperlit.data.records import Encoded, encode_items, encode_prompts
+from hyperlit.data.skips import SkipLog
+from hyperlit.data.stream import BatchStream, EpochLoader, Sample, _seed_int
+
+log = logging.getLogger(__name__)
+
+
+class FolderDataModule(L.LightningDataModule):
+    def __init__(self, path: str, encoder: Any = None, **options: Any) -> None:
+        super().__init__()
+        self.opts = DataOptions(**options)
+        self.path_value = path
+        self.encoder = encoder
+        self.template_lines = load_template(self.opts.template)  # fail at the door on a bad template
+        self.skip_log = SkipLog()
+        self.stream: BatchStream | None = None
+        self.last_encoded: Encoded | None = None
+
+    @property
+    def skipped(self) -> Counter[str]:
+        """Skipped or repaired samples by kind (see hyperlit.data.skips)."""
+        return self.skip_log.counts
+
+    @property
+    def cache_dir(self) -> str | None:
+        return str(Path(self.opts.cache_dir).expanduser()) if self.opts.cache_dir else None
+
+    def _root(self) -> Path:
+        root = resolve_path(self.path_value, "data.path", "a folder of images with optional .txt captions")
+        if not root.is_dir():
+            raise NotADirectoryError(f"data.path={self.path_value!r}: {root} is not a directory")
+        return root
+
+    def _items(self, skips: SkipLog) -> list[SourceItem]:
+        root = self._root()
+        items = scan_folder(root, skips)
+        if not items:
+            raise ValueError(
+                f"data.path={self.path_value!r}: {root} holds no image files "
+                f"(looked for .png .jpg .jpeg .webp .bmp .gif .tif .tiff)"
+            )
+        return items
+
+    def _require_encoder(self) -> Any:
+        if self.encoder is None:
+            raise ValueError("the data module needs `encoder=` (an SDComponents) to encode images and captions")
+        return self.encoder
+
+    def _is_global_zero(self) -> bool:
+        trainer = getattr(self, "trainer", None)
+        return trainer is None or trainer.is_global_zero
+
+    def prepare_data(self) -> None:
+        if not self.cache_dir:
+            return
+        enc = self._encode(SkipLog(verbose=False), write=True)
+        log.info(
+            "data: cache ready (%d images, %d VAE batches, %d text batches encoded)",
+            len(enc.records),
+            enc.vae_calls,
+            enc.text_calls,
+        )
+
+    def _encode(self, skips: SkipLog, write: bool) -> Encoded:
+        encoder = self._require_encoder()
+        enc = encode_items(self._items(skips), encoder, self.opts, skips, self.cache_dir, write)
+        if not enc.records:
+            raise ValueError(
+                f"data.path={self.path_value!r}: no usable image; reasons with counts:\n{skips.describe()}"
+            )
+        encode_prompts(enc, encoder, self.opts, self.cache_dir, write)
+        return enc
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.stream is not None:
+            return
+        self.skip_log = SkipLog()
+        enc = self._encode(self.skip_log, write=self._is_global_zero())
+        self.last_encoded = enc
+        samples = [self._finalize(r) for r in enc.records]
+        trainer = getattr(self, "trainer", None)
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        self.stream = BatchStream(
+            samples,
+            enc.contexts,
+            batch_size=self.opts.batch_size,
+            buckets=self.opts.buckets,
+            shuffle=self.opts.shuffle,
+            seed=self.opts.seed,
+            template_lines=self.template_lines,
+            name=self.opts.name,
+            shuffle_tags=self.opts.shuffle_tags,
+            tag_dropout=self.opts.tag_dropout,
+            use_weight=self.opts.use_weight,
+            rank=rank,
+            world_size=world,
+        )
+        log.info(
+            "data: %d images from %s, %d batches per epoch, captions %s; bad input: %s",
+            len(samples),
+            self.path_value,
+            len(self.stream),
+            "vary per step" if varies_per_step(self.opts.shuffle_tags, self.opts.tag_dropout) else "fixed",
+            self.skip_log.summary(),
+        )
+
+    def _finalize(self, rec: Any) -> Sample:
+        """Scale into the model's latent space once, applying A1111's latent_sampling meaning."""
+        scale = self.encoder.scale_latents
+        with torch.no_grad():
+            mean = scale(rec.mean.unsqueeze(0))[0].float()
+            std = None
+            if self.opts.latent_sampling == "once":
+                g = torch.Generator().manual_seed(_seed_int(f"once:{self.opts.seed}:{rec.sha}"))
+                sample = rec.mean + rec.std * torch.randn(rec.mean.shape, generator=g)
+                mean = scale(sample.unsqueeze(0))[0].float()
+            elif self.opts.latent_sampling == "random":
+                # scale_latents is affine, so scale(mean + std*e) = scale(mean) + (scale(mean+std)-scale(mean))*e
+                std = scale((rec.mean + rec.std).unsqueeze(0))[0].float() - mean
+        return Sample(mean, std, rec.caption, rec.prompt, rec.context_index, rec.alpha, rec.sha, rec.placement.target)
+
+    def train_dataloader(self) -> EpochLoader:
+        if self.stream is None:
+            self.setup("fit")
+        assert self.stream is not None
+        return EpochLoader(
+            self.stream,
+            epoch_fn=self._current_epoch,
+            skips=self.skip_log,
+            num_workers=self.opts.num_workers,
+        )
+
+    def _current_epoch(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return trainer.current_epoch
+        self._own_epoch = getattr(self, "_own_epoch", -1) + 1
+        return self._own_epoch

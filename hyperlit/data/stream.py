@@ -1,0 +1,151 @@
+"""The training stream: finished records → single-bucket batches, split by rank and by DataLoader worker.
+
+An IterableDataset (not a sampler) so Lightning leaves the distribution to us: every rank computes the same
+plan from (seed, epoch) and takes its share, with the same number of batches on every rank.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from hyperlit.data.buckets import plan_batches
+from hyperlit.data.captions import make_prompt
+from hyperlit.data.images import weight_from_alpha
+from hyperlit.data.skips import SkipLog
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Sample:
+    """What one training example needs, in the model's scaled latent space."""
+
+    latent: torch.Tensor  # scaled mean (deterministic), scaled sample (once), scaled mean (random)
+    latent_std: torch.Tensor | None  # scaled posterior std, only for latent_sampling=random
+    caption: str
+    prompt: str | None
+    context_index: int | None
+    alpha: torch.Tensor | None
+    sha: str
+    target: tuple[int, int]
+
+
+class BatchStream(IterableDataset):
+    def __init__(
+        self,
+        samples: list[Sample],
+        contexts: torch.Tensor | None,
+        *,
+        batch_size: int,
+        buckets: bool,
+        shuffle: bool,
+        seed: int,
+        template_lines: list[str],
+        name: str,
+        shuffle_tags: bool,
+        tag_dropout: float,
+        use_weight: bool,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.samples = samples
+        self.contexts = contexts
+        self.batch_size = min(batch_size, len(samples))  # A1111: batch = min(batch, N)
+        self.buckets = buckets
+        self.shuffle = shuffle
+        self.seed = seed
+        self.lines = template_lines
+        self.name = name
+        self.shuffle_tags = shuffle_tags
+        self.tag_dropout = tag_dropout
+        self.use_weight = use_weight
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+        self.groups: dict[tuple[int, int], list[int]] = {}
+        for i, s in enumerate(samples):
+            self.groups.setdefault(s.target if buckets else (0, 0), []).append(i)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def plan(self, epoch: int | None = None) -> list[list[int]]:
+        # Bucketed epochs keep partial batches (each image once per epoch, kohya); plain epochs drop the
+        # remainder like A1111 (steps per epoch = N // batch).
+        return plan_batches(
+            self.groups,
+            self.batch_size,
+            drop_last=not self.buckets,
+            shuffle=self.shuffle,
+            seed=self.seed,
+            epoch=self.epoch if epoch is None else epoch,
+            rank=self.rank,
+            world_size=self.world_size,
+        )
+
+    def __len__(self) -> int:
+        return len(self.plan(0))
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        for b, batch in enumerate(self.plan()):
+            if b % nw == wid:  # round-robin matches the DataLoader's worker order, so batch order is kept
+                yield self.collate(batch)
+
+    def collate(self, indices: list[int]) -> dict[str, Any]:
+        latents, captions, weights = [], [], []
+        varies = self.shuffle_tags or self.tag_dropout != 0
+        for i in indices:
+            s = self.samples[i]
+            lat = s.latent
+            if s.latent_std is not None:
+                g = torch.Generator().manual_seed(_seed_int(f"noise:{self.seed}:{self.epoch}:{i}"))
+                lat = lat + s.latent_std * torch.randn(lat.shape, generator=g)
+            latents.append(lat)
+            if varies:
+                rng = random.Random(f"caption:{self.seed}:{self.epoch}:{i}")
+                captions.append(make_prompt(self.lines, s.caption, self.name, rng, self.shuffle_tags, self.tag_dropout))
+            else:
+                captions.append(s.prompt)
+            if self.use_weight:
+                weights.append(weight_from_alpha(s.alpha, lat.shape[0], (lat.shape[1], lat.shape[2])))
+        batch: dict[str, Any] = {"latents": torch.stack(latents).float(), "caption": captions}
+        if not varies and self.contexts is not None:
+            batch["context"] = self.contexts[[self.samples[i].context_index for i in indices]]
+        if self.use_weight:
+            batch["weight"] = torch.stack(weights)
+        return batch
+
+
+def _seed_int(text: str) -> int:
+    return random.Random(text).getrandbits(63)
+
+
+class EpochLoader(DataLoader):
+    """DataLoader that tells its dataset the trainer's epoch and logs the bad-input summary after each epoch.
+
+    Worker-side skip counts travel inside batches under `_skipped` and are merged here, in the main process.
+    """
+
+    def __init__(self, dataset: Any, *, epoch_fn: Callable[[], int], skips: SkipLog, **kwargs: Any) -> None:
+        super().__init__(dataset, batch_size=None, **kwargs)
+        self._epoch_fn = epoch_fn
+        self._skips = skips
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        epoch = self._epoch_fn()
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+        for batch in super().__iter__():
+            if isinstance(batch, dict) and "_skipped" in batch:
+                self._skips.merge(batch.pop("_skipped"))
+            yield batch
+        log.info("data: epoch %d done; bad input so far: %s", epoch, self._skips.summary())

@@ -1,0 +1,75 @@
+"""Shared helpers for the data tests: a counting fake encoder and image/dataset builders."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+
+class FakeEncoder:
+    """SDComponents stand-in: VAE = 8× average pool to 4 channels, text = hashed vectors; counts every call."""
+
+    context_dim = 32
+
+    def __init__(self, vae_version: str = "v1", text_version: str = "v1") -> None:
+        self.vae_version = vae_version
+        self.text_version = text_version
+        self.image_calls = 0
+        self.images_encoded = 0
+        self.text_calls = 0
+        self.prompts_encoded: list[str] = []
+
+    def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        assert pixels.ndim == 4 and pixels.shape[1] == 3
+        assert -1.0 - 1e-5 <= float(pixels.min()) and float(pixels.max()) <= 1.0 + 1e-5
+        self.image_calls += 1
+        self.images_encoded += pixels.shape[0]
+        pooled = F.avg_pool2d(pixels, 8)
+        mean = torch.cat([pooled, pooled.mean(1, keepdim=True)], dim=1)
+        return mean, torch.full_like(mean, 0.5)
+
+    def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return (latents - 0.1) * 0.5
+
+    def unscale_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents / 0.5 + 0.1
+
+    def encode_text(self, captions: list[str]) -> torch.Tensor:
+        self.text_calls += 1
+        self.prompts_encoded.extend(captions)
+        return torch.stack([text_vector(c) for c in captions])
+
+    def fingerprint(self, component: str) -> str:
+        return f"fake-{component}-{self.vae_version if component == 'vae' else self.text_version}"
+
+
+def text_vector(caption: str) -> torch.Tensor:
+    seed = int(hashlib.sha256(caption.encode()).hexdigest()[:15], 16)
+    return torch.randn(77, FakeEncoder.context_dim, generator=torch.Generator().manual_seed(seed))
+
+
+def png_bytes(size: tuple[int, int] = (64, 64), colour=(200, 30, 30), mode: str = "RGB") -> bytes:
+    img = Image.new(mode, size, colour)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_image(folder: Path, stem: str, caption: str | None, size=(64, 64), colour=(200, 30, 30)) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{stem}.png"
+    path.write_bytes(png_bytes(size, colour))
+    if caption is not None:
+        (folder / f"{stem}.txt").write_text(caption, encoding="utf-8")
+    return path
+
+
+def make_folder(folder: Path, n: int = 6, size=(64, 64)) -> Path:
+    for i in range(n):
+        write_image(folder, f"{i:02d}-img{i}", f"tag{i}, colour {i}, shape", size, (20 * i, 255 - 20 * i, 90))
+    return folder
