@@ -38,8 +38,15 @@ def describe(content: HypernetworkFile) -> dict:
     }
 
 
+def _read_checked(path: str | Path) -> HypernetworkFile:
+    """Read a file and make sure its weights fit its metadata, so a broken file is reported, not passed on."""
+    content = formats.read_file(path)
+    formats.from_file_content(content, source=str(path))
+    return content
+
+
 def _inspect(args: argparse.Namespace) -> int:
-    info = describe(formats.read_file(args.file))
+    info = describe(_read_checked(args.file))
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -57,7 +64,7 @@ def _convert(args: argparse.Namespace) -> int:
     src, dst = Path(args.input), Path(args.output)
     if src.resolve() == dst.resolve():
         raise ValueError(f"convert: input and output are the same file ({src}); choose another output name")
-    content = formats.read_file(src)
+    content = _read_checked(src)
     if args.strip_dropout:
         content = formats.strip_dropout(content)
     formats.write_file(dst, replace(content))
