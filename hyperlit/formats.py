@@ -85,7 +85,8 @@ def write_safetensors(path: str | Path, content: HypernetworkFile) -> Path:
     path = Path(path)
     content.name = path.stem
     tensors = {
-        f"{width}.{index}.{key}": tensor.detach().to("cpu", torch.float32).contiguous()
+        # clone: a .pt may store the same tensors for K and V, and safetensors refuses shared memory
+        f"{width}.{index}.{key}": tensor.detach().to("cpu", torch.float32).contiguous().clone()
         for width, pair in content.layers.items()
         for index, state in enumerate(pair)
         for key, tensor in state.items()
