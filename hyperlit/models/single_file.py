@@ -1,0 +1,156 @@
+"""Single-file SD checkpoints in the original LDM key layout (.safetensors / .ckpt), converted by diffusers."""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from collections.abc import Callable
+from pathlib import Path
+
+import safetensors
+import safetensors.torch
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.loaders.single_file_utils import (
+    convert_ldm_clip_checkpoint,
+    convert_ldm_unet_checkpoint,
+    convert_ldm_vae_checkpoint,
+    convert_open_clip_checkpoint,
+)
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from .family import FAMILIES, ModelFamily
+
+log = logging.getLogger(__name__)
+
+SINGLE_FILE_EXTENSIONS = (".safetensors", ".ckpt")
+UNET_PREFIX = "model.diffusion_model."
+CLIP_PREFIX = "cond_stage_model.transformer."  # SD1: OpenAI CLIP in transformers layout
+OPEN_CLIP_PREFIX = "cond_stage_model.model."  # SD2: OpenCLIP layout
+SDXL_PREFIX = "conditioner.embedders."
+
+
+def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint file on CPU. `.ckpt` is read with weights_only=True: no pickled code runs."""
+    if path.suffix == ".safetensors":
+        sd: dict = safetensors.torch.load_file(str(path), device="cpu")
+    else:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise ValueError(
+                f"model.path={path} holds pickled objects beyond tensors, which weights_only loading refuses "
+                f"for safety ({e}); convert it to .safetensors with a trusted tool"
+            ) from None
+    while isinstance(sd, dict) and "state_dict" in sd:  # Lightning/LDM checkpoints nest the weights
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict):
+        raise ValueError(f"model.path={path} does not hold a state dict (found {type(sd).__name__})")
+    return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+
+
+def peek_shapes(path: Path) -> dict[str, tuple[int, ...]] | None:
+    """Tensor shapes from a .safetensors header without reading weights; None for formats that cannot."""
+    if path.suffix != ".safetensors":
+        return None
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
+def context_width(shapes: dict[str, tuple[int, ...]]) -> int | None:
+    """Cross-attention context width of an LDM UNet (in-features of any attn2.to_k)."""
+    for key, shape in shapes.items():
+        if key.startswith(UNET_PREFIX) and key.endswith("attn2.to_k.weight") and len(shape) == 2:
+            return shape[1]
+    return None
+
+
+def check_family(shapes: dict[str, tuple[int, ...]], family: ModelFamily, path: Path) -> None:
+    """Refuse a checkpoint that is not of `family`, naming what it looks like instead."""
+    if not any(k.startswith(UNET_PREFIX) for k in shapes):
+        hint = " (it looks like SDXL)" if any(k.startswith(SDXL_PREFIX) for k in shapes) else ""
+        raise ValueError(
+            f"model.path={path} has no UNet weights under '{UNET_PREFIX}'{hint}; expected a full {family.name} "
+            f"checkpoint in the original LDM key layout"
+        )
+    width = context_width(shapes)
+    if width is not None and width != family.context_dim:
+        matches = [f.name for f in FAMILIES.values() if f.context_dim == width]
+        hint = f"; it looks like {'/'.join(matches)}: set model={matches[0]}" if matches else ""
+        raise ValueError(
+            f"model.path={path} has cross-attention context width {width}, but model.family={family.name} "
+            f"expects {family.context_dim}{hint}"
+        )
+
+
+def _text_state_dict(sd: dict[str, torch.Tensor], text_encoder: CLIPTextModel, path: Path) -> dict:
+    if any(k.startswith(CLIP_PREFIX) for k in sd):
+        text_sd = convert_ldm_clip_checkpoint(sd)
+    elif any(k.startswith(OPEN_CLIP_PREFIX) for k in sd):
+        text_sd = convert_open_clip_checkpoint(text_encoder, sd, prefix=OPEN_CLIP_PREFIX)
+    else:
+        raise ValueError(
+            f"model.path={path} has no text encoder under '{CLIP_PREFIX}' (SD1) or '{OPEN_CLIP_PREFIX}' (SD2)"
+        )
+    # transformers >= 5.6 flattened CLIPTextModel (no `text_model.` level); older checkpoints carry
+    # position_ids as a persistent buffer, which is now derived
+    text_sd = {k.removeprefix("text_model."): v for k, v in text_sd.items()}
+    return {k: v for k, v in text_sd.items() if not k.endswith("position_ids")}
+
+
+def load_matching(
+    build: Callable[[], torch.nn.Module], state_dict: dict[str, torch.Tensor], what: str, path: Path, meta: bool
+) -> torch.nn.Module:
+    """Build a module and load `state_dict` into it, refusing missing weights or shape mismatches with a
+    message naming both shapes. `meta=True` builds without allocating random weights (the loaded tensors
+    are assigned), for modules without non-persistent buffers."""
+    if meta:
+        with torch.device("meta"):
+            module = build()
+    else:
+        module = build()
+    expected = module.state_dict()
+    missing = sorted(expected.keys() - state_dict.keys())
+    wrong = [
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state_dict and state_dict[k].shape != v.shape
+    ]
+    if missing or wrong:
+        detail = "; ".join(wrong[:3] + [f"missing {k}" for k in missing[:3]])
+        raise ValueError(
+            f"model.path={path}: the {what} weights do not match the model config "
+            f"({len(wrong)} shape mismatches, {len(missing)} missing; e.g. {detail})"
+        )
+    unexpected = sorted(state_dict.keys() - expected.keys())
+    if unexpected:
+        log.warning("%s: ignoring %d unexpected %s keys, e.g. %s", path, len(unexpected), what, unexpected[:3])
+    module.load_state_dict({k: state_dict[k] for k in expected}, strict=True, assign=meta)
+    return module
+
+
+def load_single_file(
+    path: Path, family: ModelFamily, config_dir: Path
+) -> tuple[UNet2DConditionModel, AutoencoderKL, CLIPTextModel]:
+    """UNet, VAE and text encoder from an LDM-layout file, shaped by the diffusers configs in `config_dir`."""
+    sd = read_checkpoint(path)
+    check_family({k: tuple(v.shape) for k, v in sd.items()}, family, path)
+
+    unet_config = UNet2DConditionModel.load_config(config_dir / "unet")
+    vae_config = AutoencoderKL.load_config(config_dir / "vae")
+    text_config = CLIPTextConfig.from_pretrained(config_dir / "text_encoder")
+    try:
+        unet_sd = convert_ldm_unet_checkpoint(sd, unet_config)
+        vae_sd = convert_ldm_vae_checkpoint(sd, vae_config)
+    except (KeyError, IndexError, AttributeError) as e:  # the converter indexes blocks the config promises
+        raise ValueError(
+            f"model.path={path} does not have the block layout of model.family={family.name} ({type(e).__name__}: {e})"
+        ) from None
+
+    unet = load_matching(lambda: UNet2DConditionModel.from_config(unet_config), unet_sd, "UNet", path, meta=True)
+    vae = load_matching(lambda: AutoencoderKL.from_config(vae_config), vae_sd, "VAE", path, meta=True)
+    # CLIP keeps a non-persistent position_ids buffer, so it is built for real (small next to the UNet)
+    text_encoder = CLIPTextModel(text_config)
+    text_sd = _text_state_dict(sd, text_encoder, path)
+    text_encoder = load_matching(lambda: text_encoder, text_sd, "text encoder", path, meta=False)
+    return unet, vae, text_encoder
