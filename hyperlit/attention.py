@@ -201,9 +201,7 @@ def _check_hypernetworks(hypernetworks: Sequence[SupportsForwardKV]) -> tuple[Su
     try:
         result = tuple(hypernetworks)
     except TypeError:
-        raise ValueError(
-            f"hypernetworks must be a list of hypernetworks, got {type(hypernetworks).__name__}"
-        ) from None
+        raise ValueError(f"hypernetworks must be a list of hypernetworks, got {type(hypernetworks).__name__}") from None
     for i, hn in enumerate(result):
         if not callable(getattr(hn, "forward_kv", None)):
             raise ValueError(
@@ -234,9 +232,7 @@ def detach_hypernetworks(unet: nn.Module) -> None:
 
 
 @contextmanager
-def hypernetworks_attached(
-    unet: nn.Module, hypernetworks: Sequence[SupportsForwardKV]
-) -> Iterator[nn.Module]:
+def hypernetworks_attached(unet: nn.Module, hypernetworks: Sequence[SupportsForwardKV]) -> Iterator[nn.Module]:
     """Attach for the duration of a `with` block, then restore the processors found on entry (nests)."""
     before = {m: m.processor for m in unet.modules() if isinstance(m, Attention)}
     attach_hypernetworks(unet, hypernetworks)

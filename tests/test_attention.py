@@ -160,9 +160,7 @@ def test_stacking_order_is_per_path_and_in_order(unet):
     attn = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2
     x = torch.randn(2, 16, 32, generator=gen)
     out = HypernetworkAttnProcessor([hn1, hn2])(attn, x, encoder_hidden_states=ctx)
-    expected = hand_attention(
-        attn, x, hn2.path("k", hn1.path("k", ctx)), hn2.path("v", hn1.path("v", ctx))
-    )
+    expected = hand_attention(attn, x, hn2.path("k", hn1.path("k", ctx)), hn2.path("v", hn1.path("v", ctx)))
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
