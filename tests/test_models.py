@@ -193,12 +193,22 @@ def test_penultimate_layer_rule_equals_truncated_encoder(tiny):
     assert torch.allclose(got, ref, atol=1e-6)
     assert not torch.allclose(got, tiny.encode_tokens(ids), atol=1e-3)
     assert sd2_like.fingerprint("text_encoder") != tiny.fingerprint("text_encoder")
+    # A1111's clip skip 2 on an SD1-rule model lands on the same layer
+    skipped = load_components(family="tiny", clip_skip=2)
+    assert skipped.text_layers == 1 and torch.allclose(skipped.encode_tokens(ids), ref, atol=1e-6)
+    assert skipped.fingerprint("text_encoder") == sd2_like.fingerprint("text_encoder")
+    with pytest.raises(ValueError, match=r"text encoder has 2 layers.*model.clip_skip=3 conditions on layer 0"):
+        load_components(family="tiny", clip_skip=3)
 
 
-def test_latent_scaling_roundtrip(tiny):
+def test_latent_scaling_roundtrip_and_decode(tiny):
     z = torch.randn(2, 4, 8, 8)
     assert torch.allclose(tiny.scale_latents(z), z * 0.18215)
     assert torch.allclose(tiny.unscale_latents(tiny.scale_latents(z)), z, atol=1e-6)
+    pixels = tiny.decode_latents(tiny.scale_latents(z))
+    with torch.no_grad():
+        ref = tiny.vae.decode(z).sample
+    assert pixels.shape == (2, 3, 64, 64) and torch.allclose(pixels, ref, atol=1e-5)
 
 
 def test_shipped_tokenizer_is_the_byte_level_vocab(tiny):
@@ -337,6 +347,8 @@ def test_bad_values_name_what_is_allowed(tmp_path):
         validate_model_config(family="sd3")
     with pytest.raises(ValueError, match=r"model.dtype='int8' is not allowed; allowed: float32, float16, bfloat16"):
         validate_model_config(dtype="int8")
+    with pytest.raises(ValueError, match=r"model.clip_skip=0 is not allowed; allowed: an integer >= 1"):
+        validate_model_config(clip_skip=0)
     with pytest.raises(ValueError, match=r"model.source='hub' is not allowed"):
         validate_model_config(source="hub")
     with pytest.raises(ValueError, match=r"model.family=sdxl is not loadable"):

@@ -26,6 +26,7 @@ class SDComponents:
     family: ModelFamily
     checkpoint_hash: str | None = None  # A1111 short hash (10 hex) written into hypernetwork files
     checkpoint_name: str | None = None
+    clip_skip: int = 1  # A1111 "stop at last layers": 2 = one layer before the family's rule (NovelAI-style SD1)
     _fingerprints: dict[str, str] = field(default_factory=dict, repr=False)
 
     @property
@@ -67,18 +68,30 @@ class SDComponents:
             list(captions), padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
         ).input_ids
 
+    @property
+    def text_layers(self) -> int:
+        """How many text-encoder layers produce the context: the family's rule, minus clip_skip - 1."""
+        depth = self.text_encoder.config.num_hidden_layers
+        return (self.family.text_layers_used or depth) - (self.clip_skip - 1)
+
     @torch.no_grad()
     def encode_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Context B×77×context_dim (float32) following the family's text-layer rule (SD1 last, SD2 penultimate)."""
         te = self.text_encoder
         ids = input_ids.to(te.device)
-        used = self.family.text_layers_used
-        if used is None or used == te.config.num_hidden_layers:
+        used = self.text_layers
+        if used == te.config.num_hidden_layers:
             out = te(ids).last_hidden_state
         else:
-            # hidden_states[k] is the output of layer k; SD2 applies the final layer norm to the penultimate one
+            # hidden_states[k] is the output of layer k; SD2 and A1111's clip skip apply the final layer norm to it
             out = te.final_layer_norm(te(ids, output_hidden_states=True).hidden_states[used])
         return out.float()
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents (what the UNet sees) -> pixels B×3×H×W, float32, nominally in [-1, 1] (not clamped)."""
+        z = self.unscale_latents(latents).to(device=self.vae.device, dtype=self.vae.dtype)
+        return self.vae.decode(z).sample.float()
 
     def encode_text(self, captions: list[str]) -> torch.Tensor:
         return self.encode_tokens(self.tokenize(captions))
@@ -105,7 +118,7 @@ class SDComponents:
             cfg = {k: v for k, v in self.noise_scheduler.config.items() if not k.startswith("_")}
             return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()
         if component == "text_encoder":
-            rule = f"{self.family.text_layer}|{self.family.text_layers_used}|{self.fingerprint('tokenizer')}"
+            rule = f"{self.text_layers}|{self.fingerprint('tokenizer')}"
             return modules_sha256(self.text_encoder, extra=rule)
         if component == "vae":
             rule = f"{self.family.scaling_factor}|{self.family.shift_factor}"

@@ -41,6 +41,7 @@ class ModelSpec:
     dtype: torch.dtype
     seed: int
     prediction_type: str
+    clip_skip: int
 
 
 def _read_json(path: Path) -> dict:
@@ -89,6 +90,7 @@ def validate_model_config(
     dtype: str = "float32",
     seed: int = 0,
     prediction_type: str | None = None,
+    clip_skip: int = 1,
 ) -> ModelSpec:
     """Check a model config without loading weights (reads only small config files and safetensors headers).
 
@@ -105,6 +107,8 @@ def validate_model_config(
         raise ValueError(
             f"model.prediction_type={prediction_type!r} is not allowed; allowed: {', '.join(PREDICTION_TYPES)}"
         )
+    if not isinstance(clip_skip, int) or isinstance(clip_skip, bool) or clip_skip < 1:
+        raise ValueError(f"model.clip_skip={clip_skip!r} is not allowed; allowed: an integer >= 1 (1 = no skip)")
     if source is not None and source not in SOURCES:
         raise ValueError(f"model.source={source!r} is not allowed; allowed: {', '.join(SOURCES)} (or null to infer)")
 
@@ -155,7 +159,7 @@ def validate_model_config(
             f"model.tokenizer_path to a folder with the CLIP tokenizer files (vocab.json, merges.txt) or to a "
             f"diffusers {fam.name} folder"
         )
-    return ModelSpec(fam, src, p, tok, DTYPES[dtype_name], int(seed), pred)
+    return ModelSpec(fam, src, p, tok, DTYPES[dtype_name], int(seed), pred, clip_skip)
 
 
 def _noise_scheduler(spec: ModelSpec) -> DDPMScheduler:
@@ -187,15 +191,17 @@ def load_components(
     dtype: str = "float32",
     seed: int = 0,
     prediction_type: str | None = None,
+    clip_skip: int = 1,
 ) -> SDComponents:
     """Frozen SD parts (eval mode, requires_grad False, weights in `dtype`) described by the `model` config.
 
     family: tiny | sd15 | sd21. source: tiny | diffusers | single_file, or None to infer from `path`
     (none -> tiny, folder -> diffusers, file -> single_file). tokenizer_path: CLIP tokenizer folder, needed for
     a single file of a family without a shipped tokenizer. seed: tiny weights. prediction_type: override of
-    the family default (e.g. epsilon for SD 2.x 512 "base" models).
+    the family default (e.g. epsilon for SD 2.x 512 "base" models). clip_skip: A1111's "stop at last layers"
+    (1 = the family's own rule; 2 = one layer earlier, as NovelAI-style SD1 models were trained).
     """
-    spec = validate_model_config(family, source, path, tokenizer_path, dtype, seed, prediction_type)
+    spec = validate_model_config(family, source, path, tokenizer_path, dtype, seed, prediction_type, clip_skip)
     if spec.source == "tiny":
         unet, vae, text_encoder = build_tiny(spec.seed)
     elif spec.source == "diffusers":
@@ -203,11 +209,12 @@ def load_components(
     else:
         unet, vae, text_encoder = load_single_file(spec.path, spec.family, spec.family.config_dir)
 
-    used = spec.family.text_layers_used
-    if used is not None and used > text_encoder.config.num_hidden_layers:
+    depth = text_encoder.config.num_hidden_layers
+    used = (spec.family.text_layers_used or depth) - (spec.clip_skip - 1)
+    if not 1 <= used <= depth:
         raise ValueError(
-            f"model.path={spec.path}: the text encoder has {text_encoder.config.num_hidden_layers} layers, but "
-            f"model.family={spec.family.name} conditions on layer {used}"
+            f"model.path={spec.path}: the text encoder has {depth} layers, but model.family={spec.family.name} "
+            f"with model.clip_skip={spec.clip_skip} conditions on layer {used}"
         )
     for m in (unet, vae, text_encoder):
         if m.dtype != spec.dtype:  # diffusers warns on every .to(dtype), even a no-op one
@@ -232,4 +239,5 @@ def load_components(
         family=spec.family,
         checkpoint_hash=ckpt_hash,
         checkpoint_name=name,
+        clip_skip=spec.clip_skip,
     )
