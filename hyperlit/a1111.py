@@ -77,8 +77,9 @@ def _load_weights_only(path: Path) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        # torch >= 2.4 words it "Unsupported global: GLOBAL os.system was not an allowed global ..."
-        blocked = re.search(r"unsupported global:?\s*GLOBAL (\S+)", str(err), flags=re.IGNORECASE)
+        # torch words it "Unsupported global: GLOBAL builtins.exec was not an allowed global ..." or, for blocked
+        # modules, "Trying to load unsupported GLOBAL posix.system whose module posix is blocked."
+        blocked = re.search(r"unsupported global:?\s*(?:GLOBAL )?(\S+)", str(err), flags=re.IGNORECASE)
         if blocked:
             raise HypernetworkFileError(
                 f"{path}: refused: the pickle references {blocked.group(1)}, which is not plain weights or "
