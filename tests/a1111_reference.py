@@ -286,7 +286,11 @@ class RestrictedUnpickler(pickle.Unpickler):
 
 
 _OLD_ZIP_MEMBER = re.compile(r"^[^/]+/(data\.pkl|version|data/\d+)$")
-_NEW_ZIP_MEMBER = re.compile(r"^[^/]+/(data\.pkl|version|byteorder|data/\d+|\.data/serialization_id)$")
+# The relaxed check of later releases accepts byteorder and .data/serialization_id (spec §1.7); torch >= 2.6 also
+# writes .format_version and .storage_alignment, accepted here too (A1111's behaviour for those is not verified).
+_NEW_ZIP_MEMBER = re.compile(
+    r"^[^/]+/(data\.pkl|version|byteorder|data/\d+|\.data/serialization_id|\.format_version|\.storage_alignment)$"
+)
 
 
 def a1111_safe_check(path: str | Path, relaxed_zip_names: bool = False) -> list[object]:
