@@ -338,3 +338,36 @@ def test_all_attention_options_match_default_processor():
     HypernetworkAttnProcessor([hn])(attn, x, encoder_hidden_states=ctx, attention_mask=mask, temb=temb)
     handle.remove()
     torch.testing.assert_close(seen[0], hn.path("k", normed))
+
+
+def test_with_the_real_hypernetwork(unet, inputs):
+    """hyperlit.hypernetwork.Hypernetwork: sizes from the UNet, eval multiplier, train strength 1, grads."""
+    from hyperlit.hypernetwork import Hypernetwork, HypernetworkConfig
+
+    widths = unet_attention_widths(unet)
+    config = HypernetworkConfig(layer_structure=[1, 2, 1], activation="relu", multiplier=0.0)
+    hn = Hypernetwork(config, sizes=widths["self"] + widths["cross"], name="real")
+    with torch.no_grad():  # the A1111 N(0, 0.01) init is nearly the identity; make the effect visible
+        for p in hn.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(17)) * 0.2)
+    hn.eval()
+    keys = list(unet.state_dict())
+    bare = run(unet, inputs)
+    with hypernetworks_attached(unet, [hn]):
+        assert list(unet.state_dict()) == keys
+        torch.testing.assert_close(run(unet, inputs), bare, rtol=0, atol=1e-5)  # eval, multiplier 0
+
+        hn.multiplier = 0.5
+        attn = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2
+        gen = torch.Generator().manual_seed(18)
+        x, ctx = torch.randn(2, 16, 32, generator=gen), torch.randn(2, 7, CROSS_WIDTH, generator=gen)
+        k_mlp, v_mlp = (module.linear for module in hn.pairs[str(CROSS_WIDTH)])
+        expected = hand_attention(attn, x, ctx + k_mlp(ctx) * 0.5, ctx + v_mlp(ctx) * 0.5)
+        torch.testing.assert_close(attn(x, encoder_hidden_states=ctx), expected, rtol=1e-5, atol=1e-5)
+
+        hn.train()  # A1111 trains at strength 1 whatever the multiplier
+        expected = hand_attention(attn, x, ctx + k_mlp(ctx), ctx + v_mlp(ctx))
+        torch.testing.assert_close(attn(x, encoder_hidden_states=ctx), expected, rtol=1e-5, atol=1e-5)
+        run(unet, inputs).pow(2).mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in hn.parameters())
+    assert all(p.grad is None for p in unet.parameters())
