@@ -1,0 +1,143 @@
+"""LightningModule that trains a hypernetwork on a frozen Stable Diffusion UNet.
+
+The frozen parts live in a plain :class:`SDComponents` object, not as sub-modules: they never reach the optimizer,
+the Lightning checkpoint or DDP's gradient buckets, and the checkpoint holds only the hypernetwork.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import grad_norm
+from torch import Tensor
+
+from hyperlit.attention import attach_hypernetworks, detach_hypernetworks
+from hyperlit.hypernetwork import Hypernetwork
+from hyperlit.lr_schedule import base_learning_rate, build_scheduler
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def min_snr_weights(alphas_cumprod: Tensor, timesteps: Tensor, gamma: float, prediction_type: str) -> Tensor:
+    """Min-SNR-γ loss weights (Hang et al. 2023): min(SNR, γ)/SNR for ε targets, min(SNR, γ)/(SNR+1) for v."""
+    alpha_bar = alphas_cumprod.to(timesteps.device)[timesteps].float()
+    snr = alpha_bar / (1 - alpha_bar)
+    clipped = torch.clamp(snr, max=gamma)
+    return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
+
+
+class HypernetworkTask(L.LightningModule):
+    def __init__(
+        self,
+        hypernetwork: Hypernetwork,
+        components: Any,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        learning_rate: float | str = 1e-5,
+        lr_scheduler: str = "constant",
+        lr_warmup_steps: int = 0,
+        max_steps: int = 1000,
+        min_snr_gamma: float | None = None,
+        noise_offset: float = 0.0,
+        prediction_type: str | None = None,
+        initial_step: int = 0,
+    ) -> None:
+        super().__init__()
+        self.hypernetwork = hypernetwork
+        self.components = components  # plain object: frozen modules stay unregistered on purpose
+        self.optimizer_factory = optimizer
+        self.learning_rate = learning_rate
+        self.lr_scheduler_name = lr_scheduler
+        self.lr_warmup_steps = lr_warmup_steps
+        self.max_steps = max_steps
+        self.min_snr_gamma = min_snr_gamma
+        self.noise_offset = noise_offset
+        self.prediction_type = prediction_type or components.prediction_type
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(
+                f"train.prediction_type: {self.prediction_type!r} is not supported; allowed: {', '.join(PREDICTION_TYPES)}"
+            )
+        if min_snr_gamma is not None and min_snr_gamma <= 0:
+            raise ValueError(f"train.min_snr_gamma: {min_snr_gamma} is not allowed; use null or a number > 0")
+        if noise_offset < 0:
+            raise ValueError(f"train.noise_offset: {noise_offset} is not allowed; use 0 or more")
+        # Steps already in an init_from file; A1111 metadata counts from there.
+        self.initial_step = initial_step
+        self._last_batch_time: float | None = None
+
+    # --- set-up ---
+
+    def on_fit_start(self) -> None:
+        self.components.to(self.device)
+        attach_hypernetworks(self.components.unet, [self.hypernetwork])
+
+    def on_fit_end(self) -> None:
+        detach_hypernetworks(self.components.unet)
+
+    def configure_optimizers(self) -> dict:
+        lr = base_learning_rate(self.learning_rate, self.max_steps)
+        optimizer = self.optimizer_factory(params=self.hypernetwork.parameters(), lr=lr)
+        scheduler = build_scheduler(
+            optimizer, self.learning_rate, self.lr_scheduler_name, self.lr_warmup_steps, self.max_steps
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # --- the objective ---
+
+    def context_for(self, batch: dict) -> Tensor:
+        if "context" in batch:
+            return batch["context"]
+        return self.components.encode_text(list(batch["caption"])).to(self.device)
+
+    def compute_loss(self, batch: dict, generator: torch.Generator | None = None) -> Tensor:
+        """Per-sample diffusion loss: noise a latent at a uniform timestep, MSE of the UNet's prediction."""
+        latents = batch["latents"].float()
+        context = self.context_for(batch)
+        scheduler = self.components.noise_scheduler
+        batch_size = latents.shape[0]
+        noise = torch.randn(latents.shape, generator=generator, device=latents.device)
+        if self.noise_offset:
+            # A per-sample, per-channel constant lets the model learn overall brightness (Guttenberg 2023).
+            offset = torch.randn((batch_size, latents.shape[1], 1, 1), generator=generator, device=latents.device)
+            noise = noise + self.noise_offset * offset
+        timesteps = torch.randint(
+            0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator, device=latents.device
+        )
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        target = noise if self.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+        unet = self.components.unet
+        prediction = unet(noisy.to(unet.dtype), timesteps, context.to(unet.dtype)).sample.float()
+        error = F.mse_loss(prediction, target, reduction="none")
+        if "weight" in batch:
+            error = error * batch["weight"]
+        per_sample = error.mean(dim=(1, 2, 3))
+        if self.min_snr_gamma is not None:
+            per_sample = per_sample * min_snr_weights(
+                scheduler.alphas_cumprod, timesteps, self.min_snr_gamma, self.prediction_type
+            )
+        return per_sample
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        loss = self.compute_loss(batch).mean()
+        batch_size = batch["latents"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        now = time.perf_counter()
+        if self._last_batch_time is not None:
+            samples_per_s = batch_size * self.trainer.world_size / max(now - self._last_batch_time, 1e-9)
+            self.log("train/samples_per_s", samples_per_s, prog_bar=True, batch_size=batch_size)
+        self._last_batch_time = now
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.hypernetwork.step = self.initial_step + self.global_step
+        lr = self.trainer.optimizers[0].param_groups[0]["lr"]
+        self.log("train/lr", lr, prog_bar=True)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        norms = grad_norm(self.hypernetwork, norm_type=2)
+        if "grad_2.0_norm_total" in norms:
+            self.log("train/grad_norm", norms["grad_2.0_norm_total"])
