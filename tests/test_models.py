@@ -252,10 +252,17 @@ def test_diffusers_folder_roundtrip(tiny, tmp_path):
     assert load_components(family="tiny", path=str(folder)).noise_scheduler.config.beta_end == 0.02
 
 
-def test_diffusers_folder_of_wrong_family_is_refused(tiny, tmp_path):
+def test_diffusers_folder_of_wrong_family_or_without_tokenizer_is_refused(tiny, tmp_path):
     folder = write_diffusers_folder(tiny, tmp_path / "m")
     with pytest.raises(ValueError, match=r"cross_attention_dim is 48.*model.family=sd15 expects 768"):
         validate_model_config(family="sd15", path=str(folder))
+    (folder / "tokenizer").rename(tmp_path / "tok")
+    with pytest.raises(FileNotFoundError, match=r"has no tokenizer/ folder; set model.tokenizer_path"):
+        validate_model_config(family="tiny", path=str(folder))
+    assert (
+        validate_model_config(family="tiny", path=str(folder), tokenizer_path=str(tmp_path / "tok")).source
+        == "diffusers"
+    )
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])

@@ -107,6 +107,8 @@ def validate_model_config(
         raise ValueError(
             f"model.prediction_type={prediction_type!r} is not allowed; allowed: {', '.join(PREDICTION_TYPES)}"
         )
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ValueError(f"model.seed={seed!r} is not allowed; allowed: an integer")
     if not isinstance(clip_skip, int) or isinstance(clip_skip, bool) or clip_skip < 1:
         raise ValueError(f"model.clip_skip={clip_skip!r} is not allowed; allowed: an integer >= 1 (1 = no skip)")
     if source is not None and source not in SOURCES:
@@ -150,7 +152,12 @@ def validate_model_config(
     if tokenizer_path not in (None, ""):
         tok = _tokenizer_dir(tokenizer_path)
     elif src == "diffusers":
-        tok = _tokenizer_dir(p)  # the folder's own tokenizer/
+        if not (p / "tokenizer").is_dir():
+            raise FileNotFoundError(
+                f"model.path={p} has no tokenizer/ folder; set model.tokenizer_path to a folder with the CLIP "
+                f"tokenizer files (vocab.json, merges.txt)"
+            )
+        tok = _tokenizer_dir(p / "tokenizer")  # the folder's own
     elif (fam.config_dir / "tokenizer").is_dir():
         tok = fam.config_dir / "tokenizer"  # shipped (tiny only)
     else:
@@ -159,7 +166,7 @@ def validate_model_config(
             f"model.tokenizer_path to a folder with the CLIP tokenizer files (vocab.json, merges.txt) or to a "
             f"diffusers {fam.name} folder"
         )
-    return ModelSpec(fam, src, p, tok, DTYPES[dtype_name], int(seed), pred, clip_skip)
+    return ModelSpec(fam, src, p, tok, DTYPES[dtype_name], seed, pred, clip_skip)
 
 
 def _noise_scheduler(spec: ModelSpec) -> DDPMScheduler:
