@@ -36,6 +36,20 @@ def _extension(path: Path) -> str:
     return suffix
 
 
+def _in_module_order(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keys back in ``state_dict()`` order (Sequential index numerically, weight before bias).
+
+    safetensors stores names sorted as text (linear.0.bias, linear.0.weight, linear.10..., linear.2...); a ``.pt``
+    written in that order breaks ComfyUI, which rebuilds the layers from the ``*.weight`` keys in stored order.
+    """
+    def order(key: str) -> tuple[int, int, str]:
+        parts = key.split(".")
+        index = int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else -1
+        return index, {"weight": 0, "bias": 1}.get(parts[-1], 2), key
+
+    return {key: state[key] for key in sorted(state, key=order)}
+
+
 def read_safetensors(path: str | Path) -> HypernetworkFile:
     path = Path(path)
     if not path.is_file():
@@ -59,9 +73,10 @@ def read_safetensors(path: str | Path) -> HypernetworkFile:
         raise HypernetworkFileError(f"{path}: the 'config' metadata is not valid: {err}") from None
     layers: dict[int, tuple[dict, dict]] = {}
     for key, tensor in tensors.items():
-        width, path_index, param = key.split(".", 2)
-        if not width.isdigit() or path_index not in ("0", "1"):
+        parts = key.split(".", 2)
+        if len(parts) != 3 or not parts[0].isdigit() or parts[1] not in ("0", "1"):
             raise HypernetworkFileError(f"{path}: tensor {key!r} is not '<width>.<0|1>.<key>'")
+        width, path_index, param = parts
         pair = layers.setdefault(int(width), ({}, {}))
         pair[int(path_index)][param] = tensor.float()
     # safetensors sorts tensor names; the config keeps the width order, which fixes the parameter order.
@@ -71,7 +86,7 @@ def read_safetensors(path: str | Path) -> HypernetworkFile:
     step = meta.get("step", "0")
     return HypernetworkFile(
         config=config,
-        layers={width: layers[width] for width in order},
+        layers={width: tuple(_in_module_order(state) for state in layers[width]) for width in order},
         name=meta.get("name") or path.stem,
         step=int(step) if step.isdigit() else 0,
         sd_checkpoint=meta.get("sd_checkpoint") or None,
