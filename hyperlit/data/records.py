@@ -160,9 +160,10 @@ def _placement_from_meta(meta: dict[str, str]) -> Placement:
     return Placement(pair(meta["target"], "x"), pair(meta["resized"], "x"), pair(meta["crop"], ","))
 
 
-def fixed_prompt_rng(seed: int, sha: str) -> random.Random:
-    # Seeded by content, not by listing order, so the same image gets the same prompt in every run.
-    return random.Random(f"prompt:{seed}:{sha}")
+def fixed_prompt_rng(sha: str) -> random.Random:
+    # Seeded by the image content only (not listing order, not the run seed), so the same image gets the same
+    # prompt in every run, sweep and shard build, and cached / precomputed text embeddings stay valid.
+    return random.Random(f"prompt:{sha}")
 
 
 def encode_prompts(enc: Encoded, encoder: Any, opts: DataOptions, cache_dir: str | None, write: bool) -> None:
@@ -174,7 +175,7 @@ def encode_prompts(enc: Encoded, encoder: Any, opts: DataOptions, cache_dir: str
     text_fp = encoder.fingerprint("text_encoder")
     unique: dict[str, int] = {}
     for rec in enc.records:
-        rec.prompt = make_prompt(lines, rec.caption, opts.name, fixed_prompt_rng(opts.seed, rec.sha), False, 0.0)
+        rec.prompt = make_prompt(lines, rec.caption, opts.name, fixed_prompt_rng(rec.sha), False, 0.0)
         rec.context_index = unique.setdefault(rec.prompt, len(unique))
     prompts = list(unique)
     contexts: list[torch.Tensor | None] = [None] * len(prompts)

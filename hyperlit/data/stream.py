@@ -147,5 +147,7 @@ class EpochLoader(DataLoader):
         for batch in super().__iter__():
             if isinstance(batch, dict) and "_skipped" in batch:
                 self._skips.merge(batch.pop("_skipped"))
+                if not batch:  # a counts-only message from a worker
+                    continue
             yield batch
         log.info("data: epoch %d done; bad input so far: %s", epoch, self._skips.summary())

@@ -1,0 +1,299 @@
+"""Streaming webdataset shards: decode, caption and batch in workers; encode on the device after transfer.
+
+Pipeline per rank (webdataset 1.0 `DataPipeline`, every stage explicit):
+  shard list (one pass, or endless passes shuffled per (seed, epoch, pass) identically on all ranks)
+  → node split (rank r takes every world_size-th shard) → worker split (`wds.split_by_worker`)
+  → tar expansion (corrupt members counted, not fatal) → sample shuffle buffer → decode → batch.
+Resampled mode replaces the first three stages with `wds.ResampledShards`, seeded per rank and worker.
+With an epoch length every rank yields exactly the same number of batches (DDP cannot hang); without one
+the epoch is a single pass (single process only).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import random
+from collections import Counter
+from collections.abc import Iterator
+from itertools import islice
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import IterableDataset, get_worker_info
+
+from hyperlit.data.cache import sha256_bytes
+from hyperlit.data.captions import make_prompt
+from hyperlit.data.folder import read_caption
+from hyperlit.data.images import BadImage, decode_image, place, to_pixels
+from hyperlit.data.records import fixed_prompt_rng
+from hyperlit.data.skips import SkipLog
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+
+
+class _WorkerSeed:
+    """Picklable per-(rank, worker) seed for ResampledShards (does not rely on RANK being exported)."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+
+    def __call__(self) -> int:
+        info = get_worker_info()
+        return self.rank * 1000 + (info.id if info is not None else 0)
+
+
+class ShardStream(IterableDataset):
+    def __init__(
+        self,
+        urls: list[str],
+        *,
+        batch_size: int,
+        seed: int,
+        rank: int,
+        world_size: int,
+        epoch_batches: int | None,
+        resampled: bool,
+        shuffle: bool,
+        shuffle_buffer: int,
+        resolution: int,
+        resize: str,
+        template_lines: list[str],
+        name: str,
+        shuffle_tags: bool,
+        tag_dropout: float,
+        use_weight: bool,
+        vae_fingerprint: str,
+        text_fingerprint: str,
+        max_image_pixels: int,
+    ) -> None:
+        self.urls = urls
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch_batches = epoch_batches
+        self.resampled = resampled
+        self.shuffle = shuffle
+        self.shuffle_buffer = shuffle_buffer
+        self.target = (resolution, resolution)
+        self.resize = resize
+        self.lines = template_lines
+        self.name = name
+        self.shuffle_tags = shuffle_tags
+        self.tag_dropout = tag_dropout
+        self.varies = bool(shuffle_tags) or tag_dropout != 0
+        self.use_weight = use_weight
+        self.vae_fp = vae_fingerprint
+        self.text_fp = text_fingerprint
+        self.max_image_pixels = max_image_pixels
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        if self.epoch_batches is None:
+            raise TypeError("a single-pass webdataset epoch has no known length; set data.epoch_length")
+        return self.epoch_batches
+
+    # ---- shard source -------------------------------------------------------------------------------
+    def _passes(self) -> Iterator[dict[str, str]]:
+        """Shard URLs, the same sequence on every rank; endless when the epoch length is explicit."""
+        n = 0
+        while True:
+            urls = list(self.urls)
+            if self.shuffle:
+                random.Random(f"shards:{self.seed}:{self.epoch}:{n}").shuffle(urls)
+            for url in urls:
+                yield {"url": url}
+            if self.epoch_batches is None:
+                return
+            if self._usable == 0:
+                raise ValueError(self._nothing_usable())
+            n += 1
+
+    def _split_node(self, src: Iterator[Any]) -> Iterator[Any]:
+        # Explicit node splitter from the trainer's rank: works with spawn workers and without RANK in env.
+        return islice(src, self.rank, None, self.world_size)
+
+    def _nothing_usable(self) -> str:
+        return f"data.urls: no usable sample in {len(self.urls)} shard(s); reasons with counts:\n" + (
+            self._skips.describe()
+        )
+
+    def _tar_handler(self, exn: Exception) -> bool:
+        """Count and continue. webdataset reports a member that cannot be read from the member iterator
+        (message tagged " @ <stream>"), then the shard-level failure that ends that shard from the expander
+        (args extended with stream and url): counted as corrupt_tar_member and corrupt_shard."""
+        args = exn.args
+        if len(args) >= 3 and isinstance(args[-1], str):
+            self._skips.add("corrupt_shard", args[-1], f"{type(exn).__name__}: {args[0]}; rest of shard lost")
+        else:
+            self._skips.add("corrupt_tar_member", str(args[0]) if args else "shard", type(exn).__name__)
+        return True
+
+    # ---- samples ------------------------------------------------------------------------------------
+    def _decode(self, src: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for sample in src:
+            key = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
+            item = self._decode_one(sample, key)
+            if item is not None:
+                self._usable += 1
+                yield item
+
+    def _decode_one(self, sample: dict[str, Any], where: str) -> dict[str, Any] | None:
+        ext = next((k for k in IMAGE_KEYS if k in sample), None)
+        if ext is None:
+            self._skips.add("missing_image", where, f"members: {sorted(k for k in sample if k[:2] != '__')}")
+            return None
+        data = sample[ext]
+        caption = read_caption(where, sample.get("txt"), "", self._skips)
+        meta = self._json(sample, where)
+        sha = sha256_bytes(data)
+        item: dict[str, Any] = {"sha": sha}
+        latent = self._precomputed_latent(sample, meta, where)
+        if latent is None or self.use_weight:
+            try:
+                decoded = decode_image(data, self.max_image_pixels)
+            except BadImage as e:
+                self._skips.add(e.kind, where, e.detail)
+                return None
+            for kind in decoded.repairs:
+                self._skips.add(kind, where)
+            p = place(decoded.rgb.size, self.target, self.resize)
+            if latent is None:
+                item["pixels"] = to_pixels(decoded.rgb, p)
+            if self.use_weight:
+                alpha = decoded.alpha
+                item["alpha"] = to_pixels(alpha.convert("RGB"), p)[0].add(1).div(2) if alpha is not None else None
+        if latent is not None:
+            item["mean"], item["std"] = latent
+        if self.varies:
+            rng = random.Random(f"caption:{self.seed}:{self.epoch}:{sha}")
+            item["caption"] = make_prompt(self.lines, caption, self.name, rng, self.shuffle_tags, self.tag_dropout)
+        else:
+            item["caption"] = make_prompt(self.lines, caption, self.name, fixed_prompt_rng(sha), False, 0.0)
+            if "context.npy" in sample and meta.get("text_encoder") == self.text_fp:
+                if meta.get("prompt") == item["caption"]:
+                    ctx = self._npy(sample["context.npy"], where)
+                    if ctx is not None:
+                        item["context"] = torch.from_numpy(ctx).float()
+        return item
+
+    def _json(self, sample: dict[str, Any], where: str) -> dict[str, Any]:
+        if "json" not in sample:
+            return {}
+        try:
+            meta = json.loads(sample["json"])
+            return meta if isinstance(meta, dict) else {}
+        except (ValueError, UnicodeDecodeError) as e:
+            self._skips.add("corrupt_tar_member", where, f"json: {e}")
+            return {}
+
+    def _npy(self, data: bytes, where: str) -> np.ndarray | None:
+        try:
+            return np.load(io.BytesIO(data), allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            self._skips.add("corrupt_tar_member", where, f"npy: {e}")
+            return None
+
+    def _precomputed_latent(
+        self, sample: dict[str, Any], meta: dict[str, Any], where: str
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if "latent.npy" not in sample:
+            return None
+        fresh = (
+            meta.get("vae") == self.vae_fp
+            and tuple(meta.get("target", ())) == self.target
+            and meta.get("resize") == self.resize
+        )
+        if not fresh:
+            self._skips.add("stale_latent", where, "made for another model, size or resize mode; re-encoding")
+            return None
+        arr = self._npy(sample["latent.npy"], where)
+        if arr is None:
+            return None
+        t = torch.from_numpy(arr).float()
+        if t.ndim == 4 and t.shape[0] == 2:
+            return t[0], t[1]
+        if t.ndim == 3:  # mean only: sampling degenerates to deterministic
+            return t, torch.zeros_like(t)
+        self._skips.add("corrupt_tar_member", where, f"latent.npy has shape {tuple(t.shape)}")
+        return None
+
+    # ---- batches ------------------------------------------------------------------------------------
+    def _batch(self, src: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """Homogeneous batches: precomputed-latent items and pixel items are batched separately."""
+        pending: dict[str, list[dict[str, Any]]] = {"latent": [], "pixels": []}
+        reported: Counter[str] = Counter()
+        for item in src:
+            kind = "latent" if "mean" in item else "pixels"
+            group = pending[kind]
+            group.append(item)
+            if len(group) == self.batch_size:
+                batch = self._collate(group)
+                pending[kind] = []
+                delta = self._skips.counts - reported
+                reported = Counter(self._skips.counts)
+                batch["_skipped"] = dict(delta)
+                yield batch
+        tail = self._skips.counts - reported
+        if tail:  # counts after the last full batch; the loader merges this and yields nothing for it
+            yield {"_skipped": dict(tail)}
+
+    def _collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        batch: dict[str, Any] = {"caption": [i["caption"] for i in items], "sha": [i["sha"] for i in items]}
+        if "mean" in items[0]:
+            batch["mean"] = torch.stack([i["mean"] for i in items])
+            batch["std"] = torch.stack([i["std"] for i in items])
+        else:
+            batch["pixels"] = torch.stack([i["pixels"] for i in items])
+        if not self.varies and all("context" in i for i in items):
+            batch["context"] = torch.stack([i["context"] for i in items])
+        if self.use_weight:
+            h, w = self.target[1], self.target[0]
+            batch["alpha"] = torch.stack(
+                [i["alpha"] if i.get("alpha") is not None else torch.ones(h, w) for i in items]
+            )
+            batch["has_alpha"] = torch.tensor([i.get("alpha") is not None for i in items])
+        return batch
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        self._skips = SkipLog()
+        self._usable = 0
+        if self.resampled:
+            # Endless random shards: each rank and worker draws its own stream, so no node/worker split.
+            source: list[Any] = [
+                wds.ResampledShards(
+                    self.urls, seed=self.seed + self.epoch, worker_seed=_WorkerSeed(self.rank), deterministic=True
+                )
+            ]
+        else:
+            source = [self._passes, self._split_node, wds.split_by_worker]
+        stages = [*source, wds.tarfile_to_samples(handler=self._tar_handler)]
+        if self.shuffle and self.shuffle_buffer > 1:
+            seed = hash((self.seed, self.epoch, self.rank, wid)) & 0x7FFFFFFF
+            stages.append(wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), seed=seed))
+        stages += [self._decode, self._batch]
+        pipeline = wds.DataPipeline(*stages)
+        if self.epoch_batches is not None:
+            # Exact per-rank total: worker w yields its share of epoch_batches (the DataLoader interleaves).
+            share = self.epoch_batches // nw + (1 if wid < self.epoch_batches % nw else 0)
+            pipeline = pipeline.with_epoch(share)
+        produced = 0
+        for batch in pipeline:
+            produced += "sha" in batch
+            yield batch
+        if produced == 0 and self._usable == 0 and self.epoch_batches is None and nw == 1:
+            raise ValueError(self._nothing_usable())
+
+
+def batches_per_rank(epoch_length: int, batch_size: int, world_size: int) -> int:
+    """Samples per epoch (global) → batches every rank takes (ceil, so no sample budget is lost)."""
+    return max(1, math.ceil(epoch_length / (batch_size * world_size)))

@@ -1,0 +1,241 @@
+"""webdataset: shards from make_shards load through the DataModule; precomputed latents skip the VAE."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from test_data_fakes import FakeEncoder, make_folder, png_bytes
+
+from hyperlit.data import FolderDataModule, WebDataModule, make_shards
+from hyperlit.data.paths import repo_root
+
+
+def wdm(urls, enc, **kw):
+    kw.setdefault("resolution", 64)
+    kw.setdefault("num_workers", 0)
+    kw.setdefault("shuffle_buffer", 0)
+    dm = WebDataModule(urls=urls, encoder=enc, **kw)
+    dm.setup("fit")
+    return dm
+
+
+def finished(dm):
+    """Iterate the loader and apply the after-transfer hook as Lightning would."""
+    return [dm.on_after_batch_transfer(b, 0) for b in dm.train_dataloader()]
+
+
+def test_shards_with_precomputed_latents_match_folder_and_skip_encoders(tmp_path):
+    folder = repo_root() / "datasets" / "sample"
+    maker = FakeEncoder()
+    shards = make_shards(folder, tmp_path / "shards", encoder=maker, resolution=64, name="shapes", samples_per_shard=5)
+    assert [p.name for p in shards] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+    with tarfile.open(shards[0]) as tf:
+        names = tf.getnames()
+    assert "00000000.png" in names and "00000000.latent.npy" in names and "00000000.context.npy" in names
+    enc = FakeEncoder()
+    dm = wdm(
+        str(tmp_path / "shards" / "shard-{000000..000002}.tar"),
+        enc,
+        batch_size=4,
+        name="shapes",
+        latent_sampling="deterministic",
+        shuffle=False,
+    )
+    got = finished(dm)
+    assert enc.image_calls == 0 and enc.text_calls == 0  # both came from the shards
+    # Reference: the folder DataModule on the same images with the same rules.
+    ref_dm = FolderDataModule(
+        path=str(folder),
+        encoder=FakeEncoder(),
+        resolution=64,
+        name="shapes",
+        batch_size=12,
+        latent_sampling="deterministic",
+        shuffle=False,
+        cache_dir=None,
+    )
+    ref_dm.setup("fit")
+    (ref,) = list(ref_dm.train_dataloader())
+    by_caption = {c: (lat, ctx) for c, lat, ctx in zip(ref["caption"], ref["latents"], ref["context"], strict=True)}
+    seen = 0
+    for b in got:
+        for c, lat, ctx in zip(b["caption"], b["latents"], b["context"], strict=True):
+            assert torch.allclose(lat, by_caption[c][0], atol=1e-6) and torch.equal(ctx, by_caption[c][1])
+            seen += 1
+    assert seen == 12 and set(got[0]) == {"caption", "latents", "context"}
+
+
+def test_shards_without_latents_encode_on_device(tmp_path):
+    folder = make_folder(tmp_path / "d", n=6)
+    make_shards(folder, tmp_path / "s", samples_per_shard=3)
+    enc = FakeEncoder()
+    dm = wdm(str(tmp_path / "s" / "shard-{000000..000001}.tar"), enc, batch_size=2, template="none")
+    got = finished(dm)
+    assert len(got) == 3 and enc.images_encoded == 6 and enc.text_calls == 3
+    assert all(b["latents"].shape == (2, 4, 8, 8) and b["context"].shape == (2, 77, 32) for b in got)
+    assert all(c == "picture" for b in got for c in b["caption"])
+
+
+def test_stale_precomputed_latents_are_reencoded(tmp_path):
+    make_shards(
+        make_folder(tmp_path / "d", n=4), tmp_path / "s", encoder=FakeEncoder(), resolution=64, samples_per_shard=4
+    )
+    enc = FakeEncoder(vae_version="v2")
+    dm = wdm(str(tmp_path / "s" / "shard-000000.tar"), enc, batch_size=2)
+    finished(dm)
+    assert enc.images_encoded == 4 and dm.skipped["stale_latent"] == 4
+
+
+def test_epoch_length_and_ranks_take_equal_steps(tmp_path):
+    make_shards(make_folder(tmp_path / "d", n=8), tmp_path / "s", samples_per_shard=2)
+    urls = str(tmp_path / "s" / "shard-{000000..000003}.tar")
+    counts, seen = [], []
+    for rank in range(2):
+        dm = WebDataModule(
+            urls=urls,
+            encoder=FakeEncoder(),
+            resolution=64,
+            batch_size=2,
+            epoch_length=14,
+            num_workers=0,
+            shuffle_buffer=0,
+        )
+        dm.trainer = type("T", (), {"global_rank": rank, "world_size": 2, "current_epoch": 0})()
+        dm.setup("fit")
+        assert len(dm.stream) == 4  # ceil(14 / (2 * 2))
+        batches = list(dm.train_dataloader())
+        counts.append(len(batches))
+        seen.append({c for b in batches for c in b["caption"]})
+    assert counts == [4, 4]
+    assert len(seen[0] | seen[1]) == 8  # repeated passes: every sample reached one of the ranks
+
+
+def test_resampled_needs_epoch_length_and_yields_exactly(tmp_path):
+    make_shards(make_folder(tmp_path / "d", n=4), tmp_path / "s", samples_per_shard=2)
+    urls = [str(tmp_path / "s" / "shard-000000.tar"), str(tmp_path / "s" / "shard-000001.tar")]
+    with pytest.raises(ValueError, match="data.epoch_length"):
+        wdm(urls, FakeEncoder(), resampled=True)
+    dm = wdm(urls, FakeEncoder(), resampled=True, epoch_length=10, batch_size=2)
+    assert len(list(dm.train_dataloader())) == 5
+
+
+def test_workers_split_shards_and_count_is_exact(tmp_path):
+    make_shards(make_folder(tmp_path / "d", n=8), tmp_path / "s", samples_per_shard=2)
+    dm = wdm(
+        str(tmp_path / "s" / "shard-{000000..000003}.tar"),
+        FakeEncoder(),
+        batch_size=2,
+        num_workers=2,
+        epoch_length=10,
+        shuffle_buffer=4,
+    )
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 5
+
+
+def test_worker_skip_counts_reach_the_main_process(tmp_path):
+    folder = make_folder(tmp_path / "d", n=8)
+    (folder / "zz-empty.png").write_bytes(b"")  # make_shards skips it, so add it to a shard by hand
+    make_shards(folder, tmp_path / "s", samples_per_shard=2)
+    extra = tmp_path / "s" / "shard-000004.tar"
+    _tar(extra, [("e.png", b""), ("e.txt", b"x"), ("f.png", png_bytes()), ("f.txt", b"\xff\xfe bad")])
+    dm = wdm(str(tmp_path / "s" / "shard-{000000..000004}.tar"), FakeEncoder(), batch_size=3, num_workers=2)
+    batches = list(dm.train_dataloader())
+    assert all("_skipped" not in b for b in batches)
+    assert sum(len(b["caption"]) for b in batches) <= 9
+    assert dm.skipped["zero_byte"] == 1 and dm.skipped["caption_not_utf8"] == 1
+
+
+def test_url_errors_name_the_key(tmp_path):
+    with pytest.raises(FileNotFoundError, match="data.urls"):
+        wdm(str(tmp_path / "nope-{0..1}.tar"), FakeEncoder())
+    with pytest.raises(ValueError, match="data.urls"):
+        wdm("", FakeEncoder())
+    make_shards(make_folder(tmp_path / "d", n=2), tmp_path / "s", samples_per_shard=2)
+    with pytest.raises(ValueError, match="data.num_workers"):
+        wdm(str(tmp_path / "s" / "shard-000000.tar"), FakeEncoder(), num_workers=2)
+
+
+def _tar(path, members):
+    with tarfile.open(path, "w") as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+
+
+def test_corrupt_tar_and_members_are_counted_and_loading_continues(tmp_path):
+    good = tmp_path / "good.tar"
+    _tar(
+        good,
+        [
+            (f"{i:04d}.{ext}", data)
+            for i in range(4)
+            for ext, data in (("png", png_bytes((64, 64), (i * 40, 10, 10))), ("txt", b"tag"))
+        ],
+    )
+    bad_members = tmp_path / "members.tar"
+    _tar(
+        bad_members,
+        [
+            ("a.png", b"garbage"),
+            ("a.txt", b"x"),
+            ("b.txt", b"caption only"),
+            ("c.png", png_bytes()),
+            ("c.txt", b"ok"),
+            ("c.latent.npy", b"\x93NUMPY broken"),
+            ("c.json", b'{"vae": "fake-vae-v1", "target": [64, 64], "resize": "crop"}'),
+        ],
+    )
+    truncated = tmp_path / "cut.tar"
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tf:
+        for i in range(3):
+            data = png_bytes((64, 64), (5, 5, i))
+            info = tarfile.TarInfo(f"{i:04d}.png")
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    sizes = [len(png_bytes((64, 64), (5, 5, i))) for i in range(2)]
+    cut = 512 + -(-sizes[0] // 512) * 512 + 512 + sizes[1] // 2  # inside the second member's data
+    truncated.write_bytes(raw.getvalue()[:cut])
+    enc = FakeEncoder()
+    dm = wdm([str(good), str(bad_members), str(truncated)], enc, batch_size=1, shuffle=False)
+    got = finished(dm)
+    assert dm.skipped["not_an_image"] == 1  # a.png
+    assert dm.skipped["missing_image"] == 1  # b has only a caption
+    assert dm.skipped["corrupt_tar_member"] == 2  # c.latent.npy unreadable + the cut member of cut.tar
+    assert dm.skipped["corrupt_shard"] == 1  # the rest of cut.tar is lost
+    captions = [c for b in got for c in b["caption"]]
+    assert len(captions) == 6  # 4 good, c (re-encoded from pixels), the intact first member of cut.tar
+    assert enc.images_encoded == len(captions)
+
+
+def test_nothing_usable_in_shards_is_an_error_with_reasons(tmp_path):
+    bad = tmp_path / "bad.tar"
+    _tar(bad, [("a.png", b""), ("b.png", b"zzz")])
+    dm = wdm(str(bad), FakeEncoder(), batch_size=1)
+    with pytest.raises(ValueError, match="no usable sample") as err:
+        list(dm.train_dataloader())
+    assert "zero_byte: 1" in str(err.value) and "not_an_image: 1" in str(err.value)
+
+
+def test_webdataset_config_composes(tmp_path):
+    make_shards(make_folder(tmp_path / "d", n=2), tmp_path / "s", samples_per_shard=2)
+    with initialize_config_dir(config_dir=str(repo_root() / "conf"), version_base="1.3"):
+        cfg = compose(
+            overrides=[
+                "+data=webdataset",
+                f"data.urls={tmp_path / 's' / 'shard-000000.tar'}",
+                "data.num_workers=0",
+                "data.resolution=64",
+            ]
+        )
+    dm = instantiate(cfg.data, encoder=FakeEncoder(), name="n", seed=1)
+    assert isinstance(dm, WebDataModule)
+    dm.setup("fit")
+    assert len([dm.on_after_batch_transfer(b, 0) for b in dm.train_dataloader()]) == 2
