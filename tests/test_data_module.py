@@ -175,3 +175,27 @@ def test_paths_resolve_relative_to_repo_root(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     dm = make(Path("datasets/sample"), FakeEncoder(), batch_size=4)
     assert len(dm.stream.samples) == 12
+
+
+def test_validate_checks_the_folder_before_any_model(tmp_path):
+    dm = FolderDataModule(path=str(tmp_path / "nope"))  # no encoder yet: the lead sets it after validate()
+    with pytest.raises(FileNotFoundError, match="data.path"):
+        dm.validate()
+    make_folder(tmp_path / "ok", n=1)
+    FolderDataModule(path=str(tmp_path / "ok")).validate()
+
+
+def test_tiny_model_end_to_end(tmp_path):
+    pytest.importorskip("hyperlit.models")
+    from hyperlit.models import load_components
+
+    comps = load_components(family="tiny")
+    dm = FolderDataModule(
+        path="datasets/sample", encoder=comps, resolution=64, batch_size=4, cache_dir=str(tmp_path / "c"), name="shapes"
+    )
+    dm.prepare_data()
+    dm.setup("fit")
+    b = next(iter(dm.train_dataloader()))
+    assert b["latents"].shape[0] == 4 and b["latents"].shape[-1] == 8
+    assert b["context"].shape[:2] == (4, 77)
+    assert torch.allclose(b["context"], comps.encode_text(b["caption"]), atol=1e-5)

@@ -16,6 +16,7 @@ import lightning as L
 import torch
 
 from hyperlit.data.captions import load_template, varies_per_step
+from hyperlit.data.device import encoders_on
 from hyperlit.data.folder import SourceItem, scan_folder
 from hyperlit.data.options import DataOptions
 from hyperlit.data.paths import resolve_path
@@ -82,14 +83,19 @@ class FolderDataModule(L.LightningDataModule):
             enc.text_calls,
         )
 
+    def validate(self) -> None:
+        """Errors at the door (before the model loads): the folder exists and holds image files."""
+        self._items(SkipLog(verbose=False))
+
     def _encode(self, skips: SkipLog, write: bool) -> Encoded:
         encoder = self._require_encoder()
-        enc = encode_items(self._items(skips), encoder, self.opts, skips, self.cache_dir, write)
-        if not enc.records:
-            raise ValueError(
-                f"data.path={self.path_value!r}: no usable image; reasons with counts:\n{skips.describe()}"
-            )
-        encode_prompts(enc, encoder, self.opts, self.cache_dir, write)
+        with encoders_on(encoder, getattr(self, "trainer", None)):
+            enc = encode_items(self._items(skips), encoder, self.opts, skips, self.cache_dir, write)
+            if not enc.records:
+                raise ValueError(
+                    f"data.path={self.path_value!r}: no usable image; reasons with counts:\n{skips.describe()}"
+                )
+            encode_prompts(enc, encoder, self.opts, self.cache_dir, write)
         return enc
 
     def setup(self, stage: str | None = None) -> None:

@@ -80,6 +80,10 @@ class WebDataModule(L.LightningDataModule):
     def skipped(self) -> Counter[str]:
         return self.skip_log.counts
 
+    def validate(self) -> None:
+        """Errors at the door (before the model loads): shard URLs expand and local shards exist."""
+        expand_urls(self.urls_value)
+
     def setup(self, stage: str | None = None) -> None:
         if self.stream is not None:
             return
