@@ -294,7 +294,15 @@ def test_single_file_open_clip_text_encoder(tiny, tmp_path):
 def test_ckpt_with_pickled_objects_is_refused(tiny, tmp_path):
     path = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {"x": torch.zeros(1)}, "callback": Path("/")}, path)
-    with pytest.raises(ValueError, match="weights_only"):
+    with pytest.raises(ValueError, match=r"evil.ckpt holds pickled objects beyond tensors \(pathlib.*weights_only"):
+        load_components(family="tiny", path=str(path))
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
+def test_corrupt_checkpoint_names_path(tmp_path, suffix):
+    path = tmp_path / f"broken{suffix}"
+    path.write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(ValueError, match=rf"model.path={re.escape(str(path))} is not a readable"):
         load_components(family="tiny", path=str(path))
 
 

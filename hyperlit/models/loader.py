@@ -139,7 +139,7 @@ def validate_model_config(
     if src == "single_file":
         if not p.is_file():
             raise ValueError(f"model.source=single_file needs a file, but model.path={p} is a folder")
-        if p.suffix not in SINGLE_FILE_EXTENSIONS:
+        if p.suffix.lower() not in SINGLE_FILE_EXTENSIONS:
             raise ValueError(
                 f"model.path={p} has extension {p.suffix or '(none)'!r}; allowed: {', '.join(SINGLE_FILE_EXTENSIONS)} "
                 f"or a diffusers folder"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,16 +33,21 @@ SDXL_PREFIX = "conditioner.embedders."
 
 def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint file on CPU. `.ckpt` is read with weights_only=True: no pickled code runs."""
-    if path.suffix == ".safetensors":
-        sd: dict = safetensors.torch.load_file(str(path), device="cpu")
-    else:
-        try:
+    try:
+        if path.suffix.lower() == ".safetensors":
+            sd: dict = safetensors.torch.load_file(str(path), device="cpu")
+        else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise ValueError(
-                f"model.path={path} holds pickled objects beyond tensors, which weights_only loading refuses "
-                f"for safety ({e}); convert it to .safetensors with a trusted tool"
-            ) from None
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        if found is None:
+            raise ValueError(f"model.path={path} is not a readable checkpoint (not a torch state dict)") from None
+        raise ValueError(
+            f"model.path={path} holds pickled objects beyond tensors ({found[1]}), which weights_only loading "
+            f"refuses for safety; convert it to .safetensors with a trusted tool"
+        ) from None
+    except (OSError, RuntimeError, EOFError, safetensors.SafetensorError) as e:
+        raise ValueError(f"model.path={path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
     while isinstance(sd, dict) and "state_dict" in sd:  # Lightning/LDM checkpoints nest the weights
         sd = sd["state_dict"]
     if not isinstance(sd, dict):
@@ -51,10 +57,13 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
 
 def peek_shapes(path: Path) -> dict[str, tuple[int, ...]] | None:
     """Tensor shapes from a .safetensors header without reading weights; None for formats that cannot."""
-    if path.suffix != ".safetensors":
+    if path.suffix.lower() != ".safetensors":
         return None
-    with safetensors.safe_open(str(path), framework="pt") as f:
-        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (OSError, safetensors.SafetensorError) as e:
+        raise ValueError(f"model.path={path} is not a readable .safetensors file ({e})") from None
 
 
 def context_width(shapes: dict[str, tuple[int, ...]]) -> int | None:
