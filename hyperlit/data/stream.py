@@ -144,10 +144,23 @@ class EpochLoader(DataLoader):
         epoch = self._epoch_fn()
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch)
+        try:
+            expected = len(self.dataset)
+        except TypeError:
+            expected = None
+        count = 0
         for batch in super().__iter__():
             if isinstance(batch, dict) and "_skipped" in batch:
                 self._skips.merge(batch.pop("_skipped"))
                 if not batch:  # a counts-only message from a worker
                     continue
+            count += 1
+            if count == expected:
+                # Lightning may stop pulling once it has `len` batches, so report before the last one.
+                self._report(epoch)
             yield batch
+        if count != expected:
+            self._report(epoch)
+
+    def _report(self, epoch: int) -> None:
         log.info("data: epoch %d done; bad input so far: %s", epoch, self._skips.summary())
