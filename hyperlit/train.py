@@ -9,7 +9,7 @@ import logging
 import math
 import os
 import warnings
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -161,15 +161,33 @@ def build_callbacks(cfg: DictConfig) -> dict[str, L.Callback]:
     }
 
 
-def run_hypernetwork(cfg: DictConfig) -> float | None:
-    # --- errors at the door: everything below reads only config and small files ---
+@dataclass
+class HypernetworkRun:
+    """Everything a hypernetwork run is made of, built but not yet fitted (tests inspect it)."""
+
+    trainer: L.Trainer
+    module: HypernetworkTask
+    datamodule: L.LightningDataModule
+    loggers: list
+    ckpt_path: str | None
+
+
+def build_hypernetwork_run(cfg: DictConfig) -> HypernetworkRun:
+    # --- errors at the door: everything up to instantiate(cfg.model) reads only config and small files ---
     from hyperlit.models import validate_model_config
 
     config = hypernetwork_config(cfg.hypernet)
     validate_model_config(**_model_kwargs(cfg.model))
     max_steps = max_steps_for(cfg)
     base_learning_rate(cfg.train.learning_rate, max_steps)
-    datamodule = instantiate(cfg.data, name=str(cfg.hypernet.get("name") or "hypernetwork"), seed=cfg.seed)
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path and not Path(ckpt_path).is_file():
+        raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file")
+    init_from = cfg.hypernet.get("init_from")
+    if init_from and not Path(init_from).is_file():
+        raise FileNotFoundError(f"hypernet.init_from={init_from}: no such file")
+    name = str(cfg.hypernet.get("name") or "hypernetwork")
+    datamodule = instantiate(cfg.data, name=name, seed=cfg.seed)
     if hasattr(datamodule, "validate"):
         datamodule.validate()
 
@@ -181,9 +199,9 @@ def run_hypernetwork(cfg: DictConfig) -> float | None:
         "hypernetwork %s: widths %s, %s parameters", hypernetwork.name, hypernetwork.sizes,
         f"{hypernetwork.parameter_count():,}",
     )
-    optional_info = f"trained with hyperlit on {components.checkpoint_name or 'an unnamed model'}"
-    hypernetwork.optional_info = hypernetwork.optional_info or optional_info
-
+    hypernetwork.optional_info = hypernetwork.optional_info or (
+        f"trained with hyperlit on {components.checkpoint_name or 'an unnamed model'}"
+    )
     module = HypernetworkTask(
         hypernetwork=hypernetwork,
         components=components,
@@ -197,25 +215,29 @@ def run_hypernetwork(cfg: DictConfig) -> float | None:
         prediction_type=cfg.train.prediction_type,
         initial_step=hypernetwork.step,
     )
-    callbacks = build_callbacks(cfg)
     loggers = build_loggers(cfg)
     trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=list(callbacks.values()), logger=loggers or False, max_steps=max_steps
+        cfg.trainer, callbacks=list(build_callbacks(cfg).values()), logger=loggers or False, max_steps=max_steps
     )
-    for logger in loggers:
+    return HypernetworkRun(trainer, module, datamodule, loggers, ckpt_path)
+
+
+def fit(run: HypernetworkRun, cfg: DictConfig) -> float | None:
+    for logger in run.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-
-    ckpt_path = cfg.get("ckpt_path")
-    if ckpt_path and not Path(ckpt_path).is_file():
-        raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-
-    skipped = getattr(datamodule, "skipped", None)
+    try:
+        run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=run.ckpt_path)
+    finally:
+        _finish_wandb(run.loggers)
+    skipped = getattr(run.datamodule, "skipped", None)
     if skipped:
         log.warning("data: skipped or repaired samples by kind: %s", dict(skipped))
-    loss = trainer.callback_metrics.get("train/loss")
-    _finish_wandb(loggers)
+    loss = run.trainer.callback_metrics.get("train/loss")
     return float(loss) if loss is not None and math.isfinite(float(loss)) else None
+
+
+def run_hypernetwork(cfg: DictConfig) -> float | None:
+    return fit(build_hypernetwork_run(cfg), cfg)
 
 
 def _finish_wandb(loggers: list) -> None:

@@ -59,7 +59,8 @@ class HypernetworkTask(L.LightningModule):
         self.prediction_type = prediction_type or components.prediction_type
         if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(
-                f"train.prediction_type: {self.prediction_type!r} is not supported; allowed: {', '.join(PREDICTION_TYPES)}"
+                f"train.prediction_type: {self.prediction_type!r} is not supported; "
+                f"allowed: {', '.join(PREDICTION_TYPES)}"
             )
         if min_snr_gamma is not None and min_snr_gamma <= 0:
             raise ValueError(f"train.min_snr_gamma: {min_snr_gamma} is not allowed; use null or a number > 0")
