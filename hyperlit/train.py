@@ -29,8 +29,18 @@ TASKS = ("hypernetwork", "vae")
 _HYPERNET_EXTRA_KEYS = ("name", "init_from")
 
 
+# Harmless messages from the libraries that would bury hyperlit's own output on every run.
+_QUIET = (
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    r"Your `IterableDataset` has `__len__` defined",
+    r"The number of training batches .* is smaller than the logging interval",
+)
+
+
 def run(cfg: DictConfig) -> float | None:
     """Train what ``cfg.task`` names; returns the final training loss (what sweeps optimise)."""
+    for pattern in _QUIET:
+        warnings.filterwarnings("ignore", message=pattern)
     task = cfg.get("task", "hypernetwork")
     if task not in TASKS:
         raise ValueError(f"task: {task!r} is not a task; allowed: {', '.join(TASKS)}")
