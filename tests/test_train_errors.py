@@ -1,0 +1,106 @@
+"""Bad input to the training job: each is a clear message naming the key or file, before any model loads."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import warnings
+
+import pytest
+from conftest import REPO_ROOT
+
+from hyperlit import models
+from hyperlit.train import build_hypernetwork_run, fit
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Fail the test if a model would be loaded: config errors must come first."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the config error was raised")
+
+    monkeypatch.setattr(models, "load_components", refuse)
+
+
+def _message(cfg) -> str:
+    with pytest.raises((ValueError, FileNotFoundError, NotADirectoryError)) as err:
+        build_hypernetwork_run(cfg)
+    return str(err.value)
+
+
+def test_missing_data_directory(train_cfg, tmp_path, no_model_loading):
+    message = _message(train_cfg("data=folder", f"data.path={tmp_path / 'nope'}", "data.resolution=64"))
+    assert "data.path" in message and "nope" in message
+
+
+def test_empty_data_directory(train_cfg, tmp_path, no_model_loading):
+    (tmp_path / "empty").mkdir()
+    message = _message(train_cfg("data=folder", f"data.path={tmp_path / 'empty'}", "data.resolution=64"))
+    assert "data.path" in message and "no image" in message
+
+
+def test_folder_with_no_readable_image_lists_the_reasons(train_cfg, tmp_path):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"")
+    (folder / "b.jpg").write_bytes(b"this is not a jpeg")
+    cfg = train_cfg("data=folder", f"data.path={folder}", "data.resolution=64", "callbacks.preview.every=0")
+    with pytest.raises(ValueError) as err:
+        fit(build_hypernetwork_run(cfg), cfg)
+    message = str(err.value)
+    assert "data.path" in message and "no usable image" in message
+    assert "zero_byte" in message or "empty" in message
+
+
+def test_unreadable_image_is_skipped_counted_and_reported(train_cfg, tmp_path, caplog):
+    folder = tmp_path / "mixed"
+    shutil.copytree(REPO_ROOT / "datasets" / "sample", folder)
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
+    cfg = train_cfg("data=folder", f"data.path={folder}", "data.resolution=64", "callbacks.preview.every=0",
+                    "callbacks.preview.at_end=false", steps=1)
+    built = build_hypernetwork_run(cfg)
+    with caplog.at_level(logging.WARNING, logger="hyperlit.train"):
+        loss = fit(built, cfg)
+    assert loss is not None  # training continued
+    assert sum(built.datamodule.skipped.values()) == 1
+    assert any("skipped or repaired samples" in r.getMessage() for r in caplog.records)
+
+
+def test_missing_model_path_names_the_key(train_cfg, no_model_loading):
+    message = _message(train_cfg("model=sd15", "model.path=/models/missing.safetensors"))
+    assert "model.path" in message and "/models/missing.safetensors" in message
+
+
+def test_single_file_without_tokenizer_names_the_key(train_cfg, tmp_path, no_model_loading):
+    checkpoint = tmp_path / "model.safetensors"
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)}, str(checkpoint))
+    message = _message(train_cfg("model=sd15", f"model.path={checkpoint}"))
+    assert "model.tokenizer_path" in message
+
+
+def test_invalid_hypernetwork_option_stops_before_the_model(train_cfg, no_model_loading):
+    message = _message(train_cfg("hypernet.activation=swishy"))
+    assert "hypernet.activation" in message and "'swishy'" in message and "swish" in message
+
+
+def test_bad_learning_rate_string_stops_before_the_model(train_cfg, no_model_loading):
+    message = _message(train_cfg("train.learning_rate='1e-4:ten'"))
+    assert "train.learning_rate" in message
+
+
+def test_missing_init_from_and_ckpt_path_name_their_keys(train_cfg, tmp_path, no_model_loading):
+    assert "hypernet.init_from" in _message(train_cfg(f"hypernet.init_from={tmp_path / 'gone.pt'}"))
+    assert "ckpt_path" in _message(train_cfg(f"ckpt_path={tmp_path / 'gone.ckpt'}"))
+
+
+def test_unused_sizes_warn_with_the_widths(train_cfg):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        built = build_hypernetwork_run(train_cfg("hypernet.sizes=[48,32,64,768]"))
+    messages = [str(w.message) for w in caught if "hypernet.sizes" in str(w.message)]
+    assert messages and "[768]" in messages[0] and "[48, 32, 64]" in messages[0]
+    assert built.module.hypernetwork.sizes == [48, 32, 64, 768]
