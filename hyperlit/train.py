@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from hyperlit import formats
 from hyperlit.attention import unet_attention_widths
+from hyperlit.distributed import RankAgreement, check_launch
 from hyperlit.hypernetwork import Hypernetwork, HypernetworkConfig
 from hyperlit.lr_schedule import A1111Schedule, base_learning_rate, is_a1111_schedule
 from hyperlit.tasks.hypernetwork import HypernetworkTask
@@ -44,6 +45,7 @@ def run(cfg: DictConfig) -> float | None:
     task = cfg.get("task", "hypernetwork")
     if task not in TASKS:
         raise ValueError(f"task: {task!r} is not a task; allowed: {', '.join(TASKS)}")
+    check_launch(cfg.get("trainer") or {})
     if task == "vae":
         from hyperlit.tasks.vae import run_vae
 
@@ -163,6 +165,13 @@ def build_loggers(cfg: DictConfig) -> list:
     return loggers
 
 
+def rank_agreement(cfg: DictConfig) -> RankAgreement:
+    """Every process must run this config into this output folder (checked once the process group exists)."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(resolved, dict)
+    return RankAgreement(resolved, str(OmegaConf.select(cfg, "paths.output_dir", default=None)))
+
+
 def build_callbacks(cfg: DictConfig) -> dict[str, L.Callback]:
     return {
         key: instantiate(callback_cfg)
@@ -226,9 +235,8 @@ def build_hypernetwork_run(cfg: DictConfig) -> HypernetworkRun:
         initial_step=hypernetwork.step,
     )
     loggers = build_loggers(cfg)
-    trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=list(build_callbacks(cfg).values()), logger=loggers or False, max_steps=max_steps
-    )
+    callbacks = [*build_callbacks(cfg).values(), rank_agreement(cfg)]
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, max_steps=max_steps)
     return HypernetworkRun(trainer, module, datamodule, loggers, ckpt_path)
 
 
