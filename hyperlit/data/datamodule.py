@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 class FolderDataModule(L.LightningDataModule):
     def __init__(self, path: str, encoder: Any = None, **options: Any) -> None:
         super().__init__()
+        # Only global rank 0 writes cache files; other nodes read a shared cache or encode in memory in setup().
+        self.prepare_data_per_node = False
         self.opts = DataOptions(**options)
         self.path_value = path
         self.encoder = encoder

@@ -132,7 +132,7 @@ class WebDataModule(L.LightningDataModule):
             len(urls),
             rank,
             world,
-            epoch_batches if epoch_batches is not None else "one pass =",
+            epoch_batches if epoch_batches is not None else "one pass of",
         )
 
     def train_dataloader(self) -> EpochLoader:
