@@ -104,3 +104,20 @@ def test_unused_sizes_warn_with_the_widths(train_cfg):
     messages = [str(w.message) for w in caught if "hypernet.sizes" in str(w.message)]
     assert messages and "[768]" in messages[0] and "[48, 32, 64]" in messages[0]
     assert built.module.hypernetwork.sizes == [48, 32, 64, 768]
+
+
+def test_wandb_without_credentials_logs_offline_with_a_sync_hint(train_cfg, tmp_path, monkeypatch, caplog):
+    from lightning.pytorch.loggers import WandbLogger
+
+    from hyperlit.train import build_loggers
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    with caplog.at_level(logging.WARNING, logger="hyperlit.train"):
+        loggers = build_loggers(train_cfg("logger=wandb"))
+    assert len(loggers) == 1 and isinstance(loggers[0], WandbLogger) and loggers[0]._offline
+    assert any("wandb sync" in r.getMessage() for r in caplog.records)
+
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert not build_loggers(train_cfg("logger=wandb"))[0]._offline
