@@ -239,3 +239,12 @@ def test_webdataset_config_composes(tmp_path):
     assert isinstance(dm, WebDataModule)
     dm.setup("fit")
     assert len([dm.on_after_batch_transfer(b, 0) for b in dm.train_dataloader()]) == 2
+
+
+def test_pipe_urls_with_braces(tmp_path):
+    make_shards(make_folder(tmp_path / "d", n=4), tmp_path / "s", samples_per_shard=2)
+    enc = FakeEncoder()
+    dm = wdm(f"pipe:cat {tmp_path / 's' / 'shard-{000000..000001}.tar'}", enc, batch_size=2)
+    assert dm.stream.urls == [f"pipe:cat {tmp_path / 's' / f'shard-00000{i}.tar'}" for i in range(2)]
+    got = finished(dm)
+    assert sum(len(b["caption"]) for b in got) == 4 and enc.images_encoded == 4
