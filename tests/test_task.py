@@ -1,0 +1,93 @@
+"""The diffusion objective of the hypernetwork task against a hand computation."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from hyperlit.hypernetwork import Hypernetwork, HypernetworkConfig
+from hyperlit.models import load_components
+from hyperlit.tasks.hypernetwork import HypernetworkTask, min_snr_weights
+
+
+@pytest.fixture(scope="module")
+def components():
+    return load_components(family="tiny")
+
+
+def _task(components, **kwargs) -> HypernetworkTask:
+    hn = Hypernetwork(HypernetworkConfig(), sizes=[48, 32, 64])
+    return HypernetworkTask(hn, components, functools.partial(torch.optim.AdamW), **kwargs)
+
+
+def _batch(components, weight: bool = False) -> dict:
+    g = torch.Generator().manual_seed(1)
+    batch = {"latents": torch.randn(2, 4, 8, 8, generator=g), "context": torch.randn(2, 77, 48, generator=g)}
+    if weight:
+        batch["weight"] = torch.rand(2, 4, 8, 8, generator=g) * 2
+    return batch
+
+
+def _hand_loss(components, batch, seed, prediction_type="epsilon", offset=0.0, gamma=None):
+    g = torch.Generator().manual_seed(seed)
+    x0 = batch["latents"]
+    noise = torch.randn(x0.shape, generator=g)
+    if offset:
+        noise = noise + offset * torch.randn((x0.shape[0], x0.shape[1], 1, 1), generator=g)
+    t = torch.randint(0, 1000, (x0.shape[0],), generator=g)
+    alpha_bar = components.noise_scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    noisy = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
+    target = noise if prediction_type == "epsilon" else alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0
+    with torch.no_grad():
+        prediction = components.unet(noisy, t, batch["context"]).sample
+    error = (prediction - target) ** 2
+    if "weight" in batch:
+        error = error * batch["weight"]
+    per_sample = error.mean(dim=(1, 2, 3))
+    if gamma is not None:
+        snr = (alpha_bar / (1 - alpha_bar)).view(-1)
+        factor = torch.clamp(snr, max=gamma) / (snr + 1 if prediction_type == "v_prediction" else snr)
+        per_sample = per_sample * factor
+    return per_sample
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize(("offset", "gamma", "weight"), [(0.0, None, False), (0.1, 5.0, True)])
+def test_loss_matches_the_hand_computation(components, prediction_type, offset, gamma, weight):
+    task = _task(components, prediction_type=prediction_type, noise_offset=offset, min_snr_gamma=gamma)
+    batch = _batch(components, weight=weight)
+    with torch.no_grad():
+        ours = task.compute_loss(batch, generator=torch.Generator().manual_seed(7))
+    expected = _hand_loss(components, batch, 7, prediction_type, offset, gamma)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_min_snr_weights_formula():
+    alphas = torch.tensor([0.99, 0.5, 0.01])
+    t = torch.tensor([0, 1, 2])
+    snr = alphas / (1 - alphas)  # 99, 1, 1/99
+    eps = min_snr_weights(alphas, t, 5.0, "epsilon")
+    v = min_snr_weights(alphas, t, 5.0, "v_prediction")
+    torch.testing.assert_close(eps, torch.tensor([5 / 99, 1.0, 1.0]))
+    torch.testing.assert_close(v, torch.stack([5 / (snr[0] + 1), snr[1] / (snr[1] + 1), snr[2] / (snr[2] + 1)]))
+
+
+def test_captions_are_encoded_when_no_context_is_cached(components):
+    task = _task(components)
+    batch = {"latents": torch.randn(2, 4, 8, 8), "caption": ["a red circle", "a blue square"]}
+    torch.testing.assert_close(task.context_for(batch), components.encode_text(batch["caption"]))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        ({"prediction_type": "sample"}, "train.prediction_type"),
+        ({"min_snr_gamma": 0.0}, "train.min_snr_gamma"),
+        ({"noise_offset": -0.1}, "train.noise_offset"),
+    ],
+)
+def test_invalid_objective_options_name_the_key(components, kwargs, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        _task(components, **kwargs)
