@@ -72,6 +72,34 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _make_shards(args: argparse.Namespace) -> int:
+    import logging
+    import os
+
+    from hyperlit.data.shards import make_shards
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    encoder = None
+    if args.model:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from hyperlit.models import load_components
+
+        encoder = load_components(family=args.model, path=args.model_path, tokenizer_path=args.tokenizer_path)
+    paths = make_shards(
+        args.src,
+        args.dst,
+        encoder=encoder,
+        resolution=args.resolution,
+        resize=args.resize,
+        template=args.template,
+        name=args.name,
+        samples_per_shard=args.samples_per_shard,
+        prefix=args.prefix,
+    )
+    print(f"wrote {len(paths)} shard(s): {paths[0]} ... {paths[-1]}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hyperlit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -90,6 +118,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="write an inference copy without Dropout slots (renumbered keys, same eval-mode outputs)",
     )
     convert.set_defaults(run=_convert)
+
+    shards = sub.add_parser("make-shards", help="turn an A1111 image folder into webdataset shards")
+    shards.add_argument("src", help="A1111 folder: images with optional same-stem .txt captions")
+    shards.add_argument("dst", help="output directory for <prefix>-000000.tar ...")
+    shards.add_argument("--samples-per-shard", type=int, default=1000)
+    shards.add_argument("--prefix", default="shard")
+    shards.add_argument("--model", default=None,
+                        help="model family (tiny, sd15, sd21) to precompute latents and context with")
+    shards.add_argument("--model-path", default=None, help="checkpoint or diffusers folder for sd15/sd21")
+    shards.add_argument("--tokenizer-path", default=None, help="tokenizer folder, for a single-file checkpoint")
+    shards.add_argument("--resolution", type=int, default=512)
+    shards.add_argument("--resize", default="crop", choices=("crop", "stretch"))
+    shards.add_argument("--template", default="style_filewords")
+    shards.add_argument("--name", default="hypernetwork", help="the [name] in template lines")
+    shards.set_defaults(run=_make_shards)
     return parser
 
 
