@@ -17,6 +17,8 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
+from hyperlit.io import atomic_path
+
 # diffusers attention sub-module names -> LDM (spec §6); LDM keeps 1×1 convs, so weights become 4-D.
 _ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 _RESNET = {"conv_shortcut": "nin_shortcut"}
@@ -94,15 +96,8 @@ def save_single_file(vae, path: str | os.PathLike, dtype: torch.dtype | None = N
         "hyperlit.scaling_factor": str(vae.config.scaling_factor),
         "hyperlit.shift_factor": str(vae.config.shift_factor),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(_contiguous(sd, dtype), tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path, suffix=".safetensors") as tmp:
+        save_file(_contiguous(sd, dtype), str(tmp), metadata=meta)
     return path
 
 

@@ -1,0 +1,449 @@
+"""VAE-decoder fine-tuning task: frozen encoder, trainable post_quant_conv + decoder, PatchGAN adversarial loss.
+
+One forward per batch feeds both updates: the generator (decoder) step with reconstruction + LPIPS + adaptive
+GAN term (D frozen), then the discriminator step on the detached reconstruction. Lightning manual optimization;
+the module's own ``step`` (one per generator update) drives D start, warm-up and ramp, because
+``trainer.global_step`` counts every optimizer step (two per batch once D trains, Lightning #17958).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+
+from hyperlit.vae.config import VAETaskConfig
+from hyperlit.vae.discriminator import PatchDiscriminator
+from hyperlit.vae.losses import (
+    adaptive_weight,
+    adversarial_factor,
+    discriminator_loss,
+    generator_loss,
+    reconstruction_loss,
+)
+from hyperlit.vae.lpips import LPIPS
+from hyperlit.vae.panels import image_panel, log_image_panel
+
+log = logging.getLogger(__name__)
+
+TRAINABLE_PREFIXES = ("vae.decoder.", "vae.post_quant_conv.", "disc.")
+
+
+@contextmanager
+def frozen(module: nn.Module | None) -> Iterator[None]:
+    """Turn off requires_grad of ``module`` for the block: the G step builds no graph into D's weights."""
+    if module is None:
+        yield
+        return
+    flags = [p.requires_grad for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in zip(module.parameters(), flags, strict=True):
+            p.requires_grad_(f)
+
+
+def frozen_checksum(vae: nn.Module) -> str:
+    """sha256 over the encoder and quant_conv weights: proof that the latent space did not move."""
+    h = hashlib.sha256()
+    for name, t in sorted(vae.state_dict().items()):
+        if name.startswith(("encoder.", "quant_conv.")):
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().float().numpy().tobytes())
+    return h.hexdigest()
+
+
+class VAEDecoderTask(pl.LightningModule):
+    def __init__(
+        self,
+        vae: nn.Module,
+        config: VAETaskConfig | None = None,
+        perceptual: LPIPS | None = None,
+        perceptual_is_random: bool = False,
+    ) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.strict_loading = False  # checkpoints hold only the trainable parts
+        self.config = config or VAETaskConfig()
+        cfg = self.config
+        if cfg.loss.perceptual.weight > 0 and perceptual is None:
+            raise ValueError(
+                f"loss.perceptual.weight={cfg.loss.perceptual.weight} needs an LPIPS model; set "
+                "loss.perceptual.weights=/path/to/vgg16.pth or loss.perceptual.weight=0"
+            )
+        self.vae = vae.float()
+        self.vae.requires_grad_(False)
+        for m in self.trainable_modules():
+            m.requires_grad_(True)
+        self.frozen_checksum = frozen_checksum(self.vae)
+        self.disc = (
+            PatchDiscriminator(int(vae.config.out_channels), cfg.disc.ndf, cfg.disc.n_layers, cfg.disc.norm)
+            if cfg.disc.enabled
+            else None
+        )
+        self.lpips = perceptual
+        self.perceptual_is_random = perceptual_is_random
+        self.step = 0  # generator updates done
+        self.skipped_steps = 0
+        self.bad_in_a_row = 0
+        self.diverged: str | None = None
+        self.ema_should_update = False
+        self.posterior_cache: dict[int, tuple[Tensor, Tensor]] = {}
+        self.val_psnr = PeakSignalNoiseRatio(data_range=1.0)
+        self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
+        self.val_lpips = MeanMetric()
+        self._panel: tuple[Tensor, Tensor] | None = None
+        self._fp16_latents: Tensor | None = None
+
+    # ------------------------------------------------------------------ parts
+    def trainable_modules(self) -> list[nn.Module]:
+        mods: list[nn.Module] = [self.vae.decoder]
+        if getattr(self.vae, "post_quant_conv", None) is not None:
+            mods.insert(0, self.vae.post_quant_conv)
+        return mods
+
+    def ema_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        for name, p in self.named_parameters():
+            if name.startswith(("vae.decoder.", "vae.post_quant_conv.")):
+                yield name, p
+
+    @property
+    def last_layer(self) -> Tensor:
+        return self.vae.decoder.conv_out.weight
+
+    def adv_factor(self) -> float:
+        d = self.config.disc
+        if self.disc is None:
+            return 0.0
+        return adversarial_factor(self.step, d.start, d.warmup_steps, d.ramp_steps, d.ramp)
+
+    # ------------------------------------------------------------------ posterior
+    @torch.no_grad()
+    def posterior(self, pixels: Tensor, index: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(mean, logvar) of the frozen encoder, in fp32 (autocast off: the encoder is not trained and SD-class
+        encoders can overflow fp16). With ``index`` and posterior.cache, each image is encoded once."""
+        use_cache = self.config.posterior.cache and index is not None
+        keys = [int(i) for i in index] if use_cache else []
+        todo = [j for j, k in enumerate(keys) if k not in self.posterior_cache] if use_cache else None
+        if todo is None or todo:
+            px = pixels if todo is None else pixels[todo]
+            with torch.autocast(device_type=px.device.type, enabled=False):
+                dist = self.vae.encode(px.float()).latent_dist
+            mean, logvar = dist.mean.float(), dist.logvar.float()
+            if todo is None:
+                return mean, logvar
+            for j, m, lv in zip(todo, mean, logvar, strict=True):
+                self.posterior_cache[keys[j]] = (m.cpu(), lv.cpu())
+        means, logvars = zip(*(self.posterior_cache[k] for k in keys), strict=True)
+        return torch.stack(means).to(pixels.device), torch.stack(logvars).to(pixels.device)
+
+    def latents(self, mean: Tensor, logvar: Tensor) -> Tensor:
+        if not self.config.posterior.sample:
+            return mean
+        return mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
+
+    def decode(self, z: Tensor) -> Tensor:
+        return self.vae.decode(z).sample
+
+    # ------------------------------------------------------------------ losses
+    def generator_loss(self, x: Tensor, x_hat: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        cfg = self.config
+        rec = reconstruction_loss(x, x_hat, cfg.loss.reconstruction)
+        nll = cfg.loss.reconstruction_weight * rec
+        logs: dict[str, Tensor] = {"rec": rec.detach()}
+        if self.lpips is not None and cfg.loss.perceptual.weight > 0:
+            p = self.lpips(x, x_hat).mean()  # with grad: the diffusers script's no_grad LPIPS trained nothing
+            nll = nll + cfg.loss.perceptual.weight * p
+            logs["lpips"] = p.detach()
+        total = nll
+        factor = self.adv_factor()
+        logs["adv_factor"] = torch.tensor(factor)
+        if factor > 0:
+            with frozen(self.disc):
+                logits_fake = self.disc(x_hat)
+            g = generator_loss(logits_fake, cfg.disc.loss)
+            if cfg.disc.adaptive:
+                w, n_rec, n_g = adaptive_weight(nll, g, self.last_layer, cfg.disc.max_adaptive_weight)
+                logs["grad_norm_rec"], logs["grad_norm_gan"] = n_rec, n_g
+                d_weight = w * cfg.disc.weight
+            else:
+                d_weight = torch.tensor(cfg.disc.weight, device=x.device)
+            total = nll + factor * d_weight * g
+            logs["g_loss"], logs["d_weight"] = g.detach(), d_weight.detach()
+        logs["nll"], logs["total"] = nll.detach(), total.detach()
+        return total, logs
+
+    def disc_loss(self, x: Tensor, x_hat: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        # Separate real and fake calls as in LDM; both inputs detached so nothing reaches the decoder.
+        logits_real = self.disc(x.detach())
+        logits_fake = self.disc(x_hat.detach())
+        loss = discriminator_loss(logits_real, logits_fake, self.config.disc.loss)
+        acc = 0.5 * ((logits_real > 0).float().mean() + (logits_fake < 0).float().mean())
+        return loss, {
+            "d_loss": loss.detach(),
+            "logits_real": logits_real.detach().mean(),
+            "logits_fake": logits_fake.detach().mean(),
+            "d_acc": acc,
+        }
+
+    # ------------------------------------------------------------------ training
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        o = self.config.optimizer
+        cls = torch.optim.AdamW if o.weight_decay > 0 else torch.optim.Adam
+        g_params = [p for m in self.trainable_modules() for p in m.parameters()]
+        opts = [cls(g_params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)]
+        if self.disc is not None:
+            opts.append(cls(self.disc.parameters(), lr=o.disc_lr or o.lr, betas=o.betas, weight_decay=o.weight_decay))
+        return opts
+
+    def _opts(self) -> tuple[Any, Any | None]:
+        opts = self.optimizers()
+        if isinstance(opts, list | tuple):
+            return opts[0], (opts[1] if len(opts) > 1 else None)
+        return opts, None
+
+    def _update(self, opt: Any, loss: Tensor) -> None:
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        clip = self.config.optimizer.grad_clip
+        if clip:
+            self.clip_gradients(opt, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+        opt.step()
+
+    def _last_good_checkpoint(self) -> str:
+        paths = [getattr(cb, "last_model_path", "") or getattr(cb, "best_model_path", "")
+                 for cb in getattr(self.trainer, "checkpoint_callbacks", [])]
+        paths = [p for p in paths if p]
+        return paths[0] if paths else "none saved yet"
+
+    def _bad_step(self, what: str, value: Tensor) -> None:
+        self.skipped_steps += 1
+        self.bad_in_a_row += 1
+        log.warning("step %d: %s is %s; update skipped (%d in a row)", self.step, what, value.item(),
+                    self.bad_in_a_row)
+        if self.bad_in_a_row >= self.config.max_bad_steps:
+            self.diverged = (
+                f"{self.bad_in_a_row} consecutive steps with a NaN/inf loss (max_bad_steps="
+                f"{self.config.max_bad_steps}) at step {self.step}; last good checkpoint: "
+                f"{self._last_good_checkpoint()}"
+            )
+            log.error("training stopped: %s", self.diverged)
+            self.trainer.should_stop = True
+
+    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
+        self.ema_should_update = False
+        if self.step >= self.config.max_steps:
+            self.trainer.should_stop = True
+            return
+        opt_g, opt_d = self._opts()
+        x = batch["pixels"]
+        mean, logvar = self.posterior(x, batch.get("index"))
+        x_hat = self.decode(self.latents(mean, logvar))  # one forward, reused (detached) by the D step
+
+        g_total, logs = self.generator_loss(x, x_hat)
+        if not torch.isfinite(g_total):
+            self._bad_step("the generator loss", g_total)
+            return
+        train_d = self.disc is not None and self.step >= self.config.disc.start
+        d_total = None
+        if train_d:
+            d_total, d_logs = self.disc_loss(x, x_hat)
+            logs.update(d_logs)
+            if not torch.isfinite(d_total):
+                self._bad_step("the discriminator loss", d_total)
+                return
+        self._update(opt_g, g_total)
+        if d_total is not None:
+            self._update(opt_d, d_total)
+        self.bad_in_a_row = 0
+        self.ema_should_update = True
+        self.step += 1
+        if self.step >= self.config.max_steps:
+            self.trainer.should_stop = True
+        bs = x.shape[0]
+        self.log_dict({f"train/{k}": v.float() for k, v in logs.items()}, on_step=True, batch_size=bs)
+        self.log("train/step", float(self.step), on_step=True, batch_size=bs)
+        self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, batch_size=bs)
+
+    # ------------------------------------------------------------------ validation
+    def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
+        x = batch["pixels"]
+        mean, _ = self.posterior(x)  # posterior mode: deterministic metrics
+        x_hat = self.decode(mean).float().clamp(-1.0, 1.0)
+        a, b = (x + 1) / 2, (x_hat + 1) / 2
+        self.val_psnr.update(b, a)
+        self.val_ssim.update(b, a)
+        bs = x.shape[0]
+        self.log("val/psnr", self.val_psnr, batch_size=bs)
+        self.log("val/ssim", self.val_ssim, batch_size=bs)
+        if self.lpips is not None and not self.perceptual_is_random:
+            self.val_lpips.update(self.lpips(x, x_hat))
+            self.log("val/lpips_vgg", self.val_lpips, batch_size=bs)
+        if batch_idx == 0:
+            self._panel = (x[:4].detach().cpu(), x_hat[:4].detach().cpu())
+            self._fp16_latents = mean.detach().cpu()
+
+    def on_validation_epoch_end(self) -> None:
+        if self._panel is not None and not self.trainer.sanity_checking and self.trainer.is_global_zero:
+            log_image_panel(self.loggers, "val/reconstruction", image_panel(*self._panel), self.step)
+        self._panel = None
+
+    # ------------------------------------------------------------------ fp16 check
+    @torch.no_grad()
+    def fp16_check_latents(self, trainer: pl.Trainer) -> Tensor | None:
+        if self._fp16_latents is not None:
+            return self._fp16_latents
+        dm = trainer.datamodule
+        for get in ("val_dataloader", "train_dataloader"):
+            loader = getattr(dm, get, lambda: [])() if dm is not None else []
+            for batch in loader:
+                return self.posterior(batch["pixels"].to(self.device))[0].cpu()
+        return None
+
+    # ------------------------------------------------------------------ checkpoint
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # frozen encoder / quant_conv / LPIPS stay out: checkpoints hold trainable state only
+        checkpoint["state_dict"] = {
+            k: v for k, v in checkpoint["state_dict"].items() if k.startswith(TRAINABLE_PREFIXES)
+        }
+        checkpoint["vae_task"] = {
+            "step": self.step,
+            "skipped_steps": self.skipped_steps,
+            "frozen_checksum": self.frozen_checksum,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("vae_task", {})
+        if state.get("frozen_checksum") not in (None, self.frozen_checksum):
+            raise ValueError(
+                "ckpt_path: the checkpoint was trained on a different base VAE encoder (checksum "
+                f"{state['frozen_checksum'][:12]} vs {self.frozen_checksum[:12]}); use the same model.path"
+            )
+        self.step = int(state.get("step", 0))
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+
+
+# ---------------------------------------------------------------------------------------------- building
+
+
+def _plain(node: Any) -> dict[str, Any]:
+    """DictConfig / Mapping / None -> plain dict (omegaconf only imported when it is what we got)."""
+    if node is None:
+        return {}
+    if not isinstance(node, dict):
+        from omegaconf import OmegaConf
+
+        return OmegaConf.to_container(node, resolve=True)  # type: ignore[return-value]
+    return dict(node)
+
+
+def task_config(cfg: Any) -> VAETaskConfig:
+    from hyperlit.vae.config import from_mapping
+
+    raw = {
+        "max_steps": _plain(cfg.get("train")).get("max_steps", VAETaskConfig.max_steps),
+        "loss": _plain(cfg.get("loss")),
+        "disc": _plain(cfg.get("disc")),
+        "optimizer": _plain(cfg.get("optimizer")),
+        "posterior": _plain(cfg.get("posterior")),
+    }
+    if cfg.get("max_bad_steps") is not None:
+        raw["max_bad_steps"] = cfg.get("max_bad_steps")
+    return from_mapping(VAETaskConfig, raw)
+
+
+def load_task_vae(cfg: Any, components: Any | None) -> tuple[nn.Module, str, bool]:
+    """(vae, where it came from, is the embedded tiny model). Uses ``components.vae`` when the caller already
+    loaded the model; otherwise loads only the VAE (a VAE-only file is fine, no UNet is read)."""
+    from hyperlit.models.family import get_family
+    from hyperlit.vae.load import check_vae_layout, load_vae
+
+    model = _plain(cfg.get("model"))
+    vcfg = _plain(cfg.get("vae"))
+    family = components.family if components is not None else get_family(model.get("family", "tiny"))
+    path = model.get("path")
+    if components is not None:
+        vae, source, embedded = components.vae, path or f"the embedded {family.name} model", not path
+    elif not path:
+        if family.name != "tiny":
+            raise ValueError(f"model.path is required for model.family={family.name} (a VAE or SD checkpoint)")
+        from hyperlit.models.tiny import build_tiny
+
+        vae, source, embedded = build_tiny(int(model.get("seed", 0)))[1], "the embedded tiny model", True
+    else:
+        from hyperlit.data.paths import resolve_path
+
+        p = resolve_path(path, "model.path", "a diffusers folder, a .safetensors/.ckpt/.pt VAE or SD checkpoint")
+        # single files carry no factors: the family's apply; a diffusers folder keeps its config's
+        factors: dict[str, Any] = {}
+        if p.is_file():
+            factors = {"scaling_factor": family.scaling_factor, "shift_factor": family.shift_factor or None}
+        factors.update({k: vcfg[k] for k in ("scaling_factor", "shift_factor") if vcfg.get(k) is not None})
+        vae = load_vae(p, norm_num_groups=int(vcfg.get("norm_num_groups") or 32), **factors)
+        source, embedded = f"model.path={path}", False
+    expected = vcfg.get("latent_channels") or family.latent_channels
+    check_vae_layout(vae, int(expected), vcfg.get("use_quant_conv"), source)
+    return vae, source, embedded
+
+
+def build_perceptual(pcfg: Any, embedded: bool) -> tuple[LPIPS | None, bool]:
+    if pcfg.weight <= 0:
+        return None, False
+    random = pcfg.random_backbone is True or (pcfg.random_backbone == "auto" and embedded)
+    if pcfg.weights is None and pcfg.random_backbone == "auto" and not embedded:
+        raise ValueError(
+            "loss.perceptual.weights is not set: a real VAE needs real LPIPS VGG16 weights "
+            "(loss.perceptual.weights=/path/to/vgg16.pth), or loss.perceptual.weight=0"
+        )
+    if pcfg.weights is None and random:
+        log.warning("LPIPS uses a RANDOM VGG16 backbone (loss.perceptual.random_backbone=%s): only for tests "
+                    "and the embedded tiny model", pcfg.random_backbone)
+    from hyperlit.data.paths import resolve_path
+
+    weights = lin = None
+    if pcfg.weights:
+        weights = resolve_path(pcfg.weights, "loss.perceptual.weights", "a VGG16 state dict")
+    if pcfg.lin_weights:
+        lin = resolve_path(pcfg.lin_weights, "loss.perceptual.lin_weights", "an lpips vgg.pth")
+    return LPIPS(weights, lin, random_backbone=random and weights is None), weights is None
+
+
+def build_vae_task(cfg: Any, components: Any | None = None) -> tuple[VAEDecoderTask, pl.LightningDataModule, list]:
+    """What ``hyperlit.train.run`` calls when ``cfg.task == "vae"``: (module, datamodule, extra callbacks).
+
+    Everything is validated before the (possibly large) VAE is loaded. ``components`` may be None: then only
+    the VAE is read from ``cfg.model`` (recommended: a VAE-only file is not a full SD checkpoint).
+    """
+    from hyperlit.callbacks.ema import EMA
+    from hyperlit.data.paths import resolve_path
+    from hyperlit.vae.data import VAEImageDataModule
+    from hyperlit.vae.export_callback import VAEExport
+    from hyperlit.vae.fp16 import FP16Check
+
+    tcfg = task_config(cfg)
+    data = _plain(cfg.get("data"))
+    data_path = resolve_path(data.pop("path", None), "data.path", "a folder of images")
+    datamodule = VAEImageDataModule(
+        str(data_path), **data, fixed_crops=tcfg.posterior.cache, seed=int(cfg.get("seed") or 0)
+    )
+    ema_cfg = _plain(cfg.get("ema"))
+    ema = EMA(**{k: v for k, v in ema_cfg.items() if k != "enabled"}) if ema_cfg.get("enabled", True) else None
+    export = VAEExport(**_plain(cfg.get("export")))
+    fp16 = FP16Check(**_plain(cfg.get("fp16_check")))
+
+    vae, source, embedded = load_task_vae(cfg, components)
+    perceptual, is_random = build_perceptual(tcfg.loss.perceptual, embedded)
+    module = VAEDecoderTask(vae, tcfg, perceptual, perceptual_is_random=is_random)
+    log.info("VAE task: fine-tuning the decoder of %s (encoder frozen, checksum %s)", source,
+             module.frozen_checksum[:12])
+    callbacks = [c for c in (ema, export, fp16) if c is not None]  # EMA first: exports see its update
+    return module, datamodule, callbacks

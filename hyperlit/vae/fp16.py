@@ -1,0 +1,104 @@
+"""fp16 safety check of a VAE decoder: decode in half precision and report each block's largest activation.
+
+The SD-XL VAE is the known case: internal activations exceed fp16's range (65 504) and decode to NaN/black
+images unless upcast (spec vae-decoder.md §4.6, §8). Fine-tuning can push a decoder over that edge too.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+FP16_MAX = float(torch.finfo(torch.float16).max)
+
+
+@dataclass
+class BlockStat:
+    name: str
+    max_abs: float  # largest finite |activation| in the fp16 decode
+    nonfinite: int  # inf/NaN elements in the block output
+
+    @property
+    def safe(self) -> bool:
+        return self.nonfinite == 0
+
+
+def decoder_blocks(vae: nn.Module) -> list[tuple[str, nn.Module]]:
+    dec = vae.decoder
+    blocks: list[tuple[str, nn.Module]] = []
+    if getattr(vae, "post_quant_conv", None) is not None:
+        blocks.append(("post_quant_conv", vae.post_quant_conv))
+    blocks += [("decoder.conv_in", dec.conv_in), ("decoder.mid_block", dec.mid_block)]
+    blocks += [(f"decoder.up_blocks.{i}", b) for i, b in enumerate(dec.up_blocks)]
+    blocks += [("decoder.conv_norm_out", dec.conv_norm_out), ("decoder.conv_out", dec.conv_out)]
+    return blocks
+
+
+@torch.no_grad()
+def fp16_decode_report(vae: nn.Module, latents: Tensor) -> list[BlockStat]:
+    """Decode ``latents`` (raw, unscaled) with an fp16 copy of ``vae``; one BlockStat per decoder block."""
+    half = copy.deepcopy(vae).to(dtype=torch.float16).eval()
+    stats: dict[str, BlockStat] = {}
+    hooks = []
+    for name, module in decoder_blocks(half):
+
+        def hook(_m: nn.Module, _inp: tuple, out: Tensor, name: str = name) -> None:
+            out = out[0] if isinstance(out, tuple) else out
+            finite = torch.isfinite(out)
+            vals = out.float().abs()[finite]
+            stats[name] = BlockStat(name, float(vals.max()) if vals.numel() else float("nan"), int((~finite).sum()))
+
+        hooks.append(module.register_forward_hook(hook))
+    try:
+        half.decode(latents.to(device=next(half.parameters()).device, dtype=torch.float16))
+    finally:
+        for h in hooks:
+            h.remove()
+    return [stats[n] for n, _ in decoder_blocks(half) if n in stats]
+
+
+def format_report(stats: list[BlockStat]) -> str:
+    lines = [f"  {s.name:<26} max|x| {s.max_abs:>12.4g}  inf/nan {s.nonfinite}" for s in stats]
+    return "\n".join(lines)
+
+
+class FP16Check(pl.Callback):
+    """After training, decode one validation batch in fp16 (EMA weights when an EMA callback is present)."""
+
+    def __init__(self, enabled: bool = True, margin: float = 0.5) -> None:
+        self.enabled = enabled
+        self.margin = margin  # warn already when a block reaches this fraction of the fp16 maximum
+        self.stats: list[BlockStat] | None = None
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.enabled or not trainer.is_global_zero or getattr(pl_module, "diverged", None):
+            return
+        latents = pl_module.fp16_check_latents(trainer)
+        if latents is None:
+            log.warning("fp16 check skipped: no validation images")
+            return
+        from hyperlit.callbacks.ema import EMA
+
+        ema = EMA.find(trainer)
+        with ema.swapped(pl_module) if ema is not None else nullcontext():
+            self.stats = fp16_decode_report(pl_module.vae, latents)
+        unsafe = [s for s in self.stats if not s.safe or s.max_abs > self.margin * FP16_MAX]
+        report = format_report(self.stats)
+        if unsafe:
+            log.warning(
+                "the decoder is NOT fp16-safe (%s): decode it in fp32 (A1111 --no-half-vae, diffusers "
+                "force_upcast=True)\n%s",
+                ", ".join(s.name for s in unsafe),
+                report,
+            )
+        else:
+            log.info("fp16 decode check passed (fp16 max %.0f):\n%s", FP16_MAX, report)
+
