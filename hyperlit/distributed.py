@@ -218,3 +218,18 @@ class RankAgreement(L.Callback):
         else:
             detail = "another rank's run dir or config differs from rank 0 (see that rank's error)"
         raise RuntimeError(f"the {trainer.world_size} processes of this run disagree: {detail}")
+
+
+def register_resolvers() -> None:
+    """``${hyperlit.rank_zero:VALUE}`` is VALUE on global rank 0 and null elsewhere (read from the launcher's env).
+
+    conf/train.yaml uses it for ``hydra.output_subdir``: under torchrun or srun every rank is a full Hydra app,
+    and only rank 0 should write ``.hydra/`` into the shared run dir.
+    """
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("hyperlit.rank_zero"):
+        OmegaConf.register_new_resolver("hyperlit.rank_zero", lambda value=None: value if is_global_zero() else None)
+
+
+register_resolvers()  # at import: train.py imports hyperlit.train (and so this) before Hydra composes

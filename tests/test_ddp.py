@@ -323,3 +323,47 @@ def test_rank_helpers_follow_the_launchers(monkeypatch):
     assert distributed.processes_per_node([0, 1]) == 2
     assert distributed.processes_per_node("auto") is None
     assert distributed.processes_per_node(-1, "cpu") is None
+
+
+def test_only_global_rank_zero_writes_the_hydra_folder(monkeypatch):
+    from conftest import CONF_DIR
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    def output_subdir() -> str | None:
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose("train", return_hydra_config=True).hydra.output_subdir
+
+    for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    assert output_subdir() == ".hydra"
+    monkeypatch.setenv("RANK", "1")  # torchrun's second process
+    assert output_subdir() is None
+    monkeypatch.delenv("RANK")
+    monkeypatch.setenv("SLURM_PROCID", "0")  # srun's first task
+    assert output_subdir() == ".hydra"
+
+
+@pytest.mark.slow
+def test_torchrun_processes_share_one_run_dir(tmp_path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.is_file():
+        pytest.skip("torchrun is not installed beside this python")
+    work = tmp_path / "work"
+    work.mkdir()
+    result = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node=2", str(REPO_ROOT / "train.py"), "trainer=ddp_cpu",
+         "hypernet=linear_121", "logger=none", "train.max_steps=3", f"hydra.run.dir={tmp_path / 'out'}",
+         f"data.cache_dir={tmp_path / 'cache'}", "callbacks.preview.every=0", "callbacks.preview.at_end=false",
+         "data.batch_size=2", "~callbacks.progress", "trainer.enable_progress_bar=false",
+         "+callbacks.probe._target_=ddp_probe.DDPProbe", f"+callbacks.probe.dirpath={tmp_path / 'probe'}"],
+        cwd=work, env=_env(tmp_path), capture_output=True, text=True, timeout=240,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    rank0, rank1 = _digests(tmp_path)
+    assert len(rank0) == 3 and rank0 == rank1
+    assert [p["global_rank"] for p in _probes(tmp_path)] == [0, 1]
+    assert sorted(p.name for p in (tmp_path / "out" / "hypernetworks").iterdir()) == [
+        "linear_121.pt", "linear_121.safetensors"]
+    assert [p.parent.name for p in tmp_path.rglob(".hydra")] == ["out"] and list(work.iterdir()) == []
