@@ -151,7 +151,7 @@ def test_two_processes_on_webdataset_shards(tmp_path):
     urls = str(tmp_path / "shards" / "shard-{000000..000003}.tar")
     _train(
         tmp_path, "data=webdataset", f"data.urls='{urls}'", "data.epoch_length=12", "data.num_workers=0",
-        "data.resolution=64", "data.shuffle_buffer=0", "callbacks.preview.every=0",
+        "data.resolution=64", "callbacks.preview.every=0",  # default shuffle buffer (1000)
     )
     out = tmp_path / "out"
     _assert_identical_hypernetworks(tmp_path, out / "hypernetworks" / "linear_121.pt")
@@ -169,7 +169,7 @@ def _rank_batches(urls: str, rank: int, epoch: int = 0, **options) -> list[dict]
 
     from hyperlit.data import WebDataModule
 
-    options = {"resolution": 64, "batch_size": 2, "num_workers": 0, **options}
+    options = {"resolution": 64, "batch_size": 2, "num_workers": 0, "epoch_length": 12, **options}
     dm = WebDataModule(urls=urls, encoder=FakeEncoder(), **options)
     dm.trainer = type("T", (), {"global_rank": rank, "world_size": 2, "current_epoch": epoch})()
     dm.setup("fit")
@@ -199,15 +199,21 @@ def test_resampled_streams_are_endless_and_differ_per_rank(tmp_path):
     assert shas[0] != shas[1]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="webdataset sample shuffle buffer spans shard passes (hyperlit/data/webdata.py): with the default "
-    "shuffle_buffer and an epoch length, samples repeat within an epoch (or 'no usable sample' is raised)",
-)
 def test_default_shuffle_buffer_keeps_each_sample_once_per_epoch(tmp_path):
+    # The sample shuffle buffer (default 1000) must not pull samples of the next pass into this epoch.
     urls = _shards(tmp_path, n=12, per_shard=3)
-    seen = Counter(s for rank in (0, 1) for b in _rank_batches(urls, rank, epoch_length=12) for s in b["sha"])
-    assert len(seen) == 12 and set(seen.values()) == {1}
+    orders = []
+    for epoch in (0, 1):
+        order = [s for rank in (0, 1) for b in _rank_batches(urls, rank, epoch) for s in b["sha"]]
+        assert len(order) == 12 and len(set(order)) == 12, Counter(order)
+        orders.append(order)
+    assert set(orders[0]) == set(orders[1]) and orders[0] != orders[1]  # reshuffled per epoch
+
+
+def test_two_passes_in_one_epoch_still_shuffle_within_each_pass(tmp_path):
+    urls = _shards(tmp_path, n=8, per_shard=2)
+    seen = Counter(s for rank in (0, 1) for b in _rank_batches(urls, rank, epoch_length=16) for s in b["sha"])
+    assert len(seen) == 8 and set(seen.values()) == {2}  # every sample exactly twice: two whole passes
 
 
 # --- errors at the door ---

@@ -17,6 +17,7 @@ import math
 import random
 from collections import Counter
 from collections.abc import Iterator
+from functools import partial
 from itertools import islice
 from typing import Any
 
@@ -101,15 +102,31 @@ class ShardStream(IterableDataset):
         return self.epoch_batches
 
     # ---- shard source -------------------------------------------------------------------------------
-    def _passes(self) -> Iterator[dict[str, str]]:
-        """Shard URLs, the same sequence on every rank; endless when the epoch length is explicit."""
+    def _pass_urls(self, n: int) -> Iterator[dict[str, str]]:
+        """Shard URLs of pass n, the same sequence on every rank."""
+        urls = list(self.urls)
+        if self.shuffle:
+            random.Random(f"shards:{self.seed}:{self.epoch}:{n}").shuffle(urls)
+        return iter([{"url": url} for url in urls])
+
+    def _passes(self, wid: int) -> Iterator[dict[str, Any]]:
+        """Decoded samples of this rank and worker, pass after pass; endless when the epoch length is explicit.
+
+        Each pass is its own pipeline so the sample shuffle buffer never spans two passes: a buffer fed from the
+        next pass would repeat samples inside an epoch (and hide the usable-sample count of the first pass).
+        """
         n = 0
         while True:
-            urls = list(self.urls)
-            if self.shuffle:
-                random.Random(f"shards:{self.seed}:{self.epoch}:{n}").shuffle(urls)
-            for url in urls:
-                yield {"url": url}
+            stages: list[Any] = [
+                partial(self._pass_urls, n),
+                self._split_node,
+                wds.split_by_worker,
+                wds.tarfile_to_samples(handler=self._tar_handler),
+            ]
+            if self.shuffle and self.shuffle_buffer > 1:
+                seed = hash((self.seed, self.epoch, self.rank, wid, n)) & 0x7FFFFFFF
+                stages.append(wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), seed=seed))
+            yield from wds.DataPipeline(*stages, self._decode)
             if self.epoch_batches is None:
                 return
             if self._usable == 0:
@@ -269,19 +286,19 @@ class ShardStream(IterableDataset):
         self._usable = 0
         if self.resampled:
             # Endless random shards: each rank and worker draws its own stream, so no node/worker split.
-            source: list[Any] = [
+            stages: list[Any] = [
                 wds.ResampledShards(
                     self.urls, seed=self.seed + self.epoch, worker_seed=_WorkerSeed(self.rank), deterministic=True
-                )
+                ),
+                wds.tarfile_to_samples(handler=self._tar_handler),
             ]
+            if self.shuffle and self.shuffle_buffer > 1:
+                seed = hash((self.seed, self.epoch, self.rank, wid)) & 0x7FFFFFFF
+                stages.append(wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), seed=seed))
+            stages.append(self._decode)
         else:
-            source = [self._passes, self._split_node, wds.split_by_worker]
-        stages = [*source, wds.tarfile_to_samples(handler=self._tar_handler)]
-        if self.shuffle and self.shuffle_buffer > 1:
-            seed = hash((self.seed, self.epoch, self.rank, wid)) & 0x7FFFFFFF
-            stages.append(wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), seed=seed))
-        stages += [self._decode, self._batch]
-        pipeline = wds.DataPipeline(*stages)
+            stages = [partial(self._passes, wid)]  # node/worker split, tar, per-pass shuffle and decode
+        pipeline = wds.DataPipeline(*stages, self._batch)
         if self.epoch_batches is not None:
             # Exact per-rank total: worker w yields its share of epoch_batches (the DataLoader interleaves).
             share = self.epoch_batches // nw + (1 if wid < self.epoch_batches % nw else 0)
