@@ -100,16 +100,31 @@ def test_each_generator_term_moves_the_decoder_only(term):
 
 def test_full_generator_loss_has_adaptive_gan_term_and_no_d_grads():
     task = make_task()
+    task.disc.eval()  # BatchNorm running stats must not move between the two evaluations below
     x = batch()["pixels"]
-    x_hat = task.decode(task.posterior(x)[0])
-    total, logs = task.generator_loss(x, x_hat)
+    z = task.posterior(x)[0]
+    x_hat = task.decode(z)
+    total, logs = task.generator_loss(x, x_hat)  # reference: LDM's autograd at conv_out.weight
     expected = logs["nll"] + logs["d_weight"] * logs["g_loss"]
     assert torch.allclose(total, expected)
     assert logs["d_weight"] > 0 and logs["lpips"] > 0
-    # d_weight is 0.5 × ‖∇rec‖/(‖∇gan‖+1e-4) at conv_out.weight
     assert torch.allclose(logs["d_weight"], 0.5 * logs["grad_norm_rec"] / (logs["grad_norm_gan"] + 1e-4))
     total.backward()
     assert all(g is None for g in grads(task.disc))
+    ref = {n: p.grad.clone() for n, p in task.named_parameters() if p.grad is not None}
+    task.zero_grad(set_to_none=True)
+
+    # the training path: dL/dx_hat once through LPIPS and D, norms from conv_out's weight-gradient formula
+    x_hat = task.decode(z)
+    g_out, fast = task.generator_output_grad(x, x_hat)
+    assert not g_out.requires_grad  # the adaptive weight is a constant, as in LDM (detached)
+    for k in ("grad_norm_rec", "grad_norm_gan", "d_weight", "total"):
+        assert torch.allclose(fast[k], logs[k], rtol=1e-4), k
+    (x_hat * g_out).sum().backward()
+    got = {n: p.grad for n, p in task.named_parameters() if p.grad is not None}
+    assert set(got) == set(ref) and all(n.startswith(("vae.decoder.", "vae.post_quant_conv.")) for n in got)
+    for n in ref:
+        assert torch.allclose(got[n], ref[n], rtol=1e-4, atol=1e-7), n
 
 
 def test_discriminator_step_does_not_touch_the_decoder():

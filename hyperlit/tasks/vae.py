@@ -152,10 +152,19 @@ class VAEDecoderTask(pl.LightningModule):
         return mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
 
     def decode(self, z: Tensor) -> Tensor:
-        return self.vae.decode(z).sample
+        """Decoder output; the input of ``decoder.conv_out`` is kept for the last-layer gradient norms."""
+        handle = self.vae.decoder.conv_out.register_forward_hook(self._keep_conv_out_input)
+        try:
+            return self.vae.decode(z).sample
+        finally:
+            handle.remove()
+
+    def _keep_conv_out_input(self, _m: nn.Module, inputs: tuple[Tensor, ...], _out: Tensor) -> None:
+        self._conv_out_input = inputs[0]
 
     # ------------------------------------------------------------------ losses
-    def generator_loss(self, x: Tensor, x_hat: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def generator_terms(self, x: Tensor, x_hat: Tensor) -> tuple[Tensor, Tensor | None, float, dict[str, Tensor]]:
+        """(nll = reconstruction + LPIPS, GAN term or None before warm-up ends, adversarial factor, logs)."""
         cfg = self.config
         rec = reconstruction_loss(x, x_hat, cfg.loss.reconstruction)
         nll = cfg.loss.reconstruction_weight * rec
@@ -164,22 +173,66 @@ class VAEDecoderTask(pl.LightningModule):
             p = self.lpips(x, x_hat).mean()  # with grad: the diffusers script's no_grad LPIPS trained nothing
             nll = nll + cfg.loss.perceptual.weight * p
             logs["lpips"] = p.detach()
-        total = nll
         factor = self.adv_factor()
         logs["adv_factor"] = torch.tensor(factor)
+        g = None
         if factor > 0:
             with frozen(self.disc):
-                logits_fake = self.disc(x_hat)
-            g = generator_loss(logits_fake, cfg.disc.loss)
-            if cfg.disc.adaptive:
-                w, n_rec, n_g = adaptive_weight(nll, g, self.last_layer, cfg.disc.max_adaptive_weight)
-                logs["grad_norm_rec"], logs["grad_norm_gan"] = n_rec, n_g
-                d_weight = w * cfg.disc.weight
+                g = generator_loss(self.disc(x_hat), cfg.disc.loss)
+            logs["g_loss"] = g.detach()
+        logs["nll"] = nll.detach()
+        return nll, g, factor, logs
+
+    def _last_layer_grad(self, grad_out: Tensor) -> Tensor:
+        """d(loss)/d(conv_out.weight) from d(loss)/d(x_hat): the decoder output *is* conv_out's output."""
+        conv = self.vae.decoder.conv_out
+        return torch.nn.grad.conv2d_weight(
+            self._conv_out_input.detach().float(), conv.weight.shape, grad_out.detach().float(),
+            conv.stride, conv.padding, conv.dilation, conv.groups,
+        )  # fmt: skip
+
+    def generator_output_grad(self, x: Tensor, x_hat: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Gradient of the total generator loss with respect to ``x_hat`` (fp32), plus logs.
+
+        The same value as LDM's ``nll + d_weight * g`` with ``d_weight = ||grad_W nll|| / (||grad_W g|| + 1e-4)``
+        at ``decoder.conv_out.weight`` (``generator_loss`` below; a test compares them), but LPIPS and D are
+        backpropagated once each instead of three times, and the last-layer norms are computed in fp32.
+        """
+        xf = x_hat.float()
+        nll, g, factor, logs = self.generator_terms(x, xf)
+        grad = torch.autograd.grad(nll, xf, retain_graph=True)[0]
+        total = nll.detach()
+        if g is not None:
+            g_grad = torch.autograd.grad(g, xf, retain_graph=True)[0]
+            d = self.config.disc
+            if d.adaptive:
+                n_rec = torch.linalg.vector_norm(self._last_layer_grad(grad))
+                n_gan = torch.linalg.vector_norm(self._last_layer_grad(g_grad))
+                d_weight = (n_rec / (n_gan + 1e-4)).clamp(0.0, d.max_adaptive_weight) * d.weight
+                logs["grad_norm_rec"], logs["grad_norm_gan"] = n_rec, n_gan
             else:
-                d_weight = torch.tensor(cfg.disc.weight, device=x.device)
+                d_weight = torch.tensor(d.weight, device=x.device)
+            grad = grad + factor * d_weight * g_grad
+            total = total + factor * d_weight * g.detach()
+            logs["d_weight"] = d_weight.detach()
+        logs["total"] = total
+        return grad, logs
+
+    def generator_loss(self, x: Tensor, x_hat: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Reference formulation: the adaptive weight by autograd through the decoder (LDM's way)."""
+        nll, g, factor, logs = self.generator_terms(x, x_hat)
+        total = nll
+        if g is not None:
+            d = self.config.disc
+            if d.adaptive:
+                w, n_rec, n_g = adaptive_weight(nll, g, self.last_layer, d.max_adaptive_weight)
+                logs["grad_norm_rec"], logs["grad_norm_gan"] = n_rec, n_g
+                d_weight = w * d.weight
+            else:
+                d_weight = torch.tensor(d.weight, device=x.device)
+            logs["d_weight"] = d_weight
             total = nll + factor * d_weight * g
-            logs["g_loss"], logs["d_weight"] = g.detach(), d_weight.detach()
-        logs["nll"], logs["total"] = nll.detach(), total.detach()
+        logs["total"] = total.detach()
         return total, logs
 
     def disc_loss(self, x: Tensor, x_hat: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
@@ -249,9 +302,9 @@ class VAEDecoderTask(pl.LightningModule):
         mean, logvar = self.posterior(x, batch.get("index"))
         x_hat = self.decode(self.latents(mean, logvar))  # one forward, reused (detached) by the D step
 
-        g_total, logs = self.generator_loss(x, x_hat)
-        if not torch.isfinite(g_total):
-            self._bad_step("the generator loss", g_total)
+        g_grad, logs = self.generator_output_grad(x, x_hat)
+        if not (torch.isfinite(logs["total"]) and torch.isfinite(g_grad).all()):
+            self._bad_step("the generator loss", logs["total"])
             return
         train_d = self.disc is not None and self.step >= self.config.disc.start
         d_total = None
@@ -261,7 +314,9 @@ class VAEDecoderTask(pl.LightningModule):
             if not torch.isfinite(d_total):
                 self._bad_step("the discriminator loss", d_total)
                 return
-        self._update(opt_g, g_total)
+        # <x_hat, dL/dx_hat> carries the generator loss's gradient to every decoder weight; manual_backward
+        # keeps the precision plugin (loss scaling) in charge.
+        self._update(opt_g, (x_hat.float() * g_grad).sum())
         if d_total is not None:
             self._update(opt_d, d_total)
         self.bad_in_a_row = 0
@@ -447,3 +502,39 @@ def build_vae_task(cfg: Any, components: Any | None = None) -> tuple[VAEDecoderT
              module.frozen_checksum[:12])
     callbacks = [c for c in (ema, export, fp16) if c is not None]  # EMA first: exports see its update
     return module, datamodule, callbacks
+
+
+def run_vae(cfg: Any) -> float | None:
+    """``python train.py --config-name vae``: build, fit, export; returns the last generator loss."""
+    import math
+    from pathlib import Path
+
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from hyperlit.train import _finish_wandb, build_callbacks, build_loggers, rank_agreement
+
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path and not Path(ckpt_path).is_file():
+        raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file")
+    pl.seed_everything(int(cfg.get("seed") or 0), workers=True)
+    module, datamodule, extra = build_vae_task(cfg, None)
+    loggers = build_loggers(cfg)
+    callbacks = [*extra, *build_callbacks(cfg).values(), rank_agreement(cfg)]
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    finally:
+        _finish_wandb(loggers)
+    report = getattr(datamodule, "report", None)
+    if report is not None and (report.bad or report.small_skipped or report.small_upscaled):
+        log.warning("data: %s", report.summary())
+    if module.skipped_steps:
+        log.warning("%d training steps were skipped for NaN/inf losses", module.skipped_steps)
+    if module.diverged:
+        log.error("VAE training stopped early: %s", module.diverged)
+        return None
+    loss = trainer.callback_metrics.get("train/total")
+    return float(loss) if loss is not None and math.isfinite(float(loss)) else None

@@ -168,14 +168,16 @@ class LPIPS(nn.Module):
         # finite gradient at an all-zero feature vector (a reported NaN source, spec §1.4).
         return f * torch.rsqrt((f * f).sum(dim=1, keepdim=True) + self.eps**2)
 
+    def _features(self, x: Tensor) -> list[Tensor]:
+        x = (x.float() - self.shift) / self.scale
+        if x.requires_grad:
+            return self._taps(x)
+        with torch.no_grad():  # the real image needs no graph: the backward runs through one VGG, not two
+            return self._taps(x)
+
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
-        device_type = x.device.type
-        with torch.autocast(device_type=device_type, enabled=False):
-            x = (x.float() - self.shift) / self.scale
-            y = (y.float() - self.shift) / self.scale
-            fx = self._taps(torch.cat([x, y]))
-            total = x.new_zeros(x.shape[0])
-            for f, head in zip(fx, self.heads, strict=True):
-                a, b = f.chunk(2)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            total = x.new_zeros(x.shape[0], dtype=torch.float32)
+            for a, b, head in zip(self._features(x), self._features(y), self.heads, strict=True):
                 total = total + head((self._unit(a) - self._unit(b)) ** 2).mean(dim=(1, 2, 3))
         return total
