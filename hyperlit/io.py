@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,11 +19,10 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(
-        prefix=f".{target.name}.", suffix=suffix if suffix is not None else ".tmp", dir=target.parent
-    )
-    os.close(fd)
-    tmp = Path(tmp_name)
+    # A fresh unique name that is not created here: the writer creates it, so it gets the usual permissions
+    # (mkstemp would make it 0600 and the final file unreadable to others).
+    unique = f"{os.getpid()}.{uuid.uuid4().hex[:12]}"
+    tmp = target.parent / f".{target.name}.{unique}{suffix if suffix is not None else '.tmp'}"
     try:
         yield tmp
         os.replace(tmp, target)
