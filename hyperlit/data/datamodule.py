@@ -30,8 +30,10 @@ log = logging.getLogger(__name__)
 class FolderDataModule(L.LightningDataModule):
     def __init__(self, path: str, encoder: Any = None, **options: Any) -> None:
         super().__init__()
-        # Only global rank 0 writes cache files; other nodes read a shared cache or encode in memory in setup().
-        self.prepare_data_per_node = False
+        # Local rank 0 of every node fills that node's cache in prepare_data (nodes need not share a filesystem;
+        # atomic writes make several writers on a shared one safe); the other ranks wait at Lightning's barrier
+        # and only read it in setup().
+        self.prepare_data_per_node = True
         self.opts = DataOptions(**options)
         self.path_value = path
         self.encoder = encoder
