@@ -1,0 +1,96 @@
+"""conf/vae.yaml composes, builds the task from every model source, and trains end to end via run(cfg)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from hydra import compose, initialize_config_dir
+from safetensors.torch import load_file, save_file
+
+from hyperlit.data.paths import repo_root
+from hyperlit.tasks.vae import build_vae_task, load_task_vae
+from hyperlit.vae.export import diffusers_to_ldm, save_diffusers_folder
+
+CONF = str(repo_root() / "conf")
+
+
+def vae_cfg(*overrides: str):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose("vae", overrides=list(overrides))
+
+
+def small_vae(latent_channels: int = 4, **kw) -> AutoencoderKL:
+    torch.manual_seed(1)
+    return AutoencoderKL(
+        block_out_channels=[8, 16], down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2, norm_num_groups=4, latent_channels=latent_channels, **kw,
+    )  # fmt: skip
+
+
+def test_presets_and_tiny_overlay_compose():
+    cfg = vae_cfg()
+    assert cfg.task == "vae" and cfg.model.family == "tiny"
+    assert cfg.loss.reconstruction == "l1" and cfg.loss.perceptual.weight == 1.0  # ft_ema
+    assert cfg.data.resolution == 64 and cfg.train.max_steps == 40  # conf/vae_model/tiny.yaml
+    assert cfg.trainer.max_steps == -1 and cfg.trainer.gradient_clip_val is None
+    cfg = vae_cfg("vae_loss=ft_mse", "model=sd15")
+    assert cfg.loss.reconstruction == "mse" and cfg.loss.perceptual.weight == 0.1
+    assert cfg.data.resolution == 256 and cfg.optimizer.betas == [0.5, 0.9]  # no overlay for real models
+
+
+def test_real_model_needs_path_and_perceptual_weights(tmp_path):
+    with pytest.raises(ValueError, match="model.path is required for model.family=sd15"):
+        load_task_vae(vae_cfg("model=sd15"), None)
+    vae = small_vae()
+    path = tmp_path / "my.vae.safetensors"
+    save_file({k: v.contiguous() for k, v in diffusers_to_ldm(vae.state_dict(), 2).items()}, path)
+    cfg = vae_cfg("model=sd15", f"model.path={path}", "vae.norm_num_groups=4", f"export.dirpath={tmp_path}/x")
+    with pytest.raises(ValueError, match="loss.perceptual.weights is not set"):
+        build_vae_task(cfg, None)
+    loaded, source, embedded = load_task_vae(cfg, None)
+    assert not embedded and str(path) in source
+    assert loaded.config.scaling_factor == 0.18215  # a single file carries no factor: the family's
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in vae.state_dict().items())
+    with pytest.raises(ValueError, match="has 4 latent channels but the config expects 16"):
+        load_task_vae(vae_cfg("model=sd15", f"model.path={path}", "vae.norm_num_groups=4", "vae.latent_channels=16"),
+                      None)
+
+
+def test_sixteen_channel_diffusers_folder_trains_and_exports(tmp_path):
+    vae = small_vae(16, use_quant_conv=False, use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159)
+    save_diffusers_folder(vae, tmp_path / "flux-vae")
+    cfg = vae_cfg(
+        "model=sd15", f"model.path={tmp_path}/flux-vae", "vae.latent_channels=16", "vae.use_quant_conv=false",
+        "loss.perceptual.weight=0", "data.resolution=32", "data.num_workers=0", "data.batch_size=2",
+        "data.val_count=2", "train.max_steps=2", f"export.dirpath={tmp_path}/out",
+    )  # fmt: skip
+    module, dm, callbacks = build_vae_task(cfg, None)
+    assert module.vae.quant_conv is None and module.vae.config.shift_factor == 0.1159
+    assert module.lpips is None
+    import lightning.pytorch as pl
+
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=-1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, limit_val_batches=0, callbacks=callbacks)
+    trainer.fit(module, datamodule=dm)
+    assert module.step == 2
+    exported = AutoencoderKL.from_pretrained(tmp_path / "out" / "vae-ft", local_files_only=True)
+    assert exported.config.shift_factor == 0.1159 and exported.config.scaling_factor == 0.3611
+    assert exported.config.latent_channels == 16 and exported.quant_conv is None
+    sd = load_file(tmp_path / "out" / "vae-ft.vae.safetensors")
+    assert "quant_conv.weight" not in sd and sd["decoder.conv_in.weight"].shape[1] == 16
+
+
+@pytest.mark.slow
+def test_train_py_run_on_the_embedded_default(tmp_path):
+    from hyperlit.train import run
+
+    cfg = vae_cfg(
+        f"paths.output_dir={tmp_path}", "logger=none", "train.max_steps=3", "data.resolution=32",
+        "trainer.val_check_interval=3", "trainer.limit_val_batches=1", "export.save_every=0",
+    )  # fmt: skip
+    run(cfg)
+    out = tmp_path / "vae"
+    assert sorted(p.name for p in out.iterdir()) == ["vae-ft", "vae-ft.disc.safetensors", "vae-ft.vae.safetensors"]
+    reloaded = AutoencoderKL.from_pretrained(out / "vae-ft", local_files_only=True)
+    assert reloaded.config.scaling_factor == 0.18215 and reloaded.config.block_out_channels == [16, 32, 32, 32]
