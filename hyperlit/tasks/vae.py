@@ -495,8 +495,10 @@ def build_vae_task(cfg: Any, components: Any | None = None) -> tuple[VAEDecoderT
     export = VAEExport(**_plain(cfg.get("export")))
     fp16 = FP16Check(**_plain(cfg.get("fp16_check")))
 
-    vae, source, embedded = load_task_vae(cfg, components)
+    # LPIPS files are checked before the (possibly large) VAE is read: errors at the door
+    embedded = not _plain(cfg.get("model")).get("path")
     perceptual, is_random = build_perceptual(tcfg.loss.perceptual, embedded)
+    vae, source, _ = load_task_vae(cfg, components)
     module = VAEDecoderTask(vae, tcfg, perceptual, perceptual_is_random=is_random)
     log.info("VAE task: fine-tuning the decoder of %s (encoder frozen, checksum %s)", source,
              module.frozen_checksum[:12])
@@ -507,6 +509,7 @@ def build_vae_task(cfg: Any, components: Any | None = None) -> tuple[VAEDecoderT
 def run_vae(cfg: Any) -> float | None:
     """``python train.py --config-name vae``: build, fit, export; returns the last generator loss."""
     import math
+    import warnings
     from pathlib import Path
 
     from hydra.utils import instantiate
@@ -514,6 +517,8 @@ def run_vae(cfg: Any) -> float | None:
 
     from hyperlit.train import _finish_wandb, build_callbacks, build_loggers, rank_agreement
 
+    # LPIPS is frozen in eval mode on purpose; Lightning would warn about it on every run.
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path and not Path(ckpt_path).is_file():
         raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file")

@@ -45,7 +45,14 @@ def decoder_blocks(vae: nn.Module) -> list[tuple[str, nn.Module]]:
 @torch.no_grad()
 def fp16_decode_report(vae: nn.Module, latents: Tensor) -> list[BlockStat]:
     """Decode ``latents`` (raw, unscaled) with an fp16 copy of ``vae``; one BlockStat per decoder block."""
-    half = copy.deepcopy(vae).to(dtype=torch.float16).eval()
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # casting a copy on purpose: no "keep in float32" advice
+    try:
+        half = copy.deepcopy(vae).to(dtype=torch.float16).eval()
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
     stats: dict[str, BlockStat] = {}
     hooks = []
     for name, module in decoder_blocks(half):
