@@ -506,6 +506,24 @@ def build_vae_task(cfg: Any, components: Any | None = None) -> tuple[VAEDecoderT
     return module, datamodule, callbacks
 
 
+def ddp_overrides(cfg: Any) -> dict[str, Any]:
+    """Trainer arguments DDP needs for this task: G and D backpropagate separately, so each backward leaves the
+    other network's weights unused (find_unused_parameters), and a BatchNorm D needs synced statistics."""
+    trainer = _plain(cfg.get("trainer"))
+    strategy = trainer.get("strategy")
+    if not (isinstance(strategy, str) and strategy.startswith("ddp")):
+        return {}
+    out: dict[str, Any] = {}
+    if strategy in ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook"):
+        out["strategy"] = f"{strategy}_find_unused_parameters_true"
+    on_gpu = trainer.get("accelerator") not in ("cpu", None)  # torch's SyncBatchNorm is GPU-only
+    if on_gpu and _plain(cfg.get("disc")).get("norm", "batch") == "batch" and not trainer.get("sync_batchnorm"):
+        out["sync_batchnorm"] = True
+    if out:
+        log.info("VAE task under DDP: trainer overrides %s", out)
+    return out
+
+
 def run_vae(cfg: Any) -> float | None:
     """``python train.py --config-name vae``: build, fit, export; returns the last generator loss."""
     import math
@@ -526,7 +544,7 @@ def run_vae(cfg: Any) -> float | None:
     module, datamodule, extra = build_vae_task(cfg, None)
     loggers = build_loggers(cfg)
     callbacks = [*extra, *build_callbacks(cfg).values(), rank_agreement(cfg)]
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **ddp_overrides(cfg))
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     try:
