@@ -94,3 +94,13 @@ def test_train_py_run_on_the_embedded_default(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["vae-ft", "vae-ft.disc.safetensors", "vae-ft.vae.safetensors"]
     reloaded = AutoencoderKL.from_pretrained(out / "vae-ft", local_files_only=True)
     assert reloaded.config.scaling_factor == 0.18215 and reloaded.config.block_out_channels == [16, 32, 32, 32]
+
+
+def test_ddp_overrides_for_separate_g_and_d_backward():
+    from hyperlit.tasks.vae import ddp_overrides
+
+    assert ddp_overrides(vae_cfg()) == {}
+    assert ddp_overrides(vae_cfg("trainer=ddp_cpu")) == {"strategy": "ddp_find_unused_parameters_true"}
+    gpu = ddp_overrides(vae_cfg("trainer=ddp"))
+    assert gpu == {"strategy": "ddp_find_unused_parameters_true", "sync_batchnorm": True}
+    assert ddp_overrides(vae_cfg("trainer=ddp", "disc.norm=group")) == {"strategy": "ddp_find_unused_parameters_true"}

@@ -509,7 +509,7 @@ def build_vae_task(cfg: Any, components: Any | None = None) -> tuple[VAEDecoderT
 def ddp_overrides(cfg: Any) -> dict[str, Any]:
     """Trainer arguments DDP needs for this task: G and D backpropagate separately, so each backward leaves the
     other network's weights unused (find_unused_parameters), and a BatchNorm D needs synced statistics."""
-    trainer = _plain(cfg.get("trainer"))
+    trainer = cfg.get("trainer") or {}  # read key by key: other trainer keys may need Hydra's runtime to resolve
     strategy = trainer.get("strategy")
     if not (isinstance(strategy, str) and strategy.startswith("ddp")):
         return {}
