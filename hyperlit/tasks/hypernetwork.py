@@ -138,6 +138,25 @@ class HypernetworkTask(L.LightningModule):
         lr = self.trainer.optimizers[0].param_groups[0]["lr"]
         self.log("train/lr", lr, prog_bar=True)
 
+    # The noise, timesteps and dropout masks come from the global torch RNG; keeping its state in the checkpoint
+    # makes a resumed run draw exactly what the uninterrupted run would have drawn.
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["hyperlit_rng"] = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available() and self.device.type == "cuda":
+            checkpoint["hyperlit_rng"]["cuda"] = torch.cuda.get_rng_state(self.device)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._rng_to_restore = checkpoint.get("hyperlit_rng")
+
+    def on_train_start(self) -> None:
+        # Restored here, after Lightning's own set-up, which may draw random numbers after loading the checkpoint.
+        state = getattr(self, "_rng_to_restore", None)
+        if state:
+            torch.set_rng_state(state["cpu"])
+            if "cuda" in state and self.device.type == "cuda":
+                torch.cuda.set_rng_state(state["cuda"], self.device)
+            self._rng_to_restore = None
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         norms = grad_norm(self.hypernetwork, norm_type=2)
         if "grad_2.0_norm_total" in norms:
