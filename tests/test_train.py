@@ -192,16 +192,19 @@ def test_init_from_continues_a_file_and_rejects_one_that_does_not_fit(train_cfg,
     assert "hypernet.activation" in message and "hypernet.layer_norm" in message
 
 
-def test_resumed_run_reaches_the_same_weights_as_an_uninterrupted_one(train_cfg, tmp_path):
+@pytest.mark.parametrize("stop_at", [3, 4], ids=["end-of-epoch", "mid-epoch"])  # 3 batches per epoch
+def test_resumed_run_reaches_the_same_weights_as_an_uninterrupted_one(train_cfg, tmp_path, stop_at):
     common = ("callbacks.preview.every=0", "callbacks.preview.at_end=false", "callbacks.export.save_every=0",
-              "callbacks.checkpoint.every_n_train_steps=3", "train.learning_rate=1e-3",
+              "callbacks.checkpoint.every_n_train_steps=1", "train.learning_rate=1e-3",
               "hypernet=swish_121_dropout")  # dropout masks come from the RNG too
     straight = build_hypernetwork_run(train_cfg(*common, f"paths.output_dir={tmp_path / 'a'}", steps=6))
     fit(straight, train_cfg(*common, f"paths.output_dir={tmp_path / 'a'}", steps=6))
 
-    first = train_cfg(*common, f"paths.output_dir={tmp_path / 'b'}", steps=3)
+    first = train_cfg(*common, f"paths.output_dir={tmp_path / 'b'}", steps=stop_at)
     fit(build_hypernetwork_run(first), first)
     last = tmp_path / "b" / "checkpoints" / "last.ckpt"
+    loader_state = torch.load(last, weights_only=True)["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    assert loader_state == [{"epoch": (stop_at - 1) // 3, "batches": (stop_at - 1) % 3 + 1}]  # where the plan stood
     second = train_cfg(*common, f"paths.output_dir={tmp_path / 'b'}", f"ckpt_path={last}", steps=6)
     resumed = build_hypernetwork_run(second)
     fit(resumed, second)

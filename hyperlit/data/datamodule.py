@@ -157,9 +157,14 @@ class FolderDataModule(L.LightningDataModule):
         return EpochLoader(
             self.stream,
             epoch_fn=self._current_epoch,
+            progress_fn=self._batches_done,
             skips=self.skip_log,
             num_workers=self.opts.num_workers,
         )
+
+    def _batches_done(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return trainer.fit_loop.epoch_loop.batch_progress.current.processed if trainer is not None else 0
 
     def _current_epoch(self) -> int:
         trainer = getattr(self, "trainer", None)

@@ -135,10 +135,31 @@ class EpochLoader(DataLoader):
     Worker-side skip counts travel inside batches under `_skipped` and are merged here, in the main process.
     """
 
-    def __init__(self, dataset: Any, *, epoch_fn: Callable[[], int], skips: SkipLog, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        dataset: Any,
+        *,
+        epoch_fn: Callable[[], int],
+        skips: SkipLog,
+        progress_fn: Callable[[], int] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        # A generator of its own: otherwise every new iterator draws its base seed from the global torch RNG, which
+        # the training noise also comes from, and a resumed run would draw different noise than an uninterrupted one.
+        kwargs.setdefault("generator", torch.Generator().manual_seed(getattr(dataset, "seed", 0) or 0))
         super().__init__(dataset, batch_size=None, **kwargs)
         self._epoch_fn = epoch_fn
         self._skips = skips
+        # Batches of the current epoch the trainer has taken; saved in checkpoints (Lightning's `_Stateful`
+        # protocol) so that a run resumed mid-epoch continues with the next batch of the same epoch plan.
+        self._progress_fn = progress_fn
+        self._resume_at: tuple[int, int] | None = None
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self._epoch_fn(), "batches": self._progress_fn() if self._progress_fn else 0}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume_at = (int(state["epoch"]), int(state["batches"]))
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         epoch = self._epoch_fn()
@@ -148,12 +169,18 @@ class EpochLoader(DataLoader):
             expected = len(self.dataset)
         except TypeError:
             expected = None
+        skip = self._resume_at[1] if self._resume_at and self._resume_at[0] == epoch else 0
+        self._resume_at = None
         count = 0
         for batch in super().__iter__():
             if isinstance(batch, dict) and "_skipped" in batch:
                 self._skips.merge(batch.pop("_skipped"))
                 if not batch:  # a counts-only message from a worker
                     continue
+            if skip:
+                skip -= 1  # taken before the checkpoint this run resumed from
+                expected = expected - 1 if expected is not None else None
+                continue
             count += 1
             if count == expected:
                 # Lightning may stop pulling once it has `len` batches, so report before the last one.
