@@ -121,3 +121,18 @@ def test_wandb_without_credentials_logs_offline_with_a_sync_hint(train_cfg, tmp_
 
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     assert not build_loggers(train_cfg("logger=wandb"))[0]._offline
+
+
+def test_the_command_line_prints_the_message_without_a_traceback(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "train.py"), "data=folder", f"data.path={tmp_path / 'missing'}",
+         "logger=none", f"hydra.run.dir={tmp_path / 'out'}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, "WANDB_MODE": "disabled"},
+    )
+    assert result.returncode == 2
+    assert "hyperlit: error: data.path=" in result.stderr and "missing" in result.stderr
+    assert "Traceback" not in result.stderr
