@@ -22,12 +22,12 @@ from hyperlit.data.options import DataOptions
 from hyperlit.data.paths import resolve_path
 from hyperlit.data.records import Encoded, encode_items, encode_prompts
 from hyperlit.data.skips import SkipLog
-from hyperlit.data.stream import BatchStream, EpochLoader, Sample, _seed_int
+from hyperlit.data.stream import BatchStream, EpochLoader, Sample, TrainerEpochs, _seed_int
 
 log = logging.getLogger(__name__)
 
 
-class FolderDataModule(L.LightningDataModule):
+class FolderDataModule(TrainerEpochs, L.LightningDataModule):
     def __init__(self, path: str, encoder: Any = None, **options: Any) -> None:
         super().__init__()
         # Local rank 0 of every node fills that node's cache in prepare_data (nodes need not share a filesystem;
@@ -154,21 +154,4 @@ class FolderDataModule(L.LightningDataModule):
         if self.stream is None:
             self.setup("fit")
         assert self.stream is not None
-        return EpochLoader(
-            self.stream,
-            epoch_fn=self._current_epoch,
-            progress_fn=self._batches_done,
-            skips=self.skip_log,
-            num_workers=self.opts.num_workers,
-        )
-
-    def _batches_done(self) -> int:
-        trainer = getattr(self, "trainer", None)
-        return trainer.fit_loop.epoch_loop.batch_progress.current.processed if trainer is not None else 0
-
-    def _current_epoch(self) -> int:
-        trainer = getattr(self, "trainer", None)
-        if trainer is not None:
-            return trainer.current_epoch
-        self._own_epoch = getattr(self, "_own_epoch", -1) + 1
-        return self._own_epoch
+        return self.epoch_loader(self.stream, self.skip_log, self.opts.num_workers)

@@ -191,3 +191,28 @@ class EpochLoader(DataLoader):
 
     def _report(self, epoch: int) -> None:
         log.info("data: epoch %d done; bad input so far: %s", epoch, self._skips.summary())
+
+
+class TrainerEpochs:
+    """Mixin for the data modules that feed an :class:`EpochLoader`: it follows the trainer's epoch and progress,
+    and counts passes itself when there is no trainer (tests, benchmarks)."""
+
+    def epoch_loader(self, stream: Any, skips: SkipLog, num_workers: int) -> EpochLoader:
+        return EpochLoader(
+            stream,
+            epoch_fn=self._current_epoch,
+            progress_fn=self._batches_done,
+            skips=skips,
+            num_workers=num_workers,
+        )
+
+    def _batches_done(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return trainer.fit_loop.epoch_loop.batch_progress.current.processed if trainer is not None else 0
+
+    def _current_epoch(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return trainer.current_epoch
+        self._own_epoch = getattr(self, "_own_epoch", -1) + 1
+        return self._own_epoch

@@ -21,7 +21,7 @@ import webdataset as wds
 from hyperlit.data.captions import load_template
 from hyperlit.data.options import DataOptions
 from hyperlit.data.skips import SkipLog
-from hyperlit.data.stream import EpochLoader
+from hyperlit.data.stream import EpochLoader, TrainerEpochs
 from hyperlit.data.webdata import ShardStream, batches_per_rank
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ def expand_urls(urls: str | list[str]) -> list[str]:
     return [str(Path(u).expanduser()) if not (u.startswith("pipe:") or "://" in u) else u for u in out]
 
 
-class WebDataModule(L.LightningDataModule):
+class WebDataModule(TrainerEpochs, L.LightningDataModule):
     def __init__(
         self,
         urls: str | list[str],
@@ -138,24 +138,7 @@ class WebDataModule(L.LightningDataModule):
     def train_dataloader(self) -> EpochLoader:
         if self.stream is None:
             self.setup("fit")
-        return EpochLoader(
-            self.stream,
-            epoch_fn=self._current_epoch,
-            progress_fn=self._batches_done,
-            skips=self.skip_log,
-            num_workers=self.opts.num_workers,
-        )
-
-    def _batches_done(self) -> int:
-        trainer = getattr(self, "trainer", None)
-        return trainer.fit_loop.epoch_loop.batch_progress.current.processed if trainer is not None else 0
-
-    def _current_epoch(self) -> int:
-        trainer = getattr(self, "trainer", None)
-        if trainer is not None:
-            return trainer.current_epoch
-        self._own_epoch = getattr(self, "_own_epoch", -1) + 1
-        return self._own_epoch
+        return self.epoch_loader(self.stream, self.skip_log, self.opts.num_workers)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Finish a streamed batch on the device: latents, context and weight per the batch contract."""
