@@ -1,7 +1,12 @@
-"""Draw the embedded sample dataset (datasets/sample): small procedural images with A1111-style captions.
+"""Draw the embedded sample dataset (datasets/sample): coloured shapes in a style the tiny base does not know.
 
-Deterministic: running it again rewrites the same files. Most images have a same-stem .txt caption; the last
-one has none, so its caption comes from the file name (A1111 strips the leading number).
+The style is a light checkerboard background (hyperlit.demo.shapes.CHECKER_*); the base model only ever saw plain
+backgrounds. Captions describe the content only (`a red circle on a white background`), so a hypernetwork trained
+on the set must learn the style itself. Each training colour x shape combination of the base appears once, at a
+random size and position; the held-out combinations stay unseen for the learning proof.
+
+Deterministic: running it again rewrites the same files. Every image but the last has a same-stem .txt caption;
+the last has none, so its caption comes from its file name (A1111 strips the leading number).
 """
 
 from __future__ import annotations
@@ -10,67 +15,35 @@ import argparse
 import random
 from pathlib import Path
 
-from PIL import Image, ImageDraw
-
-COLOURS = {
-    "red": (200, 40, 40),
-    "green": (40, 170, 60),
-    "blue": (40, 70, 200),
-    "yellow": (230, 200, 40),
-    "purple": (130, 50, 160),
-    "orange": (240, 130, 30),
-}
-BACKGROUNDS = {"white": (245, 245, 240), "black": (15, 15, 20), "grey": (128, 128, 128), "sky": (150, 200, 240)}
-SHAPES = ("circle", "square", "triangle")
+from hyperlit.demo.shapes import draw, random_scene, train_combos
 
 
-def draw(shape: str, colour: str, background: str, size: tuple[int, int], rng: random.Random) -> Image.Image:
-    w, h = size
-    img = Image.new("RGB", size, BACKGROUNDS[background])
-    d = ImageDraw.Draw(img)
-    r = min(w, h) * rng.uniform(0.25, 0.38)
-    cx, cy = w / 2 + rng.uniform(-0.1, 0.1) * w, h / 2 + rng.uniform(-0.1, 0.1) * h
-    fill = COLOURS[colour]
-    if shape == "circle":
-        d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
-    elif shape == "square":
-        d.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
-    else:
-        d.polygon([(cx, cy - r), (cx - r, cy + r * 0.8), (cx + r, cy + r * 0.8)], fill=fill)
-    for _ in range(rng.randint(2, 5)):  # a little texture so the images are not trivially flat
-        x, y = rng.uniform(0, w), rng.uniform(0, h)
-        d.ellipse((x - 2, y - 2, x + 2, y + 2), fill=tuple(min(255, c + 40) for c in BACKGROUNDS[background]))
-    return img
-
-
-def make_sample(out: Path, count: int = 12, seed: int = 1234) -> list[Path]:
+def make_sample(out: Path, seed: int = 1234) -> list[Path]:
     rng = random.Random(seed)
     out.mkdir(parents=True, exist_ok=True)
-    sizes = [(64, 64), (96, 96), (128, 128), (96, 64), (64, 96)]
+    for old in [*out.glob("*.png"), *out.glob("*.txt")]:  # a rerun leaves exactly this set
+        old.unlink()
+    combos = train_combos()
     written = []
-    for i in range(count):
-        shape = SHAPES[i % len(SHAPES)]
-        colour = list(COLOURS)[i % len(COLOURS)]
-        background = list(BACKGROUNDS)[(i // 2) % len(BACKGROUNDS)]
-        size = sizes[i % len(sizes)]
-        img = draw(shape, colour, background, size, rng)
-        stem = f"{i + 1:02d}-{colour} {shape}"
+    for i, (colour, shape) in enumerate(combos):
+        scene = random_scene(rng, colour, shape, "white")
+        img = draw(scene, checker=True)
+        last = i == len(combos) - 1
+        stem = f"{i + 1:02d}-{scene.caption}" if last else f"{i + 1:02d}-{colour} {shape}"
         path = out / f"{stem}.png"
         img.save(path, optimize=True)
         written.append(path)
-        if i < count - 1:
-            caption = f"{colour} {shape}, {background} background, simple shape, flat colours"
-            (out / f"{stem}.txt").write_text(caption + "\n", encoding="utf-8")
+        if not last:
+            (out / f"{stem}.txt").write_text(scene.caption + "\n", encoding="utf-8")
     return written
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "sample")
-    parser.add_argument("--count", type=int, default=12)
     parser.add_argument("--seed", type=int, default=1234)
     args = parser.parse_args()
-    paths = make_sample(args.out, args.count, args.seed)
+    paths = make_sample(args.out, args.seed)
     print(f"wrote {len(paths)} images to {args.out}")
 
 

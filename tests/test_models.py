@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def tiny() -> SDComponents:
-    return load_components(family="tiny", seed=0)
+    return load_components(family="tiny", tiny_random=True, seed=0)
 
 
 def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
@@ -131,11 +131,11 @@ def tiny_ldm_state_dict(c: SDComponents) -> dict[str, torch.Tensor]:
 
 # -- tiny model -------------------------------------------------------------------------------------------------
 def test_tiny_is_deterministic_and_seeded(tiny):
-    again = load_components(family="tiny", seed=0)
+    again = load_components(family="tiny", tiny_random=True, seed=0)
     for a, b in ((tiny.unet, again.unet), (tiny.vae, again.vae), (tiny.text_encoder, again.text_encoder)):
         assert_same_weights(a, b)
     assert again.checkpoint_hash == tiny.checkpoint_hash and re.fullmatch(r"[0-9a-f]{10}", tiny.checkpoint_hash)
-    other = load_components(family="tiny", seed=1)
+    other = load_components(family="tiny", tiny_random=True, seed=1)
     assert not torch.equal(other.unet.conv_in.weight, tiny.unet.conv_in.weight)
     assert other.checkpoint_hash != tiny.checkpoint_hash
     assert other.fingerprint("unet") != tiny.fingerprint("unet")
@@ -194,11 +194,11 @@ def test_penultimate_layer_rule_equals_truncated_encoder(tiny):
     assert not torch.allclose(got, tiny.encode_tokens(ids), atol=1e-3)
     assert sd2_like.fingerprint("text_encoder") != tiny.fingerprint("text_encoder")
     # A1111's clip skip 2 on an SD1-rule model lands on the same layer
-    skipped = load_components(family="tiny", clip_skip=2)
+    skipped = load_components(family="tiny", tiny_random=True, clip_skip=2)
     assert skipped.text_layers == 1 and torch.allclose(skipped.encode_tokens(ids), ref, atol=1e-6)
     assert skipped.fingerprint("text_encoder") == sd2_like.fingerprint("text_encoder")
     with pytest.raises(ValueError, match=r"text encoder has 2 layers.*model.clip_skip=3 conditions on layer 0"):
-        load_components(family="tiny", clip_skip=3)
+        load_components(family="tiny", tiny_random=True, clip_skip=3)
 
 
 def test_latent_scaling_roundtrip_and_decode(tiny):

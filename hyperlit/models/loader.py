@@ -19,6 +19,8 @@ from .single_file import SINGLE_FILE_EXTENSIONS, check_family, load_single_file,
 from .tiny import build_tiny
 
 SOURCES = ("tiny", "diffusers", "single_file")
+# The embedded pretrained tiny base (a diffusers folder made by datasets/make_base.py, shipped as package data)
+TINY_BASE_DIR = Path(__file__).parent / "tiny_base"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
 DIFFUSERS_SUBFOLDERS = ("unet", "vae", "text_encoder")
@@ -42,6 +44,7 @@ class ModelSpec:
     seed: int
     prediction_type: str
     clip_skip: int
+    tiny_random: bool = False  # source tiny: the random model from the shipped configs instead of the base
 
 
 def _read_json(path: Path) -> dict:
@@ -91,6 +94,7 @@ def validate_model_config(
     seed: int = 0,
     prediction_type: str | None = None,
     clip_skip: int = 1,
+    tiny_random: bool = False,
 ) -> ModelSpec:
     """Check a model config without loading weights (reads only small config files and safetensors headers).
 
@@ -111,6 +115,8 @@ def validate_model_config(
         raise ValueError(f"model.seed={seed!r} is not allowed; allowed: an integer")
     if not isinstance(clip_skip, int) or isinstance(clip_skip, bool) or clip_skip < 1:
         raise ValueError(f"model.clip_skip={clip_skip!r} is not allowed; allowed: an integer >= 1 (1 = no skip)")
+    if not isinstance(tiny_random, bool):
+        raise ValueError(f"model.tiny_random={tiny_random!r} is not allowed; allowed: true | false")
     if source is not None and source not in SOURCES:
         raise ValueError(f"model.source={source!r} is not allowed; allowed: {', '.join(SOURCES)} (or null to infer)")
 
@@ -124,7 +130,14 @@ def validate_model_config(
                 f"({', '.join(SINGLE_FILE_EXTENSIONS)}); only family tiny is built without one"
             )
         src = "tiny"
+        if not tiny_random and not (TINY_BASE_DIR / "unet" / "config.json").is_file():
+            raise FileNotFoundError(
+                f"the embedded tiny base model is missing at {TINY_BASE_DIR}; rebuild it with "
+                f"`python datasets/make_base.py`, or set model.tiny_random=true for the random tiny model"
+            )
     else:
+        if tiny_random:
+            raise ValueError(f"model.tiny_random=true builds the random tiny model and takes no model.path (got {p})")
         if not p.exists():
             raise FileNotFoundError(
                 f"model.path={p} does not exist (set model.path to a diffusers folder or a checkpoint file)"
@@ -158,21 +171,22 @@ def validate_model_config(
                 f"tokenizer files (vocab.json, merges.txt)"
             )
         tok = _tokenizer_dir(p / "tokenizer")  # the folder's own
-    elif (fam.config_dir / "tokenizer").is_dir():
-        tok = fam.config_dir / "tokenizer"  # shipped (tiny only)
+    elif src == "tiny":
+        tok = (fam.config_dir if tiny_random else TINY_BASE_DIR) / "tokenizer"  # shipped with the package
     else:
         raise FileNotFoundError(
             f"model.tokenizer_path is not set: a single-file {fam.name} checkpoint has no tokenizer; set "
             f"model.tokenizer_path to a folder with the CLIP tokenizer files (vocab.json, merges.txt) or to a "
             f"diffusers {fam.name} folder"
         )
-    return ModelSpec(fam, src, p, tok, DTYPES[dtype_name], seed, pred, clip_skip)
+    return ModelSpec(fam, src, p, tok, DTYPES[dtype_name], seed, pred, clip_skip, tiny_random)
 
 
 def _noise_scheduler(spec: ModelSpec) -> DDPMScheduler:
     """SD's training scheduler: the family's shipped config, updated by a diffusers folder's noise schedule."""
     config = dict(DDPMScheduler.load_config(spec.family.config_dir / "scheduler"))
-    folder_cfg = spec.path / "scheduler" / "scheduler_config.json" if spec.source == "diffusers" else None
+    folder = _folder_of(spec)
+    folder_cfg = folder / "scheduler" / "scheduler_config.json" if folder is not None else None
     if folder_cfg is not None and folder_cfg.is_file():
         own = _read_json(folder_cfg)
         config.update({k: own[k] for k in TRAINING_SCHEDULER_KEYS if k in own})
@@ -181,12 +195,23 @@ def _noise_scheduler(spec: ModelSpec) -> DDPMScheduler:
     return DDPMScheduler.from_config(config)
 
 
-def _load_diffusers_folder(spec: ModelSpec) -> tuple[UNet2DConditionModel, AutoencoderKL, CLIPTextModel]:
+def _folder_of(spec: ModelSpec) -> Path | None:
+    """The diffusers folder the weights come from: the user's, the embedded tiny base, or none (random/single)."""
+    if spec.source == "diffusers":
+        return spec.path
+    if spec.source == "tiny" and not spec.tiny_random:
+        return TINY_BASE_DIR
+    return None
+
+
+def _load_diffusers_folder(folder: Path) -> tuple[UNet2DConditionModel, AutoencoderKL, CLIPTextModel]:
     # low_cpu_mem_usage needs accelerate, which is not a dependency; say so instead of letting diffusers warn
     kw = {"local_files_only": True, "low_cpu_mem_usage": False}
-    unet = UNet2DConditionModel.from_pretrained(spec.path, subfolder="unet", **kw)
-    vae = AutoencoderKL.from_pretrained(spec.path, subfolder="vae", **kw)
-    text_encoder = CLIPTextModel.from_pretrained(spec.path, subfolder="text_encoder", local_files_only=True)
+    # the modules are initialised randomly before their weights load: keep that off the run's global RNG
+    with torch.random.fork_rng(devices=[]):
+        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kw)
+        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **kw)
+        text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", local_files_only=True)
     return unet, vae, text_encoder
 
 
@@ -199,6 +224,7 @@ def load_components(
     seed: int = 0,
     prediction_type: str | None = None,
     clip_skip: int = 1,
+    tiny_random: bool = False,
 ) -> SDComponents:
     """Frozen SD parts (eval mode, requires_grad False, weights in `dtype`) described by the `model` config.
 
@@ -207,12 +233,17 @@ def load_components(
     a single file of a family without a shipped tokenizer. seed: tiny weights. prediction_type: override of
     the family default (e.g. epsilon for SD 2.x 512 "base" models). clip_skip: A1111's "stop at last layers"
     (1 = the family's own rule; 2 = one layer earlier, as NovelAI-style SD1 models were trained).
+    tiny_random: with source tiny, the random model built from the shipped configs and `seed` (for tests that
+    need no learning) instead of the embedded pretrained base.
     """
-    spec = validate_model_config(family, source, path, tokenizer_path, dtype, seed, prediction_type, clip_skip)
-    if spec.source == "tiny":
+    spec = validate_model_config(
+        family, source, path, tokenizer_path, dtype, seed, prediction_type, clip_skip, tiny_random
+    )
+    folder = _folder_of(spec)
+    if folder is not None:
+        unet, vae, text_encoder = _load_diffusers_folder(folder)
+    elif spec.source == "tiny":
         unet, vae, text_encoder = build_tiny(spec.seed)
-    elif spec.source == "diffusers":
-        unet, vae, text_encoder = _load_diffusers_folder(spec)
     else:
         unet, vae, text_encoder = load_single_file(spec.path, spec.family, spec.family.config_dir)
 
@@ -228,9 +259,11 @@ def load_components(
             m.to(spec.dtype)
         m.eval().requires_grad_(False)
 
-    if spec.source == "tiny":
+    if spec.source == "tiny" and spec.tiny_random:
         # no file exists: the short hash is over the tiny weights + configs as built (see hashing.modules_sha256)
         ckpt_hash, name = modules_sha256(unet, vae, text_encoder, extra=f"tiny|{spec.seed}")[:10], "tiny"
+    elif spec.source == "tiny":
+        ckpt_hash, name = folder_sha256(TINY_BASE_DIR, DIFFUSERS_SUBFOLDERS)[:10], "tiny"
     elif spec.source == "diffusers":
         # A1111 hashes one file; for a folder, sha256 over its component files (see hashing.folder_sha256)
         ckpt_hash, name = folder_sha256(spec.path, DIFFUSERS_SUBFOLDERS)[:10], spec.path.resolve().name

@@ -1,0 +1,110 @@
+"""Does the default run learn the sample set's style? Style score and prompt adherence at multiplier 0 and 1.
+
+    python benchmarks/learning_proof.py                       # runs `python train.py hypernet=swish_121` first
+    python benchmarks/learning_proof.py --hypernetwork outputs/.../hypernetworks/swish_121.pt
+    python benchmarks/learning_proof.py -- train.max_steps=200 # extra overrides for the training run
+
+The hypernetwork is applied to the tiny base (hyperlit/models/tiny_base) and the pipeline generates, for prompts
+the sample set never shows (the base's held-out colour x shape combinations, on a white background) and fixed
+seeds, one image per (prompt, seed) at multiplier 0 and at multiplier 1. The shapes judge scores each image:
+style = share in the checkered style, adherence = share with the asked colour and shape. The baseline is the
+same hypernetwork at multiplier 0 (= the base), measured in the same run. Goal: style <= 0.2 -> >= 0.7 with
+adherence >= 0.7.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from hyperlit.attention import hypernetworks_attached
+from hyperlit.demo.quality import Score, Target, generate, grid, load_pipeline, score
+from hyperlit.demo.shapes import HELD_OUT
+from hyperlit.formats import load_hypernetwork
+
+REPO = Path(__file__).resolve().parents[1]
+MULTIPLIERS = (0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class Proof:
+    scores: dict[float, Score]  # by multiplier
+    train_seconds: float | None  # wall time of the training run (None: a finished file was given)
+
+
+def train_default(out: Path, overrides: list[str]) -> tuple[Path, float]:
+    """Run the README's first command (plus `overrides`) into `out`; the final hypernetwork file and wall time."""
+    cmd = [sys.executable, str(REPO / "train.py"), "hypernet=swish_121", f"hydra.run.dir={out}", *overrides]
+    env = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled")}
+    start = time.time()
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    seconds = time.time() - start
+    if done.returncode != 0:
+        sys.exit(f"training failed ({' '.join(cmd)}):\n{done.stderr[-3000:]}")
+    files = sorted((out / "hypernetworks").glob("swish_121.pt"))
+    if not files:
+        sys.exit(f"training wrote no {out / 'hypernetworks' / 'swish_121.pt'}")
+    return files[0], seconds
+
+
+def prove(hypernetwork: Path, seeds: int, steps: int, cfg: float, sheet: Path | None) -> dict[float, Score]:
+    pipe = load_pipeline()
+    hn = load_hypernetwork(hypernetwork)
+    hn.eval()
+    targets = [Target(c, s) for c, s in HELD_OUT for _ in range(seeds)]
+    seed_list = [i for _ in HELD_OUT for i in range(seeds)]
+    scores, images = {}, []
+    with hypernetworks_attached(pipe.unet, [hn]):
+        for m in MULTIPLIERS:
+            hn.multiplier = m
+            out = generate(pipe, [t.prompt for t in targets], seed_list, steps=steps, cfg=cfg)
+            scores[m] = score(out, targets)
+            images += out
+    if sheet is not None:  # rows: prompts x seeds at multiplier 0, then the same at multiplier 1
+        grid(images, columns=seeds * 2).save(sheet)
+    return scores
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hypernetwork", type=Path, help="a finished run's .pt/.safetensors (skips training)")
+    parser.add_argument("--seeds", type=int, default=8, help="seeds per held-out prompt")
+    parser.add_argument("--steps", type=int, default=20, help="sampling steps (DPM++ 2M)")
+    parser.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale")
+    parser.add_argument("--sheet", type=Path, help="write the generated images as one PNG here")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for sampling")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for the training run (after --)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    seconds = None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = args.hypernetwork
+        if path is None:
+            path, seconds = train_default(Path(tmp) / "run", args.overrides)
+            print(
+                f"trained {path.name} in {seconds:.0f} s (python train.py hypernet=swish_121 {' '.join(args.overrides)})"
+            )
+        scores = prove(path, args.seeds, args.steps, args.cfg, args.sheet)
+    n = scores[0.0].samples
+    print(f"{n} samples per multiplier: {len(HELD_OUT)} held-out prompts x {args.seeds} seeds, "
+          f"{args.steps} DPM++ 2M steps, CFG {args.cfg}")  # fmt: skip
+    print("multiplier  style  adherence  colour  shape")
+    for m, s in scores.items():
+        print(f"{m:>10.1f}  {s.style:5.2f}  {s.adherence:9.2f}  {s.colour:6.2f}  {s.shape:5.2f}")
+    base, styled = scores[0.0], scores[1.0]
+    ok = base.style <= 0.2 and styled.style >= 0.7 and styled.adherence >= 0.7
+    print(f"style {base.style:.2f} -> {styled.style:.2f}, adherence at 1: {styled.adherence:.2f}: "
+          f"{'goal met' if ok else 'goal NOT met'} (style <= 0.2 -> >= 0.7, adherence >= 0.7)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

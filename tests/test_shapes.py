@@ -1,0 +1,82 @@
+"""The demo's shape judge on its own clean renders: colour, shape and style are named correctly."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from hyperlit.demo.shapes import (
+    BACKGROUNDS,
+    COLOURS,
+    HELD_OUT,
+    SHAPES,
+    Scene,
+    caption,
+    draw,
+    judge,
+    random_scene,
+    train_combos,
+)
+
+
+def renders(n: int, seed: int, checker_share: float) -> list[tuple[Scene, bool, Image.Image]]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        colour, shape = list(COLOURS)[i % len(COLOURS)], SHAPES[(i // len(COLOURS)) % len(SHAPES)]
+        background = list(BACKGROUNDS)[i % len(BACKGROUNDS)]
+        checker = background == "white" and rng.random() < checker_share
+        scene = random_scene(rng, colour, shape, background)
+        out.append((scene, checker, draw(scene, checker=checker, jitter=12, rng=rng)))
+    return out
+
+
+def test_judge_names_colour_and_shape_of_every_clean_render():
+    cases = renders(300, seed=7, checker_share=0.5)
+    wrong = [(s, judge(im)) for s, _, im in cases if not judge(im).matches(s.colour, s.shape)]
+    assert not wrong, wrong[:3]
+    # every colour, shape and background was exercised, with and without the style
+    assert {s.colour for s, _, _ in cases} == set(COLOURS) and {s.shape for s, _, _ in cases} == set(SHAPES)
+    assert {s.background for s, _, _ in cases} == set(BACKGROUNDS) and {c for _, c, _ in cases} == {True, False}
+
+
+def test_judge_sees_the_checkered_style_and_only_it():
+    cases = renders(200, seed=8, checker_share=0.5)
+    assert all(judge(im).checker == checker for _, checker, im in cases)
+    # a shifted checker (a generation rarely lands on the exact phase) still counts; a plain one does not
+    arr = np.asarray(draw(Scene("red", "circle", "white", 0.5, 0.5, 0.2), checker=True))
+    shifted = np.roll(arr, (4, 4), axis=(0, 1))
+    assert judge(Image.fromarray(shifted)).checker
+    assert not judge(draw(Scene("red", "circle", "white", 0.5, 0.5, 0.2))).checker
+
+
+def test_judge_reports_no_shape_on_an_empty_image_and_rejects_wrong_answers():
+    empty = judge(Image.new("RGB", (64, 64), BACKGROUNDS["white"]))
+    assert empty.colour is None and empty.shape is None and not empty.checker
+    v = judge(draw(Scene("blue", "triangle", "black", 0.5, 0.5, 0.3)))
+    assert v.matches("blue", "triangle") and not v.matches("blue", "square") and not v.matches("red", "triangle")
+
+
+def test_judge_accepts_larger_images_and_arrays():
+    scene = Scene("green", "cross", "grey", 0.4, 0.6, 0.25)
+    assert judge(draw(scene, size=(128, 128))).matches("green", "cross")
+    assert judge(np.asarray(draw(scene), dtype=np.float64) / 255).matches("green", "cross")
+
+
+def test_held_out_combinations_are_not_trained_and_cover_every_shape():
+    train = train_combos()
+    assert len(train) + len(HELD_OUT) == len(COLOURS) * len(SHAPES)
+    assert not set(train) & set(HELD_OUT)
+    assert {s for _, s in HELD_OUT} == set(SHAPES)  # every shape word is still trained with other colours
+
+
+def test_drawing_is_deterministic_and_captions_name_the_content():
+    a = draw(random_scene(random.Random(3), "purple", "square", "grey"), jitter=10, rng=random.Random(1))
+    b = draw(random_scene(random.Random(3), "purple", "square", "grey"), jitter=10, rng=random.Random(1))
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert caption("purple", "square", "grey") == "a purple square on a grey background"
+    with pytest.raises(ValueError, match="shape='star' is not allowed"):
+        draw(Scene("red", "star", "white", 0.5, 0.5, 0.2))
