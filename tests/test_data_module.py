@@ -40,16 +40,16 @@ def test_sample_config_instantiates_from_any_cwd(tmp_path, monkeypatch):
     dm.prepare_data()
     dm.setup("fit")
     out = batches(dm)
-    assert len(out) == 12 // 4
+    assert len(out) == 16 // 4
     for b in out:
         assert b["latents"].shape == (4, 4, 8, 8) and b["latents"].dtype == torch.float32
         assert b["context"].shape == (4, 77, FakeEncoder.context_dim)
         for cap, ctx in zip(b["caption"], b["context"], strict=True):
-            assert "shapes" in cap  # [name] substituted (style_filewords template)
+            assert cap.endswith(" background")  # the filewords template: the caption alone, no [name]
             assert torch.equal(ctx, text_vector(cap))
     # The file without a .txt gets its caption from the name, leading number stripped.
-    assert any("orange triangle in the style" in c or "of orange triangle," in c for b in out for c in b["caption"])
-    assert sum(len(b["caption"]) for b in out) == 12 and dm.skipped == {}
+    assert any(c == "a purple cross on a white background" for b in out for c in b["caption"])
+    assert sum(len(b["caption"]) for b in out) == 16 and dm.skipped == {}
 
 
 def test_folder_config_requires_path(tmp_path):
@@ -174,7 +174,7 @@ def test_use_weight_from_png_alpha(tmp_path):
 def test_paths_resolve_relative_to_repo_root(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     dm = make(Path("datasets/sample"), FakeEncoder(), batch_size=4)
-    assert len(dm.stream.samples) == 12
+    assert len(dm.stream.samples) == 16
 
 
 def test_validate_checks_the_folder_before_any_model(tmp_path):
