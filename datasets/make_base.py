@@ -286,7 +286,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "hyperlit/models/tiny_base")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vae-steps", type=int, default=800)
-    parser.add_argument("--vae-batch", type=int, default=8)
+    parser.add_argument("--vae-batch", type=int, default=16)
     parser.add_argument("--vae-lr", type=float, default=3e-3)
     parser.add_argument("--vae-from", type=Path, default=None, help="reuse the vae/ of an earlier run's folder")
     parser.add_argument("--images", type=int, default=6000, help="training images for the UNet (latents cached)")

@@ -171,8 +171,10 @@ def validate_model_config(
                 f"tokenizer files (vocab.json, merges.txt)"
             )
         tok = _tokenizer_dir(p / "tokenizer")  # the folder's own
-    elif src == "tiny":
-        tok = (fam.config_dir if tiny_random else TINY_BASE_DIR) / "tokenizer"  # shipped with the package
+    elif src == "tiny" and not tiny_random:
+        tok = TINY_BASE_DIR / "tokenizer"  # the base's own word-level tokenizer
+    elif (fam.config_dir / "tokenizer").is_dir():
+        tok = fam.config_dir / "tokenizer"  # shipped with the configs (tiny only): the random model's tokenizer
     else:
         raise FileNotFoundError(
             f"model.tokenizer_path is not set: a single-file {fam.name} checkpoint has no tokenizer; set "
