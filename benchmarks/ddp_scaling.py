@@ -33,10 +33,20 @@ def run(out: Path, steps: int, batch_size: int, threads: int, trainer: list[str]
     }
     env.pop("LOCAL_RANK", None)
     command = [
-        sys.executable, str(REPO / "train.py"), *trainer, "hypernet=swish_121", "logger=csv",
-        f"train.max_steps={steps}", f"data.batch_size={batch_size}", "trainer.log_every_n_steps=1",
-        f"hydra.run.dir={out}", f"data.cache_dir={out.parent / 'cache'}", "callbacks.preview.every=0",
-        "callbacks.preview.at_end=false", "callbacks.export.save_every=0", "~callbacks.progress",
+        sys.executable,
+        str(REPO / "train.py"),
+        *trainer,
+        "hypernet=swish_121",
+        "logger=csv",
+        f"train.max_steps={steps}",
+        f"data.batch_size={batch_size}",
+        "trainer.log_every_n_steps=1",
+        f"hydra.run.dir={out}",
+        f"data.cache_dir={out.parent / 'cache'}",
+        "callbacks.preview.every=0",
+        "callbacks.preview.at_end=false",
+        "callbacks.export.save_every=0",
+        "~callbacks.progress",
         "trainer.enable_progress_bar=false",
     ]
     start = time.perf_counter()
@@ -46,7 +56,7 @@ def run(out: Path, steps: int, batch_size: int, threads: int, trainer: list[str]
         raise SystemExit(f"{' '.join(trainer)} failed:\n{result.stderr[-3000:]}")
     with open(out / "csv" / "metrics.csv", newline="") as f:
         rates = [float(row["train/samples_per_s"]) for row in csv.DictReader(f) if row.get("train/samples_per_s")]
-    warm = rates[min(3, len(rates) - 1):]
+    warm = rates[min(3, len(rates) - 1) :]
     return statistics.median(warm), wall
 
 
@@ -58,12 +68,16 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        one, wall_one = run(root / "one", args.steps, args.batch_size, args.threads, ["trainer=default",
-                                                                                     "trainer.accelerator=cpu"])
-        two, wall_two = run(root / "two", args.steps, args.batch_size, args.threads, ["trainer=ddp_cpu",
-                                                                                     "trainer.devices=2"])
-    print(f"tiny model, {args.steps} steps, batch {args.batch_size} per process, OMP_NUM_THREADS={args.threads}, "
-          f"{os.cpu_count()} cores")
+        one, wall_one = run(
+            root / "one", args.steps, args.batch_size, args.threads, ["trainer=default", "trainer.accelerator=cpu"]
+        )
+        two, wall_two = run(
+            root / "two", args.steps, args.batch_size, args.threads, ["trainer=ddp_cpu", "trainer.devices=2"]
+        )
+    print(
+        f"tiny model, {args.steps} steps, batch {args.batch_size} per process, OMP_NUM_THREADS={args.threads}, "
+        f"{os.cpu_count()} cores"
+    )
     print(f"  1 process   : {one:8.1f} samples/s  (whole run {wall_one:5.1f} s)")
     print(f"  2 processes : {two:8.1f} samples/s  (whole run {wall_two:5.1f} s)")
     print(f"  ratio 2/1   : {two / one:8.2f}x  (ideal 2.00x with a free core per process)")

@@ -90,9 +90,8 @@ def main() -> None:
         path = args.hypernetwork
         if path is None:
             path, seconds = train_default(Path(tmp) / "run", args.overrides)
-            print(
-                f"trained {path.name} in {seconds:.0f} s (python train.py hypernet=swish_121 {' '.join(args.overrides)})"
-            )
+            command = " ".join(["python train.py hypernet=swish_121", *args.overrides])
+            print(f"trained {path.name} in {seconds:.0f} s ({command})")
         scores = prove(path, args.seeds, args.steps, args.cfg, args.sheet)
     n = scores[0.0].samples
     print(f"{n} samples per multiplier: {len(HELD_OUT)} held-out prompts x {args.seeds} seeds, "

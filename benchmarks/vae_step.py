@@ -83,8 +83,10 @@ def main() -> None:
     ap.add_argument("--only", choices=sorted(VAES), default=None)
     ap.add_argument("--no-lpips", action="store_true")
     args = ap.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
-          f"{args.resolution} px, LPIPS {'off' if args.no_lpips else 'on (random VGG16)'}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
+        f"{args.resolution} px, LPIPS {'off' if args.no_lpips else 'on (random VGG16)'}"
+    )
     print(f"{'vae':<6}{'cached s/step':>15}{'encode s/step':>15}{'encode/cached':>15}")
     for name in [args.only] if args.only else list(VAES):
         cached, encode = bench(name, args.steps, args.batch, args.resolution, not args.no_lpips)
