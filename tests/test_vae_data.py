@@ -202,6 +202,8 @@ def test_datamodule_errors_name_the_key(tmp_path):
         PixelDataModule(str(tmp_path), resolution=30)
     with pytest.raises(ValueError, match="data.batch_size=0 is not allowed; expected an integer >= 1"):
         PixelDataModule(str(tmp_path), batch_size=0)
+    with pytest.raises(ValueError, match="data.val_batch_size=0 is not allowed; expected null"):
+        PixelDataModule(str(tmp_path), val_batch_size=0)
     with pytest.raises(ValueError, match="data.max_image_pixels=0 is not allowed"):
         PixelDataModule(str(tmp_path), max_image_pixels=0)
     dm = PixelDataModule(str(_folder(tmp_path)), resolution=512, small_images="skip")

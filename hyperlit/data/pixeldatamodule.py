@@ -50,9 +50,10 @@ class PixelDataModule(TrainerEpochs, pl.LightningDataModule):
         # Errors at the door: every value is checked here, before any model loads.
         if not isinstance(resolution, int) or resolution < 8 or resolution % 8:
             raise _not_allowed("resolution", resolution, "a positive multiple of 8 (the VAE's downsampling factor)")
-        for key, value in (("batch_size", batch_size), ("val_batch_size", val_batch_size or 1)):
-            if not isinstance(value, int) or value < 1:
-                raise _not_allowed(key, value, "an integer >= 1")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise _not_allowed("batch_size", batch_size, "an integer >= 1")
+        if val_batch_size is not None and (not isinstance(val_batch_size, int) or val_batch_size < 1):
+            raise _not_allowed("val_batch_size", val_batch_size, "null (= data.batch_size) or an integer >= 1")
         if not isinstance(val_count, int) or val_count < 0:
             raise _not_allowed("val_count", val_count, "an integer >= 0")
         if not isinstance(num_workers, int) or num_workers < 0:
