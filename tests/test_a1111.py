@@ -312,7 +312,7 @@ def test_written_files_load_the_same_in_a1111_and_comfyui(tmp_path: Path, option
 
 
 def test_layer_norm_without_activate_output_differs_in_comfyui(tmp_path: Path) -> None:
-    """The divergence of spec §6 is real in the reference, and hyperlit flags the config."""
+    """ComfyUI's divergence (layer_norm + non-linear activation without activate_output) is real, and flagged."""
     config = HypernetworkConfig(layer_structure=[1, 2, 1], activation="relu", layer_norm=True)
     ok, reason = config.comfyui_compatible()
     assert not ok and "activate_output" in reason
@@ -530,7 +530,7 @@ def test_optim_file_hash_name_and_parameter_order(tmp_path: Path) -> None:
     assert payload["optimizer_name"] == "AdamW"
     assert payload["hash"] == hashlib.sha256(path.read_bytes()).hexdigest()[:10]
 
-    # Spec §1.6: for each size in insertion order, K params then V params, each Linear/LayerNorm weight, bias.
+    # A1111's .optim order: per size in insertion order, K params then V params, each Linear/LayerNorm weight, bias.
     expected_shapes = []
     for d in (12, 8):
         for _path in ("K", "V"):
