@@ -28,7 +28,7 @@ import torch
 from hyperlit.attention import hypernetworks_attached
 from hyperlit.demo.quality import Score, Target, generate, grid, load_pipeline, score
 from hyperlit.demo.shapes import HELD_OUT
-from hyperlit.formats import load_hypernetwork
+from hyperlit.files import load_hypernetwork
 
 REPO = Path(__file__).resolve().parents[1]
 MULTIPLIERS = (0.0, 1.0)
