@@ -9,7 +9,7 @@ from conftest import CONF_DIR, compose_config
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from hyperlit.hypernetwork import HypernetworkConfig
-from hyperlit.train import hypernetwork_config
+from hyperlit.tasks.hypernetwork.build import hypernetwork_config
 
 TOP_LEVEL = sorted(p.stem for p in CONF_DIR.glob("*.yaml"))
 GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name not in ("templates",))
