@@ -1,7 +1,8 @@
 """THE runner: what every ``python train.py`` run does, whichever task ``cfg.task`` names.
 
-Order matters: the task's ``build`` validates the whole config before any model weights load ("errors at the
-door"); loggers, the config's callbacks and the trainer come after, all through ``hydra.utils.instantiate``.
+Order matters ("errors at the door"): the task's ``build`` validates its config and builds the parts that read no
+weights; then loggers, the config's callbacks and the Trainer (all through ``hydra.utils.instantiate``); only then
+does the task read the model weights.
 """
 
 from __future__ import annotations
@@ -43,12 +44,9 @@ class Run:
     """Everything a run is made of, built but not yet fitted (tests inspect it)."""
 
     trainer: pl.Trainer
+    module: pl.LightningModule
     parts: TaskParts
     loggers: list
-
-    @property
-    def module(self) -> pl.LightningModule:
-        return self.parts.module
 
     @property
     def datamodule(self) -> pl.LightningDataModule:
@@ -75,7 +73,8 @@ def build_run(cfg: DictConfig) -> Run:
     loggers = build_loggers(cfg)
     callbacks = [*parts.callbacks, *build_callbacks(cfg).values(), rank_agreement(cfg)]
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **parts.trainer_kwargs)
-    return Run(trainer, parts, loggers)
+    # Only now, with every part validated and the Trainer accepted, are the model weights read.
+    return Run(trainer, parts.load_module(), parts, loggers)
 
 
 def fit(run: Run, cfg: DictConfig) -> float | None:
@@ -85,7 +84,7 @@ def fit(run: Run, cfg: DictConfig) -> float | None:
         run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=run.ckpt_path)
     finally:
         finish_wandb(run.loggers)
-    if run.parts.report() is not None:
+    if run.parts.report(run.module) is not None:
         return None  # the task says the result is unusable (e.g. it diverged); it has logged why
     metric = run.trainer.callback_metrics.get(str(cfg.get("optimized_metric") or "train/loss"))
     return float(metric) if metric is not None and math.isfinite(float(metric)) else None

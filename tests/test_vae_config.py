@@ -68,7 +68,7 @@ def test_sixteen_channel_diffusers_folder_trains_and_exports(tmp_path):
         "data.val_count=2", "train.max_steps=2", f"callbacks.export.dirpath={tmp_path}/out",
     )  # fmt: skip
     parts = build(cfg)
-    module, dm = parts.module, parts.datamodule
+    module, dm = parts.load_module(), parts.datamodule
     callbacks = [instantiate(cfg.callbacks[name]) for name in ("ema", "export", "fp16_check")]
     assert module.vae.quant_conv is None and module.vae.config.shift_factor == 0.1159
     assert module.lpips is None

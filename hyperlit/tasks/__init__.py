@@ -6,8 +6,9 @@ from collections.abc import Callable
 
 from omegaconf import DictConfig
 
-from hyperlit.tasks import hypernetwork, vae
 from hyperlit.tasks.base import TaskParts
+from hyperlit.tasks.hypernetwork import build as hypernetwork
+from hyperlit.tasks.vae import build as vae
 
 # Registering a task is one line: its name and its build function.
 TASKS: dict[str, Callable[[DictConfig], TaskParts]] = {

@@ -18,7 +18,7 @@ from hyperlit.lr_schedule import A1111Schedule, base_learning_rate, is_a1111_sch
 from hyperlit.models import validate_model_config
 from hyperlit.options import build_options, not_allowed
 from hyperlit.tasks.base import TaskParts
-from hyperlit.tasks.hypernetwork.module import HypernetworkTask
+from hyperlit.tasks.hypernetwork.module import PREDICTION_TYPES, HypernetworkTask
 
 log = logging.getLogger(__name__)
 
@@ -108,12 +108,25 @@ def model_kwargs(model_cfg: DictConfig) -> dict[str, Any]:
     return kwargs
 
 
+def check_train_options(train: DictConfig) -> None:
+    """The objective's options, checked here too so a bad one is reported before the model loads."""
+    if train.prediction_type is not None and train.prediction_type not in PREDICTION_TYPES:
+        raise not_allowed(
+            "train.prediction_type", train.prediction_type, "allowed: null, " + ", ".join(PREDICTION_TYPES)
+        )
+    if train.min_snr_gamma is not None and not float(train.min_snr_gamma) > 0:
+        raise not_allowed("train.min_snr_gamma", train.min_snr_gamma, "use null or a number > 0")
+    if float(train.noise_offset) < 0:
+        raise not_allowed("train.noise_offset", train.noise_offset, "use 0 or more")
+
+
 def build(cfg: DictConfig) -> TaskParts:
     """Everything up to ``instantiate(cfg.model)`` reads only config and small files (errors at the door)."""
     config = hypernetwork_config(cfg.hypernet)
     validate_model_config(**model_kwargs(cfg.model))
     max_steps = max_steps_for(cfg)
     base_learning_rate(cfg.train.learning_rate, max_steps)
+    check_train_options(cfg.train)
     init_from = cfg.hypernet.get("init_from")
     if init_from and not Path(init_from).is_file():
         raise FileNotFoundError(f"hypernet.init_from={init_from}: no such file")
@@ -123,34 +136,36 @@ def build(cfg: DictConfig) -> TaskParts:
         datamodule.validate()
     optimizer = instantiate(cfg.train.optimizer)
 
-    components = instantiate(cfg.model)
-    datamodule.encoder = components
-    hypernetwork = build_hypernetwork(cfg, config, components.unet)
-    log.info(
-        "hypernetwork %s: widths %s, %s parameters", hypernetwork.name, hypernetwork.sizes,
-        f"{hypernetwork.parameter_count():,}",
-    )  # fmt: skip
-    hypernetwork.optional_info = hypernetwork.optional_info or (
-        f"trained with hyperlit on {components.checkpoint_name or 'an unnamed model'}"
-    )
-    module = HypernetworkTask(
-        hypernetwork=hypernetwork,
-        components=components,
-        optimizer=optimizer,
-        learning_rate=cfg.train.learning_rate,
-        lr_scheduler=cfg.train.lr_scheduler,
-        lr_warmup_steps=int(cfg.train.lr_warmup_steps),
-        max_steps=max_steps,
-        min_snr_gamma=cfg.train.min_snr_gamma,
-        noise_offset=float(cfg.train.noise_offset),
-        prediction_type=cfg.train.prediction_type,
-        initial_step=hypernetwork.step,
-    )
+    def load_module() -> HypernetworkTask:
+        components = instantiate(cfg.model)
+        datamodule.encoder = components
+        hypernetwork = build_hypernetwork(cfg, config, components.unet)
+        log.info(
+            "hypernetwork %s: widths %s, %s parameters", hypernetwork.name, hypernetwork.sizes,
+            f"{hypernetwork.parameter_count():,}",
+        )  # fmt: skip
+        hypernetwork.optional_info = hypernetwork.optional_info or (
+            f"trained with hyperlit on {components.checkpoint_name or 'an unnamed model'}"
+        )
+        module = HypernetworkTask(
+            hypernetwork=hypernetwork,
+            components=components,
+            optimizer=optimizer,
+            learning_rate=cfg.train.learning_rate,
+            lr_scheduler=cfg.train.lr_scheduler,
+            lr_warmup_steps=int(cfg.train.lr_warmup_steps),
+            max_steps=max_steps,
+            min_snr_gamma=cfg.train.min_snr_gamma,
+            noise_offset=float(cfg.train.noise_offset),
+            prediction_type=cfg.train.prediction_type,
+            initial_step=hypernetwork.step,
+        )
+        return module
 
-    def report() -> str | None:
+    def report(module: HypernetworkTask) -> str | None:
         skipped = getattr(datamodule, "skipped", None)
         if skipped:
             log.warning("data: skipped or repaired samples by kind: %s", dict(skipped))
         return None
 
-    return TaskParts(module, datamodule, trainer_kwargs={"max_steps": max_steps}, report=report)
+    return TaskParts(load_module, datamodule, trainer_kwargs={"max_steps": max_steps}, report=report)

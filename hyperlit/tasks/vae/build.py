@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import logging
+import pickle
+from pathlib import Path
 from typing import Any
 
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from safetensors import SafetensorError
 from torch import nn
 
 from hyperlit.data.paths import resolve_path
-from hyperlit.models.family import get_family
+from hyperlit.errors import strip_unsafe_advice
+from hyperlit.models.family import ModelFamily, get_family
 from hyperlit.models.tiny import build_tiny
 from hyperlit.options import build_options
 from hyperlit.tasks.base import TaskParts
@@ -57,25 +61,48 @@ def optimizer_partial(cfg: Any) -> Any:
     return factory
 
 
-def load_task_vae(cfg: Any) -> tuple[nn.Module, str, bool]:
-    """(vae, where it came from, is the embedded tiny model). Only the VAE is read: a VAE-only file is fine."""
+def vae_source(cfg: Any) -> tuple[ModelFamily, Path | None]:
+    """The model family and the checked ``model.path`` (None: the embedded tiny model); reads no weights."""
     model = plain(cfg.get("model"))
-    vcfg = plain(cfg.get("vae"))
     family = get_family(model.get("family", "tiny"))
     path = model.get("path")
     if not path:
         if family.name != "tiny":
             raise ValueError(f"model.path is required for model.family={family.name} (a VAE or SD checkpoint)")
-        vae, source, embedded = build_tiny(int(model.get("seed", 0)))[1], "the embedded tiny model", True
+        return family, None
+    return family, resolve_path(path, "model.path", "a diffusers folder, a .safetensors/.ckpt/.pt VAE or SD checkpoint")
+
+
+def read_vae(path: Path, **kwargs: Any) -> nn.Module:
+    """``load_vae``, with a file that is not what it claims to be (a bad header, a cut-off zip, foreign pickle)
+    reported as bad input naming ``model.path``; torch's advice to load unsafely is never passed on."""
+    try:
+        return load_vae(path, **kwargs)
+    except (ValueError, OSError):
+        raise
+    except (RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError) as err:
+        reason = strip_unsafe_advice(str(err)).splitlines()[0] if str(err).strip() else ""
+        raise ValueError(
+            f"model.path={path}: not a readable VAE or SD checkpoint ({type(err).__name__}: {reason}); "
+            "allowed: a diffusers folder or a .safetensors/.ckpt/.pt file"
+        ) from None
+
+
+def load_task_vae(cfg: Any) -> tuple[nn.Module, str, bool]:
+    """(vae, where it came from, is the embedded tiny model). Only the VAE is read: a VAE-only file is fine."""
+    family, p = vae_source(cfg)
+    vcfg = plain(cfg.get("vae"))
+    if p is None:
+        seed = int(plain(cfg.get("model")).get("seed", 0))
+        vae, source, embedded = build_tiny(seed)[1], "the embedded tiny model", True
     else:
-        p = resolve_path(path, "model.path", "a diffusers folder, a .safetensors/.ckpt/.pt VAE or SD checkpoint")
         # single files carry no factors: the family's apply; a diffusers folder keeps its config's
         factors: dict[str, Any] = {}
         if p.is_file():
             factors = {"scaling_factor": family.scaling_factor, "shift_factor": family.shift_factor or None}
         factors.update({k: vcfg[k] for k in ("scaling_factor", "shift_factor") if vcfg.get(k) is not None})
-        vae = load_vae(p, norm_num_groups=int(vcfg.get("norm_num_groups") or 32), **factors)
-        source, embedded = f"model.path={path}", False
+        vae = read_vae(p, norm_num_groups=int(vcfg.get("norm_num_groups") or 32), **factors)
+        source, embedded = f"model.path={plain(cfg.get('model')).get('path')}", False
     expected = vcfg.get("latent_channels") or family.latent_channels
     check_vae_layout(vae, int(expected), vcfg.get("use_quant_conv"), source)
     return vae, source, embedded
@@ -128,16 +155,20 @@ def build(cfg: DictConfig) -> TaskParts:
     optimizer = optimizer_partial(cfg)
     data_path = resolve_path(cfg.data.get("path"), "data.path", "a folder of images")
     datamodule = instantiate(cfg.data, path=str(data_path), fixed_crops=tcfg.posterior.cache, seed=int(cfg.seed))
-    # LPIPS files are checked before the (possibly large) VAE is read: errors at the door
-    embedded = not plain(cfg.get("model")).get("path")
+    # the model path and the LPIPS files are checked before the (possibly large) VAE is read: errors at the door
+    embedded = vae_source(cfg)[1] is None
     perceptual, is_random = build_perceptual(tcfg.loss.perceptual, embedded)
-    vae, source, _ = load_task_vae(cfg)
-    module = VAEDecoderTask(vae, tcfg, perceptual, perceptual_is_random=is_random, optimizer=optimizer)
-    log.info(
-        "VAE task: fine-tuning the decoder of %s (encoder frozen, checksum %s)", source, module.frozen_checksum[:12]
-    )
 
-    def report() -> str | None:
+    def load_module() -> VAEDecoderTask:
+        vae, source, _ = load_task_vae(cfg)
+        module = VAEDecoderTask(vae, tcfg, perceptual, perceptual_is_random=is_random, optimizer=optimizer)
+        log.info(
+            "VAE task: fine-tuning the decoder of %s (encoder frozen, checksum %s)", source,
+            module.frozen_checksum[:12],
+        )  # fmt: skip
+        return module
+
+    def report(module: VAEDecoderTask) -> str | None:
         data_report = getattr(datamodule, "report", None)
         if data_report is not None and (data_report.bad or data_report.small_skipped or data_report.small_upscaled):
             log.warning("data: %s", data_report.summary())
@@ -147,4 +178,4 @@ def build(cfg: DictConfig) -> TaskParts:
             log.error("VAE training stopped early: %s", module.diverged)
         return module.diverged
 
-    return TaskParts(module, datamodule, trainer_kwargs=ddp_overrides(cfg), report=report)
+    return TaskParts(load_module, datamodule, trainer_kwargs=ddp_overrides(cfg), report=report)
