@@ -36,14 +36,14 @@ def build_options(cls: type[T], data: Mapping[str, Any] | None, prefix: str = ""
     An unknown key is an error naming it and listing the allowed keys; a ``ValueError`` or ``TypeError`` raised
     by the dataclass itself is re-raised with the group prefix when it does not already name a key.
     """
-    data = {k: v for k, v in dict(data or {}).items() if k not in set(ignore)}
+    ignored = set(ignore)  # keys of the group that other code reads (allowed, but not fields of cls)
+    data = {k: v for k, v in dict(data or {}).items() if k not in ignored}
     hints = get_type_hints(cls)
     names = [f.name for f in fields(cls)]  # type: ignore[arg-type]
     unknown = sorted(set(data) - set(names))
     if unknown:
-        raise ValueError(
-            f"{prefix}{unknown[0]}: {unknown[0]!r} is not allowed; allowed keys: {', '.join(sorted(names))}"
-        )
+        allowed = ", ".join(sorted({*names, *ignored}))
+        raise ValueError(f"{prefix}{unknown[0]}: {unknown[0]!r} is not allowed; allowed keys: {allowed}")
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         hint = hints[name]

@@ -1,4 +1,4 @@
-"""Loss terms of decoder fine-tuning: reconstruction, adversarial (G and D), adaptive weight, warm-up ramp.
+"""Loss terms of decoder fine-tuning: reconstruction, adversarial (G and D), warm-up ramp.
 
 Formulas follow the LDM/taming reference (spec vae-decoder.md §1.1-1.2) with the fixes of §9:
 fp32 adaptive weight, D warm-up and a ramp instead of the hard switch at ``disc_start``.

@@ -29,13 +29,7 @@ HYPERNET_EXTRA_KEYS = ("name", "init_from")
 def hypernetwork_config(hypernet_cfg: DictConfig) -> HypernetworkConfig:
     fields = OmegaConf.to_container(hypernet_cfg, resolve=True)
     assert isinstance(fields, dict)
-    for key in HYPERNET_EXTRA_KEYS:
-        fields.pop(key, None)
-    unknown = sorted(set(fields) - set(HypernetworkConfig.__dataclass_fields__))
-    if unknown:  # named with the extra keys, which are allowed too
-        allowed = sorted({*HypernetworkConfig.__dataclass_fields__, *HYPERNET_EXTRA_KEYS})
-        raise ValueError(f"hypernet.{unknown[0]}: not a hypernetwork option; allowed: {', '.join(allowed)}")
-    return build_options(HypernetworkConfig, fields, "hypernet.")
+    return build_options(HypernetworkConfig, fields, "hypernet.", ignore=HYPERNET_EXTRA_KEYS)
 
 
 def max_steps_for(cfg: DictConfig) -> int:
