@@ -94,13 +94,17 @@ def test_sixteen_channel_diffusers_folder_trains_and_exports(tmp_path):
 
 @pytest.mark.slow
 def test_train_py_run_on_the_embedded_default(tmp_path):
-    from hyperlit.runner import run
+    from hyperlit.runner import build_run, fit
 
     cfg = vae_cfg(
         f"paths.output_dir={tmp_path}", "logger=none", "train.max_steps=3", "data.resolution=32",
         "trainer.val_check_interval=3", "trainer.limit_val_batches=1", "callbacks.export.save_every=0",
+        "optimized_metric=train/rec",
     )  # fmt: skip
-    run(cfg)
+    built = build_run(cfg)
+    value = fit(built, cfg)  # what run(cfg) returns: the metric optimized_metric names
+    metrics = built.trainer.callback_metrics
+    assert value == pytest.approx(float(metrics["train/rec"])) and value != float(metrics["train/total"])
     out = tmp_path / "vae"
     assert sorted(p.name for p in out.iterdir()) == ["vae-ft", "vae-ft.disc.safetensors", "vae-ft.vae.safetensors"]
     reloaded = AutoencoderKL.from_pretrained(out / "vae-ft", local_files_only=True)
