@@ -41,8 +41,8 @@ from hyperlit.models.family import FAMILIES
 from hyperlit.models.tiny import BOS, EOS, byte_level_alphabet
 
 FAMILY = FAMILIES["tiny"]
-CAPTION_DROPOUT = 0.1
-VAE_INIT_LOGVAR = -8.0  # initial posterior log-variance (std 0.02); SD's trained VAE is similarly sharp  # share of empty captions, so classifier-free guidance works at sampling
+CAPTION_DROPOUT = 0.1  # share of empty captions, so classifier-free guidance works at sampling
+VAE_INIT_LOGVAR = -8.0  # initial posterior log-variance (std 0.02); SD's trained VAE is similarly sharp
 
 UNET_CONFIG = {
     "sample_size": 8,
@@ -159,10 +159,17 @@ def codec_image(rng: random.Random):
 
 
 # -- stages -------------------------------------------------------------------------------------------------
-def train_vae(steps: int, batch: int, lr: float, rng: random.Random) -> AutoencoderKL:
+def new_vae() -> AutoencoderKL:
     vae = AutoencoderKL(**VAE_CONFIG)
     with torch.no_grad():  # start nearly deterministic: unit posterior noise would drown the young latents
         vae.quant_conv.bias[FAMILY.latent_channels :] = VAE_INIT_LOGVAR
+    return vae
+
+
+def train_vae(
+    vae: AutoencoderKL, steps: int, batch: int, lr: float, chroma_weight: float, rng: random.Random
+) -> AutoencoderKL:
+    vae.train().requires_grad_(True)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
     t0 = time.time()
@@ -173,7 +180,7 @@ def train_vae(steps: int, batch: int, lr: float, rng: random.Random) -> Autoenco
         # L1 keeps edges sharp; the chroma term (each pixel minus its grey level) makes hue, which the judge
         # reads, as costly to get wrong as brightness; the tiny KL weight (SD's 1e-6) keeps the latents smooth
         chroma = F.l1_loss(recon - recon.mean(1, keepdim=True), x - x.mean(1, keepdim=True))
-        loss = F.l1_loss(recon, x) + 0.5 * F.mse_loss(recon, x) + 2.0 * chroma + 1e-6 * posterior.kl().mean()
+        loss = F.l1_loss(recon, x) + 0.5 * F.mse_loss(recon, x) + chroma_weight * chroma + 1e-6 * posterior.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -288,9 +295,11 @@ def main() -> None:
     parser.add_argument("--vae-steps", type=int, default=800)
     parser.add_argument("--vae-batch", type=int, default=16)
     parser.add_argument("--vae-lr", type=float, default=3e-3)
-    parser.add_argument("--vae-from", type=Path, default=None, help="reuse the vae/ of an earlier run's folder")
+    parser.add_argument("--vae-polish-steps", type=int, default=300, help="second autoencoder phase (0: none)")
+    parser.add_argument("--vae-polish-lr", type=float, default=1e-3)
+    parser.add_argument("--vae-from", type=Path, default=None, help="resume: the vae/ of a run after its first phase")
     parser.add_argument("--images", type=int, default=6000, help="training images for the UNet (latents cached)")
-    parser.add_argument("--unet-steps", type=int, default=1500)
+    parser.add_argument("--unet-steps", type=int, default=800)
     parser.add_argument("--unet-batch", type=int, default=64)
     parser.add_argument("--unet-lr", type=float, default=1e-3)
     parser.add_argument(
@@ -300,7 +309,7 @@ def main() -> None:
         help="stop after this many updates, keeping the learning-rate schedule of --unet-steps (default: all)",
     )
     parser.add_argument("--ema", type=float, default=0.995, help="EMA decay of the UNet + text encoder weights")
-    parser.add_argument("--snapshot-every", type=int, default=250, help="write the EMA model every N steps (0: off)")
+    parser.add_argument("--snapshot-every", type=int, default=200, help="write the EMA model every N steps (0: off)")
     # one thread is the safe default on a shared machine: two OpenMP threads competing with other processes
     # for two cores ran ~15x slower here than one
     parser.add_argument("--threads", type=int, default=1)
@@ -312,18 +321,27 @@ def main() -> None:
     gen = torch.Generator().manual_seed(args.seed)
     start = time.time()
     if args.vae_from is not None:
-        log(f"stage 1/3: autoencoder from {args.vae_from}")
-        vae = AutoencoderKL.from_pretrained(args.vae_from, subfolder="vae").eval().requires_grad_(False)
+        log(f"stage 1/3: autoencoder after its first phase from {args.vae_from}")
+        vae = AutoencoderKL.from_pretrained(args.vae_from, subfolder="vae")
         for _ in range(args.vae_steps * args.vae_batch):  # keep the RNG where training would have left it
             codec_image(rng)
     else:
         log(f"stage 1/3: autoencoder, {args.vae_steps} steps of {args.vae_batch}")
-        vae = train_vae(args.vae_steps, args.vae_batch, args.vae_lr, rng)
+        vae = train_vae(new_vae(), args.vae_steps, args.vae_batch, args.vae_lr, 2.0, rng)
     log(f"stage 2/3: {args.images} training images -> latents")
     pixels, captions = base_images(args.images, rng)
     if args.vae_from is None:
         rescale_latents(vae, pixels)
-        vae.save_pretrained(args.out / "vae", safe_serialization=True)  # reusable with --vae-from if stage 3 stops
+        vae.save_pretrained(args.out / "vae", safe_serialization=True)  # reusable with --vae-from
+    if args.vae_polish_steps:
+        # second phase: lower learning rate, hue weighted more (the first phase gets shapes and brightness
+        # right first; red and green come last). Its own torch seed, so resuming with --vae-from is exact.
+        log(f"stage 2b: autoencoder polish, {args.vae_polish_steps} steps of {args.vae_batch}")
+        torch.manual_seed(args.seed + 1)
+        polish_rng = random.Random(args.seed + 1)
+        vae = train_vae(vae, args.vae_polish_steps, args.vae_batch, args.vae_polish_lr, 4.0, polish_rng)
+        rescale_latents(vae, pixels)
+    vae.eval().requires_grad_(False)
     mean, std = encode_all(vae, pixels)
     del pixels
     log(f"stage 3/3: UNet + text encoder, {args.unet_steps} steps of {args.unet_batch}")
