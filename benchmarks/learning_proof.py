@@ -40,10 +40,15 @@ class Proof:
     train_seconds: float | None  # wall time of the training run (None: a finished file was given)
 
 
-def train_default(out: Path, overrides: list[str]) -> tuple[Path, float]:
-    """Run the README's first command (plus `overrides`) into `out`; the final hypernetwork file and wall time."""
+def train_default(out: Path, overrides: list[str], threads: int | None = None) -> tuple[Path, float]:
+    """Run the README's first command (plus `overrides`) into `out`; the final hypernetwork file and wall time.
+
+    threads: OMP_NUM_THREADS for the run (None: torch's default, one per core).
+    """
     cmd = [sys.executable, str(REPO / "train.py"), "hypernet=swish_121", f"hydra.run.dir={out}", *overrides]
     env = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled")}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     start = time.time()
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     seconds = time.time() - start
@@ -80,16 +85,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="sampling steps (DPM++ 2M)")
     parser.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale")
     parser.add_argument("--sheet", type=Path, help="write the generated images as one PNG here")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads for sampling")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads for training and sampling")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for the training run (after --)")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     seconds = None
     with tempfile.TemporaryDirectory() as tmp:
         path = args.hypernetwork
         if path is None:
-            path, seconds = train_default(Path(tmp) / "run", args.overrides)
+            path, seconds = train_default(Path(tmp) / "run", args.overrides, args.threads)
             command = " ".join(["python train.py hypernet=swish_121", *args.overrides])
             print(f"trained {path.name} in {seconds:.0f} s ({command})")
         scores = prove(path, args.seeds, args.steps, args.cfg, args.sheet)
