@@ -275,6 +275,36 @@ def train_diffusion(
     return final["unet"], final["text"]
 
 
+def polish_decoder(vae: AutoencoderKL, steps: int, batch: int, lr: float, rng: random.Random) -> AutoencoderKL:
+    """Fine-tune post_quant_conv + decoder with the encoder frozen (as SD's ft-EMA/MSE decoders were made).
+
+    The latents the UNet learned are unchanged, so this can only sharpen what images they decode to; the weight
+    on hue is high because the joint phases leave red and green the least faithful.
+    """
+    vae.requires_grad_(False)
+    params = [*vae.post_quant_conv.parameters(), *vae.decoder.parameters()]
+    for prm in params:
+        prm.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+    t0 = time.time()
+    for step in range(steps):
+        x = to_tensor([codec_image(rng) for _ in range(batch)])
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.sample()
+        recon = vae.decode(z).sample
+        chroma = F.l1_loss(recon - recon.mean(1, keepdim=True), x - x.mean(1, keepdim=True))
+        loss = F.l1_loss(recon, x) + 0.5 * F.mse_loss(recon, x) + 6.0 * chroma
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        if step % 100 == 0 or step == steps - 1:
+            log(f"decoder step {step}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
+    return vae.eval().requires_grad_(False)
+
+
 def save(out: Path, unet, vae, text_encoder, tokenizer) -> None:
     sample_scheduler = DPMSolverMultistepScheduler.from_config(
         DDPMScheduler.load_config(FAMILY.config_dir / "scheduler")
@@ -298,6 +328,9 @@ def main() -> None:
     parser.add_argument("--vae-polish-steps", type=int, default=300, help="second autoencoder phase (0: none)")
     parser.add_argument("--vae-polish-lr", type=float, default=1e-3)
     parser.add_argument("--vae-from", type=Path, default=None, help="resume: the vae/ of a run after its first phase")
+    parser.add_argument("--decoder-steps", type=int, default=300, help="stage 4: decoder-only polish (0: none)")
+    parser.add_argument("--decoder-lr", type=float, default=1e-3)
+    parser.add_argument("--polish-from", type=Path, default=None, help="resume: a folder written by stage 3")
     parser.add_argument("--images", type=int, default=6000, help="training images for the UNet (latents cached)")
     parser.add_argument("--unet-steps", type=int, default=800)
     parser.add_argument("--unet-batch", type=int, default=64)
@@ -316,19 +349,23 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
+    if args.polish_from is not None:  # resume at stage 4 from a folder written by stage 3
+        pipe = StableDiffusionPipeline.from_pretrained(args.polish_from, safety_checker=None, local_files_only=True)
+        polish(args, pipe.vae, pipe.unet, pipe.text_encoder, pipe.tokenizer)
+        return
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     start = time.time()
     if args.vae_from is not None:
-        log(f"stage 1/3: autoencoder after its first phase from {args.vae_from}")
+        log(f"stage 1/4: autoencoder after its first phase from {args.vae_from}")
         vae = AutoencoderKL.from_pretrained(args.vae_from, subfolder="vae")
         for _ in range(args.vae_steps * args.vae_batch):  # keep the RNG where training would have left it
             codec_image(rng)
     else:
-        log(f"stage 1/3: autoencoder, {args.vae_steps} steps of {args.vae_batch}")
+        log(f"stage 1/4: autoencoder, {args.vae_steps} steps of {args.vae_batch}")
         vae = train_vae(new_vae(), args.vae_steps, args.vae_batch, args.vae_lr, 2.0, rng)
-    log(f"stage 2/3: {args.images} training images -> latents")
+    log(f"stage 2/4: {args.images} training images -> latents")
     pixels, captions = base_images(args.images, rng)
     if args.vae_from is None:
         rescale_latents(vae, pixels)
@@ -344,7 +381,7 @@ def main() -> None:
     vae.eval().requires_grad_(False)
     mean, std = encode_all(vae, pixels)
     del pixels
-    log(f"stage 3/3: UNet + text encoder, {args.unet_steps} steps of {args.unet_batch}")
+    log(f"stage 3/4: UNet + text encoder, {args.unet_steps} steps of {args.unet_batch}")
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = build_tokenizer(Path(tmp) / "tokenizer")
 
@@ -353,7 +390,18 @@ def main() -> None:
 
     unet, text_encoder = train_diffusion(mean, std, captions, tokenizer, args, gen, snapshot)
     save(args.out, unet, vae, text_encoder, tokenizer)
+    polish(args, vae, unet, text_encoder, tokenizer)
     log(f"total wall time {(time.time() - start) / 60:.1f} min")
+
+
+def polish(args: argparse.Namespace, vae, unet, text_encoder, tokenizer) -> None:
+    """Stage 4: the decoder polish, on its own seeds (so --polish-from a finished stage 3 gives the same result)."""
+    if not args.decoder_steps:
+        return
+    log(f"stage 4/4: decoder polish, {args.decoder_steps} steps of {args.vae_batch}")
+    torch.manual_seed(args.seed + 3)
+    vae = polish_decoder(vae, args.decoder_steps, args.vae_batch, args.decoder_lr, random.Random(args.seed + 3))
+    save(args.out, unet, vae, text_encoder, tokenizer)
 
 
 if __name__ == "__main__":
