@@ -8,6 +8,11 @@ word-level BPE tokenizer made here, and a UNet2DConditionModel with self- and cr
 schedule on procedural 64 px images of coloured shapes (hyperlit.demo.shapes). A few colour x shape combinations
 are held out of training so the base can be judged on prompts it never saw. Deterministic for a seed (on one
 machine and thread count); the stages print their wall time.
+
+Stages: 1 autoencoder (joint), 2 render the UNet's images and rescale the latent space, 2b autoencoder polish
+(more weight on hue), 3 UNet + text encoder on cached latents (EMA snapshots every --snapshot-every steps),
+4 optional decoder-only polish. --vae-from / --polish-from resume after stage 1 / stage 3 with the same result.
+The committed hyperlit/models/tiny_base was written by the defaults (see docs/benchmarks.md for its figures).
 """
 
 from __future__ import annotations
@@ -328,7 +333,7 @@ def main() -> None:
     parser.add_argument("--vae-polish-steps", type=int, default=300, help="second autoencoder phase (0: none)")
     parser.add_argument("--vae-polish-lr", type=float, default=1e-3)
     parser.add_argument("--vae-from", type=Path, default=None, help="resume: the vae/ of a run after its first phase")
-    parser.add_argument("--decoder-steps", type=int, default=300, help="stage 4: decoder-only polish (0: none)")
+    parser.add_argument("--decoder-steps", type=int, default=0, help="stage 4: decoder-only polish (0: none)")
     parser.add_argument("--decoder-lr", type=float, default=1e-3)
     parser.add_argument("--polish-from", type=Path, default=None, help="resume: a folder written by stage 3")
     parser.add_argument("--images", type=int, default=6000, help="training images for the UNet (latents cached)")

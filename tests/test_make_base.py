@@ -36,7 +36,7 @@ def test_merges_make_every_caption_word_one_token(tmp_path):
 def run(out: Path, seed: int) -> dict:
     cmd = [sys.executable, str(REPO / "datasets" / "make_base.py"), "--out", str(out), "--seed", str(seed),
            "--vae-steps", "2", "--vae-batch", "2", "--images", "40", "--unet-steps", "3", "--unet-batch", "4",
-           "--snapshot-every", "0"]  # fmt: skip
+           "--snapshot-every", "0", "--vae-polish-steps", "2", "--decoder-steps", "2"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=600)
     return {p.parent.name: load_file(p) for p in out.glob("*/*.safetensors")}
