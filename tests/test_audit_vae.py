@@ -1,0 +1,132 @@
+"""Audit (issue 14): the ramp factor reaches the training gradient, the frozen checksum covers exactly the
+encoder and quant_conv, and the fp16 report flags an overflowing block as unsafe."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+
+from hyperlit.tasks.vae import VAEDecoderTask, frozen_checksum
+from hyperlit.vae.config import DiscConfig, LossConfig, PerceptualConfig, PosteriorConfig, VAETaskConfig
+from hyperlit.vae.fp16 import FP16_MAX, fp16_decode_report
+
+TINY = dict(
+    block_out_channels=[8, 16],
+    down_block_types=["DownEncoderBlock2D"] * 2,
+    up_block_types=["UpDecoderBlock2D"] * 2,
+    layers_per_block=1,
+    norm_num_groups=4,
+    latent_channels=4,
+)
+
+
+def tiny_vae(seed: int = 0) -> AutoencoderKL:
+    torch.manual_seed(seed)
+    return AutoencoderKL(**TINY)
+
+
+def ramp_task(ramp_steps: int, adaptive: bool = True) -> VAEDecoderTask:
+    cfg = VAETaskConfig(
+        max_steps=4,
+        loss=LossConfig("l1", 2.0, PerceptualConfig(weight=0.0)),  # LPIPS is slow and not what is tested
+        disc=DiscConfig(start=0, warmup_steps=0, ramp_steps=ramp_steps, ndf=8, n_layers=2, adaptive=adaptive),
+        posterior=PosteriorConfig(cache=False, sample=False),
+    )
+    torch.manual_seed(100)
+    return VAEDecoderTask(tiny_vae(), cfg, None)
+
+
+def decoder_grads(task: VAEDecoderTask, loss: torch.Tensor) -> list[torch.Tensor]:
+    params = [p for m in task.trainable_modules() for p in m.parameters()]
+    return list(torch.autograd.grad(loss, params, retain_graph=True))
+
+
+@pytest.mark.parametrize("adaptive", [True, False], ids=["adaptive", "fixed-weight"])
+def test_ramp_factor_scales_the_adversarial_gradient_the_decoder_receives(adaptive):
+    task = ramp_task(ramp_steps=4, adaptive=adaptive)
+    task.disc.eval()  # BatchNorm statistics must not move between the evaluations below
+    task.step = 0
+    r = task.adv_factor()
+    assert r == 0.25  # (0 - 0 + 1) / 4: the factor is strictly between 0 and 1 here
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+    z = task.posterior(x)[0]
+
+    # the training path: dL/dx_hat from the task, pushed into the decoder as training_step does
+    x_hat = task.decode(z)
+    g_out, logs = task.generator_output_grad(x, x_hat)
+    assert logs["adv_factor"].item() == r
+    got = decoder_grads(task, (x_hat.float() * g_out).sum())
+
+    # the oracle: each term written out by hand and differentiated on its own
+    x_hat = task.decode(z)
+    rec = 2.0 * F.l1_loss(x_hat, x)
+    for p in task.disc.parameters():
+        p.requires_grad_(False)
+    adv = -task.disc(x_hat).mean()  # hinge generator loss
+    g_rec, g_adv = decoder_grads(task, rec), decoder_grads(task, adv)
+    if adaptive:
+        last = task.vae.decoder.conv_out.weight
+        n_rec = torch.linalg.vector_norm(torch.autograd.grad(rec, last, retain_graph=True)[0])
+        n_adv = torch.linalg.vector_norm(torch.autograd.grad(adv, last, retain_graph=True)[0])
+        weight = (n_rec / (n_adv + 1e-4)).clamp(0.0, task.config.disc.max_adaptive_weight) * task.config.disc.weight
+    else:
+        weight = torch.tensor(task.config.disc.weight)
+    assert torch.allclose(logs["d_weight"], weight, rtol=1e-4)
+    total = (rec + r * weight * adv).detach()
+    assert torch.allclose(logs["total"], total, rtol=1e-5)
+    for a, b, c in zip(got, g_rec, g_adv, strict=True):
+        expected = b + r * weight * c
+        assert torch.allclose(a, expected, rtol=1e-4, atol=1e-7)
+    # and the adversarial part is really there (not lost in the tolerance): without it the gradient differs
+    assert any(not torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(got, g_rec, strict=True))
+
+
+def test_frozen_checksum_covers_exactly_the_encoder_and_quant_conv():
+    vae = tiny_vae()
+    base = frozen_checksum(vae)
+    names = list(vae.state_dict())
+    assert any(n.startswith("quant_conv.") for n in names)
+    state = vae.state_dict()  # its tensors share storage with the parameters
+    for name in names:
+        saved = state[name].clone()
+        with torch.no_grad():
+            state[name].add_(1.0)
+        changed = frozen_checksum(vae) != base
+        with torch.no_grad():
+            state[name].copy_(saved)
+        assert changed == name.startswith(("encoder.", "quant_conv.")), name
+
+
+def test_resume_refuses_a_checkpoint_from_a_different_quant_conv():
+    task = ramp_task(ramp_steps=0)
+    ckpt = {"state_dict": {}}
+    task.on_save_checkpoint(ckpt)
+    other = ramp_task(ramp_steps=0)
+    with torch.no_grad():
+        other.vae.quant_conv.weight.mul_(2.0)
+    other.frozen_checksum = frozen_checksum(other.vae)
+    with pytest.raises(ValueError, match="different base VAE encoder"):
+        other.on_load_checkpoint(ckpt)
+    task.on_load_checkpoint(ckpt)  # the same model resumes
+
+
+def test_fp16_report_flags_an_overflowing_block_unsafe_and_normal_blocks_safe():
+    vae = tiny_vae()
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        vae.decoder.conv_in.weight.mul_(1e5)
+        # oracle: the fp32 output of conv_in, computed without the report; its largest value overflows fp16
+        ref = vae.decoder.conv_in(vae.post_quant_conv(z))
+    assert float(ref.abs().max()) > FP16_MAX
+    stats = {s.name: s for s in fp16_decode_report(vae, z)}
+    bad = stats["decoder.conv_in"]
+    assert bad.nonfinite > 0 and not bad.safe
+    assert bad.max_abs <= FP16_MAX  # only finite values are in max_abs
+    good = stats["post_quant_conv"]  # before the overflow: a normal block
+    assert good.nonfinite == 0 and good.safe
+    with torch.no_grad():
+        expected = float(vae.post_quant_conv(z).abs().max())
+    assert good.max_abs == pytest.approx(expected, rel=1e-2)
