@@ -213,3 +213,85 @@ def test_export_writes_ema_weights_and_restores_live_ones(tmp_path, monkeypatch,
         export.export(ExportTrainer(ema), owner, "x")
     assert torch.equal(written[0], ema.shadow["vae.weight"]) and not torch.equal(written[0], live)
     assert torch.equal(owner.vae.weight.detach(), live)
+
+
+# ------------------------------------------------------------------------- found by mutation testing
+
+
+def test_defaults_and_warmup_formula():
+    ema = EMA()
+    assert (ema.decay, ema.warmup, ema.start_step, ema.update_every, ema.validate_with_ema) == (
+        0.9999, True, 0, 1, True
+    )  # fmt: skip
+    assert ema.shadow == {} and ema.state_dict()["shadow"] == {}
+    for n, expected in [(0, 1 / 10), (5, 6 / 15), (20, 21 / 30)]:  # (1 + n) / (10 + n), LitEma's warm-up
+        ema.num_updates = n
+        assert ema.current_decay() == pytest.approx(expected)
+    ema.num_updates = 10**6
+    assert ema.current_decay() == 0.9999  # capped by the configured decay
+
+
+def test_decay_zero_is_allowed_and_copies_the_live_weights():
+    m = Net()
+    ema = EMA(decay=0.0, warmup=False)
+    ema.on_fit_start(Trainer(), m)
+    w = step_to(ema, m, 5.0)
+    assert torch.equal(ema.shadow["a.weight"], w)
+    with pytest.raises(ValueError, match=r"^ema.update_every=0 must be >= 1$"):
+        EMA(update_every=0)
+
+
+def test_find_returns_none_without_an_ema_callback():
+    assert EMA.find(Trainer()) is None
+    ema = EMA()
+    t = Trainer()
+    t.callbacks = [object(), ema]
+    assert EMA.find(t) is ema
+
+
+def test_ema_parameters_choose_what_is_averaged():
+    class Chooser(Net):
+        def ema_parameters(self):
+            yield "a.weight", self.a.weight  # the bias is trainable but not averaged
+
+    ema = EMA()
+    ema.on_fit_start(Trainer(), Chooser())
+    assert set(ema.shadow) == {"a.weight"}
+
+
+def test_resumed_shadow_must_match_and_moves_to_the_weights_device_and_fp32():
+    m = nn.Linear(2, 2, device="meta")  # a device other than the checkpoint's cpu, without a GPU
+    ema = EMA()
+    ema.load_state_dict({"shadow": {"weight": torch.zeros(2, 2, dtype=torch.float64), "bias": torch.zeros(2)},
+                         "num_updates": 3})  # fmt: skip
+    ema.on_fit_start(Trainer(), m)
+    assert ema.shadow["weight"].device.type == "meta" and ema.shadow["weight"].dtype == torch.float32
+    assert ema.seen_updates == 3  # an old state without seen_updates counts its updates as seen
+    wrong = EMA()
+    wrong.load_state_dict({"shadow": {"x": torch.zeros(1)}, "num_updates": 0, "seen_updates": 0})
+    with pytest.raises(ValueError) as err:
+        wrong.on_fit_start(Trainer(), nn.Linear(2, 2))
+    assert str(err.value) == "EMA state does not match the model's trainable weights (e.g. bias)"
+
+
+def test_state_dict_round_trip_keeps_every_counter():
+    m = Net()
+    ema = EMA(decay=0.5, warmup=False, start_step=1)
+    ema.on_fit_start(Trainer(), m)
+    step_to(ema, m, 1.0)
+    step_to(ema, m, 2.0)
+    state = ema.state_dict()
+    assert set(state) == {"shadow", "num_updates", "seen_updates", "decay"} and state["decay"] == 0.5
+    other = EMA()
+    other.load_state_dict(state)
+    assert (other.num_updates, other.seen_updates) == (1, 2)
+
+
+def test_swap_out_twice_is_harmless():
+    m = Net()
+    ema = EMA(decay=0.5, warmup=False)
+    ema.on_fit_start(Trainer(), m)
+    ema.on_validation_start(Trainer(), m)
+    ema.on_validation_end(Trainer(), m)
+    ema.on_exception(Trainer(), m, RuntimeError("later, in training"))  # nothing swapped in: nothing to do
+    assert ema._backup is None

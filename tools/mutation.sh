@@ -4,9 +4,9 @@
 #   tools/mutation.sh MODULE [MAX_CHILDREN]     e.g. tools/mutation.sh lr_schedule
 #   tools/mutation.sh list                      the modules and their source and test files
 #
-# Runs in a scratch copy of the working tree (HYPERLIT_MUTATION_DIR, default /tmp/hyperlit-mutation/MODULE), so the
-# checkout is never touched; a rerun reuses mutmut's results there for unchanged code. Only the tests mapped to
-# MODULE below run (fast tests only: -m "not slow", set in pyproject's [tool.mutmut]). Too slow for .ci/run.
+# Runs in a fresh scratch copy of the working tree (HYPERLIT_MUTATION_DIR, default /tmp/hyperlit-mutation/MODULE),
+# so the checkout is never touched and changed tests always count (mutmut caches by source only). Only the tests
+# mapped to MODULE below run (fast tests only: -m "not slow", set in pyproject's [tool.mutmut]). Too slow for .ci/run.
 # Survivors: `cd $HYPERLIT_MUTATION_DIR && mutmut show NAME`; the last scores and their review are in docs/testing.md.
 set -euo pipefail
 
@@ -48,7 +48,8 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 work=${HYPERLIT_MUTATION_DIR:-/tmp/hyperlit-mutation/$module}
 command -v mutmut >/dev/null || { echo "mutmut is not installed: pip install -e '.[dev]'" >&2; exit 2; }
 
-# A scratch copy of the working tree (tracked and new files, not ignored ones); mutants/ there survives reruns.
+# A fresh copy of the working tree (tracked and new files, not ignored ones).
+rm -rf "$work"
 mkdir -p "$work"
 (cd "$repo" && git ls-files -z --cached --others --exclude-standard) \
     | (cd "$repo" && xargs -0 tar -cf - --ignore-failed-read 2>/dev/null) | tar -xf - -C "$work"
