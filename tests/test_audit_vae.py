@@ -130,3 +130,80 @@ def test_fp16_report_flags_an_overflowing_block_unsafe_and_normal_blocks_safe():
     with torch.no_grad():
         expected = float(vae.post_quant_conv(z).abs().max())
     assert good.max_abs == pytest.approx(expected, rel=1e-2)
+
+
+# ------------------------------------------------------------------------- the fp16 callback
+
+
+class _Trainer:
+    is_global_zero = True
+    global_step = 0
+
+    def __init__(self, callbacks=()) -> None:
+        self.callbacks = list(callbacks)
+
+
+class _Task(torch.nn.Module):
+    """What FP16Check needs from the VAE task: ``vae``, ``diverged`` and ``fp16_check_latents``."""
+
+    def __init__(self, vae: AutoencoderKL, z: torch.Tensor) -> None:
+        super().__init__()
+        self.vae, self.z, self.diverged = vae, z, None
+
+    def fp16_check_latents(self, trainer) -> torch.Tensor:  # noqa: ANN001
+        return self.z
+
+
+def _conv_in_max(vae: AutoencoderKL, z: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float(vae.decoder.conv_in(vae.post_quant_conv(z)).abs().max())
+
+
+def test_fp16_callback_warns_above_the_margin_and_passes_below(caplog):
+    import logging
+
+    from hyperlit.vae.fp16 import FP16Check
+
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    vae = tiny_vae()
+    check = FP16Check(margin=0.5)
+    with caplog.at_level(logging.INFO, logger="hyperlit.vae.fp16"):
+        check.on_train_end(_Trainer(), _Task(vae, z))
+    assert check.stats is not None and all(s.safe for s in check.stats)
+    assert "fp16 decode check passed" in caplog.text and "NOT fp16-safe" not in caplog.text
+
+    # finite in fp16 but above margin * 65504: flagged, though no value overflowed
+    with torch.no_grad():
+        vae.decoder.conv_in.weight.mul_(0.8 * FP16_MAX / _conv_in_max(vae, z))
+        vae.decoder.conv_in.bias.zero_()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="hyperlit.vae.fp16"):
+        check.on_train_end(_Trainer(), _Task(vae, z))
+    conv_in = next(s for s in check.stats if s.name == "decoder.conv_in")
+    assert conv_in.safe and 0.5 * FP16_MAX < conv_in.max_abs < FP16_MAX
+    assert "NOT fp16-safe (decoder.conv_in" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="hyperlit.vae.fp16"):
+        FP16Check(margin=0.9).on_train_end(_Trainer(), _Task(vae, z))  # the same decoder under a wider margin
+    assert "fp16 decode check passed" in caplog.text and "NOT fp16-safe" not in caplog.text
+
+
+def test_fp16_callback_checks_the_ema_weights_and_skips_when_disabled_or_diverged():
+    from hyperlit.callbacks.ema import EMA
+    from hyperlit.vae.fp16 import FP16Check
+
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    task = _Task(tiny_vae(), z)
+    ema = EMA(decay=0.5, warmup=False)
+    ema.on_fit_start(_Trainer(), task)
+    ema.shadow["vae.decoder.conv_in.weight"].mul_(1e5)  # only the averaged weights overflow
+    check = FP16Check()
+    check.on_train_end(_Trainer([ema]), task)
+    assert not next(s for s in check.stats if s.name == "decoder.conv_in").safe
+    assert torch.equal(task.vae.decoder.conv_in.weight, tiny_vae().decoder.conv_in.weight)  # live weights back
+    off = FP16Check(enabled=False)
+    off.on_train_end(_Trainer(), task)
+    task.diverged = "NaN"
+    diverged = FP16Check()
+    diverged.on_train_end(_Trainer(), task)
+    assert off.stats is None and diverged.stats is None
