@@ -87,3 +87,18 @@ def test_fixed_prompt_is_the_exact_a1111_string_in_every_epoch_and_run(tmp_path)
         for _epoch in range(2):
             (batch,) = list(dm.train_dataloader())
             assert batch["caption"] == expected
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_vae_data_reports_each_repair_once_per_file_across_epochs_and_runs(tmp_path, workers):
+    # The VAE task has no disk cache of pixels (only the in-memory posterior cache): every epoch decodes again,
+    # and a repaired file must still be counted once, in this run and in a rerun.
+    from hyperlit.data.pixeldatamodule import PixelDataModule
+
+    folder, expected = repair_folder(tmp_path / "d")
+    for _run in range(2):
+        dm = PixelDataModule(str(folder), resolution=32, batch_size=1, val_count=0, num_workers=workers)
+        dm.setup("fit")
+        for _epoch in range(2):
+            assert len(list(dm.train_dataloader())) == 7
+        assert dict(dm.skipped) == expected
