@@ -10,7 +10,7 @@ from audit_oracles import sd1_context
 
 from hyperlit.hypernetwork import Hypernetwork, HypernetworkConfig
 from hyperlit.models import load_components
-from hyperlit.tasks.hypernetwork import HypernetworkTask, min_snr_weights
+from hyperlit.tasks.hypernetwork.module import HypernetworkTask, min_snr_weights
 
 
 @pytest.fixture(scope="module")
