@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import torch
 
 from hyperlit.hypernetwork import Hypernetwork, HypernetworkConfig
-from hyperlit.tasks.hypernetwork import HypernetworkTask
+from hyperlit.tasks.hypernetwork.module import HypernetworkTask
 
 
 def task() -> HypernetworkTask:

@@ -188,7 +188,7 @@ class ExportTrainer:
 
 @pytest.mark.parametrize("fail", [False, True], ids=["ok", "write-fails"])
 def test_export_writes_ema_weights_and_restores_live_ones(tmp_path, monkeypatch, fail):
-    from hyperlit.vae.export_callback import VAEExport
+    from hyperlit.callbacks.vae_export import VAEExport
 
     owner = Owner()
     ema = EMA(decay=0.5, warmup=False)

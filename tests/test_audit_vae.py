@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
-from hyperlit.tasks.vae import VAEDecoderTask, frozen_checksum
+from hyperlit.tasks.vae.module import VAEDecoderTask, frozen_checksum
 from hyperlit.vae.config import DiscConfig, LossConfig, PerceptualConfig, PosteriorConfig, VAETaskConfig
 from hyperlit.vae.fp16 import FP16_MAX, fp16_decode_report
 
@@ -162,12 +162,12 @@ def _conv_in_max(vae: AutoencoderKL, z: torch.Tensor) -> float:
 def test_fp16_callback_warns_above_the_margin_and_passes_below(caplog):
     import logging
 
-    from hyperlit.vae.fp16 import FP16Check
+    from hyperlit.callbacks.fp16 import FP16Check
 
     z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     vae = tiny_vae()
     check = FP16Check(margin=0.5)
-    with caplog.at_level(logging.INFO, logger="hyperlit.vae.fp16"):
+    with caplog.at_level(logging.INFO, logger="hyperlit"):
         check.on_train_end(_Trainer(), _Task(vae, z))
     assert check.stats is not None and all(s.safe for s in check.stats)
     assert "fp16 decode check passed" in caplog.text and "NOT fp16-safe" not in caplog.text
@@ -177,20 +177,20 @@ def test_fp16_callback_warns_above_the_margin_and_passes_below(caplog):
         vae.decoder.conv_in.weight.mul_(0.8 * FP16_MAX / _conv_in_max(vae, z))
         vae.decoder.conv_in.bias.zero_()
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="hyperlit.vae.fp16"):
+    with caplog.at_level(logging.INFO, logger="hyperlit"):
         check.on_train_end(_Trainer(), _Task(vae, z))
     conv_in = next(s for s in check.stats if s.name == "decoder.conv_in")
     assert conv_in.safe and 0.5 * FP16_MAX < conv_in.max_abs < FP16_MAX
     assert "NOT fp16-safe (decoder.conv_in" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="hyperlit.vae.fp16"):
+    with caplog.at_level(logging.INFO, logger="hyperlit"):
         FP16Check(margin=0.9).on_train_end(_Trainer(), _Task(vae, z))  # the same decoder under a wider margin
     assert "fp16 decode check passed" in caplog.text and "NOT fp16-safe" not in caplog.text
 
 
 def test_fp16_callback_checks_the_ema_weights_and_skips_when_disabled_or_diverged():
     from hyperlit.callbacks.ema import EMA
-    from hyperlit.vae.fp16 import FP16Check
+    from hyperlit.callbacks.fp16 import FP16Check
 
     z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     task = _Task(tiny_vae(), z)

@@ -10,6 +10,7 @@
 # Survivors: `cd $HYPERLIT_MUTATION_DIR && mutmut show NAME`; the last scores and their review are in docs/testing.md.
 set -euo pipefail
 
+main() {
 declare -A SOURCES TESTS
 # module           files to mutate (globs relative to the repo)             tests that guard them
 SOURCES[lr_schedule]="hyperlit/lr_schedule.py"
@@ -18,14 +19,17 @@ SOURCES[hypernetwork]="hyperlit/hypernetwork.py"
 TESTS[hypernetwork]="tests/test_hypernetwork.py tests/test_a1111.py tests/test_attention.py"
 SOURCES[attention]="hyperlit/attention.py"
 TESTS[attention]="tests/test_attention.py"
-SOURCES[loss]="hyperlit/tasks/hypernetwork.py"
-TESTS[loss]="tests/test_task.py tests/test_audit_checkpoint.py"
+SOURCES[loss]="hyperlit/tasks/hypernetwork/module.py"
+TESTS[loss]="tests/test_task.py tests/test_audit_checkpoint.py tests/test_audit_task.py"
 SOURCES[formats]="hyperlit/files/a1111.py hyperlit/files/safetensors.py hyperlit/files/content.py hyperlit/files/torch_file.py"
 TESTS[formats]="tests/test_a1111.py tests/test_formats_cli.py tests/test_torch_file.py"
 SOURCES[caches]="hyperlit/data/cache.py hyperlit/data/records.py"
 TESTS[caches]="tests/test_data_cache.py tests/test_audit_data.py tests/test_data_module.py tests/test_data_bad_input.py"
-SOURCES[skips]="hyperlit/data/skips.py hyperlit/data/images.py"
-TESTS[skips]="tests/test_data_bad_input.py tests/test_audit_data.py tests/test_data_module.py"
+SOURCES[skips]="hyperlit/data/skips.py hyperlit/data/images.py hyperlit/data/pixels.py"
+TESTS[skips]="tests/test_data_bad_input.py tests/test_audit_data.py tests/test_data_images.py
+  tests/test_vae_data.py::test_counts_from_two_workers_reach_the_main_process_exactly
+  tests/test_vae_data.py::test_a_file_failing_at_load_time_is_replaced_by_the_next_one
+  tests/test_vae_data.py::test_scan_counts_small_and_bad_files tests/test_vae_data.py::test_crops_are_in_range_and_fixed_crops_repeat"
 SOURCES[splits]="hyperlit/data/buckets.py hyperlit/data/webdata.py"
 TESTS[splits]="tests/test_data_buckets.py tests/test_data_webdataset.py tests/test_audit_webdata.py"
 SOURCES[vae_losses]="hyperlit/vae/losses.py"
@@ -35,7 +39,7 @@ TESTS[vae_losses]="tests/test_vae_losses.py tests/test_audit_vae.py tests/test_v
   tests/test_vae_task.py::test_discriminator_step_does_not_touch_the_decoder"  # not the end-to-end fits: minutes each
 SOURCES[ema]="hyperlit/callbacks/ema.py"
 TESTS[ema]="tests/test_vae_ema.py tests/test_audit_ema.py"
-SOURCES[fp16]="hyperlit/vae/fp16.py"
+SOURCES[fp16]="hyperlit/vae/fp16.py hyperlit/callbacks/fp16.py"
 TESTS[fp16]="tests/test_audit_vae.py tests/test_vae_task.py::test_fp16_report_flags_overflowing_blocks"
 
 usage() { echo "usage: $0 MODULE [MAX_CHILDREN] | list; modules: ${!SOURCES[*]}" >&2; exit 2; }
@@ -88,3 +92,8 @@ print(f"{module}: {killed}/{total} killed ({score:.1f}%)  survived={s['survived'
 PY
 echo "survivors (mutmut show NAME in $work):"
 mutmut results | grep -v ": killed" || true
+}
+
+# Bash reads a script as it runs; the whole body is one function, so it is parsed before anything runs and
+# editing this file during a (long) run cannot change that run.
+main "$@"
