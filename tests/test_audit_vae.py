@@ -3,6 +3,8 @@ encoder and quant_conv, and the fp16 report flags an overflowing block as unsafe
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -207,3 +209,37 @@ def test_fp16_callback_checks_the_ema_weights_and_skips_when_disabled_or_diverge
     diverged = FP16Check()
     diverged.on_train_end(_Trainer(), task)
     assert off.stats is None and diverged.stats is None
+
+
+# ------------------------------------------------------------------------- loss helpers (mutation survivors)
+
+
+def test_cosine_ramp_follows_half_a_cosine():
+    from hyperlit.vae.losses import adversarial_factor
+
+    # start 10 + warm-up 2 = 12; 4 ramp steps: t = 1/4, 2/4, 3/4, 1 at steps 12..15
+    got = [adversarial_factor(s, 10, 2, 4, "cosine") for s in range(11, 17)]
+    expected = [0.0] + [0.5 * (1 - math.cos(math.pi * t)) for t in (0.25, 0.5, 0.75, 1.0)] + [1.0]
+    assert got == pytest.approx(expected)
+    assert got[1] == pytest.approx(0.1464466, abs=1e-6)  # below the linear ramp's 0.25 early on
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda L: L.reconstruction_loss(torch.zeros(1), torch.zeros(1), "huber"),
+         "loss.reconstruction='huber' is not supported; allowed: l1, mse"),
+        (lambda L: L.discriminator_loss(torch.zeros(1), torch.zeros(1), "wgan"),
+         "disc.loss='wgan' is not supported; allowed: hinge, non_saturating"),
+        (lambda L: L.generator_loss(torch.zeros(1), "wgan"),
+         "disc.loss='wgan' is not supported; allowed: hinge, non_saturating"),
+        (lambda L: L.adversarial_factor(0, 0, 0, 1, "step"),
+         "disc.ramp='step' is not supported; allowed: linear, cosine"),
+    ],
+)  # fmt: skip
+def test_loss_option_errors_name_the_key_the_value_and_the_choices(call, message):
+    from hyperlit.vae import losses
+
+    with pytest.raises(ValueError) as err:
+        call(losses)
+    assert str(err.value) == message
