@@ -243,3 +243,51 @@ def test_loss_option_errors_name_the_key_the_value_and_the_choices(call, message
     with pytest.raises(ValueError) as err:
         call(losses)
     assert str(err.value) == message
+
+
+def test_fp16_callback_messages_carry_the_report(caplog):
+    import logging
+
+    from hyperlit.callbacks.fp16 import FP16Check
+    from hyperlit.vae.fp16 import format_report
+
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    class Strict(_Task):
+        def fp16_check_latents(self, trainer) -> torch.Tensor:  # noqa: ANN001
+            assert isinstance(trainer, _Trainer)  # the latents come from the trainer's data
+            return self.z
+
+    check = FP16Check()
+    with caplog.at_level(logging.INFO, logger="hyperlit"):
+        check.on_train_end(_Trainer(), Strict(tiny_vae(), z))
+    names = [s.name for s in check.stats]
+    assert names[-2:] == ["decoder.conv_norm_out", "decoder.conv_out"]
+    report = format_report(check.stats)
+    assert report.split("\n") == [
+        f"  {s.name:<26} max|x| {s.max_abs:>12.4g}  inf/nan {s.nonfinite}" for s in check.stats
+    ]
+    assert f"fp16 decode check passed (fp16 max 65504):\n{report}" in caplog.messages
+
+    vae = tiny_vae()
+    with torch.no_grad():
+        vae.decoder.conv_in.weight.mul_(1e5)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="hyperlit"):
+        check.on_train_end(_Trainer(), Strict(vae, z))
+    unsafe = ", ".join(s.name for s in check.stats if not s.safe or s.max_abs > 0.5 * FP16_MAX)
+    assert unsafe.startswith("decoder.conv_in")
+    assert caplog.messages == [
+        f"the decoder is NOT fp16-safe ({unsafe}): decode it in fp32 (A1111 --no-half-vae, diffusers "
+        f"force_upcast=True)\n{format_report(check.stats)}"
+    ]
+
+    class NoImages(_Task):
+        def fp16_check_latents(self, trainer) -> None:  # noqa: ANN001
+            return None
+
+    caplog.clear()
+    nothing = FP16Check()
+    with caplog.at_level(logging.INFO, logger="hyperlit"):
+        nothing.on_train_end(_Trainer(), NoImages(tiny_vae(), z))
+    assert nothing.stats is None and caplog.messages == ["fp16 check skipped: no validation images"]
