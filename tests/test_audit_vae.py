@@ -291,3 +291,14 @@ def test_fp16_callback_messages_carry_the_report(caplog):
     with caplog.at_level(logging.INFO, logger="hyperlit"):
         nothing.on_train_end(_Trainer(), NoImages(tiny_vae(), z))
     assert nothing.stats is None and caplog.messages == ["fp16 check skipped: no validation images"]
+
+
+def test_fp16_callback_defaults_and_a_module_without_a_divergence_flag():
+    from hyperlit.callbacks.fp16 import FP16Check
+
+    assert (FP16Check().enabled, FP16Check().margin) == (True, 0.5)
+    task = _Task(tiny_vae(), torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)))
+    del task.diverged  # the attribute is optional: a module that cannot diverge is simply checked
+    check = FP16Check()
+    check.on_train_end(_Trainer(), task)
+    assert check.stats is not None
