@@ -75,9 +75,9 @@ EXPECTED = Counter(
 @pytest.mark.parametrize("workers", [0, 2])
 def test_vae_run_over_bad_files_finishes_and_reports_each_kind(tmp_path, monkeypatch, caplog, workers):
     from hydra import compose, initialize_config_dir
-    from hyperlit.train import run
 
-    from hyperlit.tasks.vae import VAEDecoderTask
+    from hyperlit.runner import run
+    from hyperlit.tasks.vae.module import VAEDecoderTask
 
     folder = bad_folder(tmp_path)
     seen: list[dict] = []
@@ -100,7 +100,7 @@ def test_vae_run_over_bad_files_finishes_and_reports_each_kind(tmp_path, monkeyp
             f"paths.output_dir={tmp_path / 'run'}", "logger=none", f"data.path={folder}", "data.resolution=32",
             "data.batch_size=2", "data.val_count=2", f"data.num_workers={workers}", "++data.max_image_pixels=2000",
             "train.max_steps=3", "trainer.val_check_interval=3", "trainer.limit_val_batches=1",
-            "export.save_every=0", "~callbacks.progress", "trainer.enable_progress_bar=false",
+            "callbacks.export.save_every=0", "~callbacks.progress", "trainer.enable_progress_bar=false",
         ])  # fmt: skip
     with caplog.at_level(logging.INFO):
         run(cfg)
