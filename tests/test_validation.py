@@ -19,6 +19,7 @@ from hyperlit.data.heldout import HeldOut
 from hyperlit.hypernetwork import Hypernetwork, HypernetworkConfig
 from hyperlit.models import FAMILIES, load_components
 from hyperlit.runner import run
+from hyperlit.tasks.hypernetwork.build import hypernetwork_config
 from hyperlit.tasks.hypernetwork.module import HypernetworkTask
 
 TINY_WIDTHS = [*FAMILIES["tiny"].attention_widths, FAMILIES["tiny"].context_dim]
@@ -111,9 +112,14 @@ def train_overrides(tmp_path: Path, out: Path, *extra: str) -> list[str]:
 @pytest.mark.slow
 def test_val_loss_same_under_other_seeds_and_after_resume(tmp_path: Path) -> None:
     start = tmp_path / "start.pt"
-    files.save_hypernetwork(random_network(3, 0.05), start)
+    network = Hypernetwork(hypernetwork_config(compose_config("train").hypernet), sizes=TINY_WIDTHS)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in network.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
+    files.save_hypernetwork(network, start)
     common = [f"hypernet.init_from={start}", "hypernet.sizes=auto", "train.max_steps=4",
-              "callbacks.checkpoint.every_n_train_steps=2"]  # fmt: skip
+              "callbacks.checkpoint.every_n_train_steps=2", "callbacks.checkpoint.save_top_k=-1"]  # fmt: skip
     a_dir, b_dir, r_dir = tmp_path / "a", tmp_path / "b", tmp_path / "r"
     run(compose_config("train", train_overrides(tmp_path, a_dir, *common, "seed=1")))
     run(compose_config("train", train_overrides(tmp_path, b_dir, *common, "seed=2")))
@@ -123,7 +129,9 @@ def test_val_loss_same_under_other_seeds_and_after_resume(tmp_path: Path) -> Non
     assert a[2] != b[2]  # the runs trained differently, and val/loss sees it
     # resume from step 2 of run a: the same values at steps 2 and 4
     checkpoint = tmp_path / "step2.ckpt"
-    shutil.copy(next((a_dir / "checkpoints").glob("step-step=2*.ckpt")), checkpoint)
+    saved = sorted(p.name for p in (a_dir / "checkpoints").iterdir())
+    assert "step-step=2.ckpt" in saved, saved
+    shutil.copy(a_dir / "checkpoints" / "step-step=2.ckpt", checkpoint)
     run(compose_config("train", train_overrides(tmp_path, r_dir, *common, "seed=1", f"ckpt_path={checkpoint}")))
     resumed = read_metric(r_dir)
     assert resumed[2] == a[2] and resumed[4] == a[4]

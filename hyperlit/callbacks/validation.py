@@ -115,14 +115,20 @@ class ValidationLoss(L.Callback):
             return
         value = self._score(trainer, pl_module)
         if value is not None:
-            pl_module.log(METRIC, value, prog_bar=True, on_step=True, on_epoch=False, batch_size=1)
+            # The progress bar and callback_metrics through Lightning; the loggers directly, so the value is
+            # recorded at exactly this step whatever trainer.log_every_n_steps says.
+            pl_module.log(METRIC, value, prog_bar=True, logger=False, on_step=True, on_epoch=False, batch_size=1)
+            _to_loggers(trainer, value)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # The final weights: no batch follows, so log directly and make the value the run's last val/loss
-        # (what the runner returns to sweeps).
+        # The final weights: no batch follows (no pl_module.log here), so the value is put in callback_metrics
+        # by hand, where the runner reads what it returns to sweeps.
         value = self._score(trainer, pl_module)
-        if value is None:
-            return
-        trainer.callback_metrics[METRIC] = torch.tensor(value)
-        for logger in trainer.loggers:
-            logger.log_metrics({METRIC: value}, step=trainer.global_step)
+        if value is not None:
+            trainer.callback_metrics[METRIC] = torch.tensor(value)
+            _to_loggers(trainer, value)
+
+
+def _to_loggers(trainer: L.Trainer, value: float) -> None:
+    for logger in trainer.loggers:
+        logger.log_metrics({METRIC: value}, step=trainer.global_step)
