@@ -125,7 +125,7 @@ class ValidationLoss(L.Callback):
         # by hand, where the runner reads what it returns to sweeps.
         value = self._score(trainer, pl_module)
         if value is not None:
-            trainer.callback_metrics[METRIC] = torch.tensor(value)
+            trainer.callback_metrics[METRIC] = torch.tensor(value, dtype=torch.float64)
             _to_loggers(trainer, value)
 
 
