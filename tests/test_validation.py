@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import shutil
 from functools import partial
 from pathlib import Path
@@ -18,7 +19,7 @@ from hyperlit.callbacks.validation import fixed_noise, fixed_timesteps, validati
 from hyperlit.data.heldout import HeldOut
 from hyperlit.hypernetwork import Hypernetwork, HypernetworkConfig
 from hyperlit.models import FAMILIES, load_components
-from hyperlit.runner import run
+from hyperlit.runner import build_run, fit, run
 from hyperlit.tasks.hypernetwork.build import hypernetwork_config
 from hyperlit.tasks.hypernetwork.module import HypernetworkTask
 
@@ -135,3 +136,13 @@ def test_val_loss_same_under_other_seeds_and_after_resume(tmp_path: Path) -> Non
     run(compose_config("train", train_overrides(tmp_path, r_dir, *common, "seed=1", f"ckpt_path={checkpoint}")))
     resumed = read_metric(r_dir)
     assert resumed[2] == a[2] and resumed[4] == a[4]
+
+
+def test_without_held_out_data_it_says_so_once_and_returns_train_loss(train_cfg, caplog) -> None:
+    cfg = train_cfg("data.val_count=0", "callbacks.preview.every=0", "callbacks.preview.at_end=false", steps=2)
+    built = build_run(cfg)
+    with caplog.at_level(logging.WARNING):
+        value = fit(built, cfg)
+    assert sum("no held-out images" in r.getMessage() for r in caplog.records) == 1
+    assert "val/loss" not in built.trainer.callback_metrics
+    assert value == pytest.approx(float(built.trainer.callback_metrics["train/loss"]), rel=0, abs=0)
