@@ -72,6 +72,13 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def native_or_512(components: object | None) -> int:
+    """The model's native size for precomputed latents; 512 (SD1's) when no model encodes them."""
+    if components is None:
+        return 512
+    return components.family.native_resolution(components.prediction_type)
+
+
 def _make_shards(args: argparse.Namespace) -> int:
     import logging
     import os
@@ -89,7 +96,7 @@ def _make_shards(args: argparse.Namespace) -> int:
         args.src,
         args.dst,
         encoder=encoder,
-        resolution=args.resolution,
+        resolution=args.resolution or native_or_512(encoder),
         resize=args.resize,
         template=args.template,
         name=args.name,
@@ -164,7 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     shards.add_argument("--model-path", default=None, help="checkpoint or diffusers folder for sd15/sd21")
     shards.add_argument("--tokenizer-path", default=None, help="tokenizer folder, for a single-file checkpoint")
-    shards.add_argument("--resolution", type=int, default=512)
+    shards.add_argument(
+        "--resolution", type=int, default=None, help="default: the --model's native size (512 without --model)"
+    )
     shards.add_argument("--resize", default="crop", choices=("crop", "stretch"))
     shards.add_argument("--template", default="style_filewords")
     shards.add_argument("--name", default="hypernetwork", help="the [name] in template lines")

@@ -47,3 +47,13 @@ def test_the_tiny_run_trains_at_64_decided_before_the_model_loads(train_cfg, tmp
     cfg = train_cfg("data=folder", f"data.path={folder}", "data.val_count=0")
     parts = TASKS["hypernetwork"](cfg)  # build only: the weights load later, in parts.load_module()
     assert parts.datamodule.opts.resolution == 64
+
+
+def test_make_shards_precomputes_latents_at_the_models_native_size() -> None:
+    from types import SimpleNamespace
+
+    from hyperlit.cli import native_or_512
+
+    assert native_or_512(SimpleNamespace(family=FAMILIES["tiny"], prediction_type="epsilon")) == 64
+    assert native_or_512(SimpleNamespace(family=FAMILIES["sd21"], prediction_type="v_prediction")) == 768
+    assert native_or_512(None) == 512

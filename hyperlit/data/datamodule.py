@@ -91,14 +91,17 @@ class FolderDataModule(TrainerEpochs, L.LightningDataModule):
 
     def validate(self) -> None:
         """Errors at the door (before the model loads): the folder exists and holds image files."""
-        self._check_held_out(len(self._items(SkipLog(verbose=False))))
+        self._items(SkipLog(verbose=False))
 
-    def _check_held_out(self, usable: int) -> None:
-        if self.opts.val_count and usable <= self.opts.val_count:
-            raise ValueError(
-                f"data.val_count={self.opts.val_count} holds out every usable image of data.path={self.path_value!r} "
-                f"({usable}); set it lower (0: no validation)"
-            )
+    def _held_out_count(self, usable: int) -> int:
+        """data.val_count, but never more than a quarter of the usable images: a small folder trains on all."""
+        count = min(self.opts.val_count, usable // 4)
+        if count < self.opts.val_count:
+            log.warning(
+                "data.val_count=%d: holding out %d of the %d usable images of %s (at most a quarter)",
+                self.opts.val_count, count, usable, self.path_value,
+            )  # fmt: skip
+        return count
 
     def _encode(self, skips: SkipLog, write: bool) -> Encoded:
         encoder = self._require_encoder()
@@ -117,8 +120,7 @@ class FolderDataModule(TrainerEpochs, L.LightningDataModule):
         self.skip_log = SkipLog()
         enc = self._encode(self.skip_log, write=self._is_global_zero())
         self.last_encoded = enc
-        self._check_held_out(len(enc.records))
-        train, held = split_held_out(enc.records, self.opts.val_count)
+        train, held = split_held_out(enc.records, self._held_out_count(len(enc.records)))
         self.held_out = [self._held_out(r) for r in held]
         samples = [self._finalize(r) for r in train]
         trainer = getattr(self, "trainer", None)
