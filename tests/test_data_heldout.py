@@ -61,11 +61,11 @@ def test_no_validation_by_default_and_at_most_a_quarter_held_out(tmp_path, caplo
 
 
 def test_webdataset_holds_out_the_first_samples_of_the_first_shard(tmp_path):
-    folder = make_folder(tmp_path / "d", n=6)
-    make_shards(folder, tmp_path / "s", samples_per_shard=3)
+    folder = make_folder(tmp_path / "d", n=10)
+    make_shards(folder, tmp_path / "s", samples_per_shard=8)
     urls = str(tmp_path / "s" / "shard-{000000..000001}.tar")
-    first_three = sorted(folder.glob("*.png"))[:3]  # make_shards writes files in name order
-    expected = [hashlib.sha256(p.read_bytes()).hexdigest() for p in first_three[:2]]
+    first_two = sorted(folder.glob("*.png"))[:2]  # make_shards writes files in name order
+    expected = [hashlib.sha256(p.read_bytes()).hexdigest() for p in first_two]
     enc = FakeEncoder()
     dm = WebDataModule(
         urls=urls,
@@ -82,7 +82,13 @@ def test_webdataset_holds_out_the_first_samples_of_the_first_shard(tmp_path):
     for batch in dm.train_dataloader():
         seen += batch["sha"]
         dm.on_after_batch_transfer(batch, 0)
-    assert len(seen) == 4 and not set(seen) & set(expected)
+    assert len(seen) == 8 and not set(seen) & set(expected)
+    # a first shard of 2 samples is too small to give any away: at most a quarter is held out
+    make_shards(make_folder(tmp_path / "tiny", n=2), tmp_path / "t", samples_per_shard=2)
+    small = WebDataModule(urls=str(tmp_path / "t" / "shard-000000.tar"), encoder=enc, resolution=64, num_workers=0,
+                          shuffle_buffer=0, val_count=2)  # fmt: skip
+    small.setup("fit")
+    assert small.held_out == [] and sum(len(b["sha"]) for b in small.train_dataloader()) == 2
     # the held-out latents are the scaled posterior means of those images
     ref = folder_dm(folder, val_count=0)
     everything = trained_latents(ref.train_dataloader())
