@@ -33,7 +33,7 @@ def make(path, enc=None, **kw):
 def test_sample_config_instantiates_from_any_cwd(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # sample.yaml's relative path must still find datasets/sample
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose(overrides=["+data=sample", f"data.cache_dir={tmp_path / 'cache'}"])
+        cfg = compose(overrides=["+data=sample", f"data.cache_dir={tmp_path / 'cache'}", "data.val_count=0"])
     enc = FakeEncoder()
     dm = instantiate(cfg.data, encoder=enc, name="shapes", seed=7)
     assert isinstance(dm, FolderDataModule)

@@ -7,6 +7,7 @@ after every optimizer step and the captions of every batch.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import socket
@@ -16,10 +17,13 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT
+import torch
+from conftest import REPO_ROOT, compose_config
 from ddp_probe import state_digest
 
 from hyperlit import distributed, files
+from hyperlit.hypernetwork import Hypernetwork
+from hyperlit.tasks.hypernetwork.build import hypernetwork_config
 
 SAMPLE = REPO_ROOT / "datasets" / "sample"
 
@@ -57,7 +61,7 @@ def _env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-def _train(tmp_path: Path, *overrides: str, timeout: int = 240) -> subprocess.CompletedProcess:
+def _train(tmp_path: Path, *overrides: str, timeout: int = 240, val_count: int = 0) -> subprocess.CompletedProcess:
     work = tmp_path / "work"
     work.mkdir(exist_ok=True)
     command = [
@@ -65,7 +69,7 @@ def _train(tmp_path: Path, *overrides: str, timeout: int = 240) -> subprocess.Co
         "trainer=ddp_cpu", "hypernet=linear_121", "logger=csv", "train.max_steps=6",
         f"hydra.run.dir={tmp_path / 'out'}", f"data.cache_dir={tmp_path / 'cache'}",
         "~callbacks.progress", "trainer.enable_progress_bar=false", "callbacks.preview.steps=2",
-        "data.batch_size=2",
+        "data.batch_size=2", f"data.val_count={val_count}",  # 0: the tests below count every sample image
         "+callbacks.probe._target_=ddp_probe.DDPProbe", f"+callbacks.probe.dirpath={tmp_path / 'probe'}",
         *overrides,
     ]
@@ -159,6 +163,35 @@ def test_two_processes_on_webdataset_shards(tmp_path):
     _assert_each_sample_once_per_epoch(_probes(tmp_path), epochs=2)
     assert sorted(p.name for p in (out / "hypernetworks").iterdir()) == ["linear_121.pt", "linear_121.safetensors"]
     assert [p.parent.name for p in tmp_path.rglob(".hydra")] == ["out"]
+
+
+def _val_losses(run_dir: Path) -> dict[int, str]:
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        return {int(row["step"]): row["val/loss"] for row in csv.DictReader(f) if row.get("val/loss")}
+
+
+@pytest.mark.slow
+def test_val_loss_is_the_same_with_one_and_two_processes(tmp_path):
+    start = tmp_path / "start.pt"
+    config = hypernetwork_config(compose_config("train", ["hypernet=linear_121"]).hypernet)
+    network = Hypernetwork(config, sizes=[48, 32, 64])  # every width of the tiny model
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in network.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
+    files.save_hypernetwork(network, start)
+    common = (
+        f"hypernet.init_from={start}", "train.max_steps=2", "callbacks.preview.every=0",
+        "callbacks.preview.at_end=false", "callbacks.export.save_every=0", "callbacks.validation.every=1",
+    )  # fmt: skip
+    for name in ("one", "two"):
+        (tmp_path / name).mkdir()
+    _train(tmp_path / "one", *common, "trainer.devices=1", val_count=2)
+    _train(tmp_path / "two", *common, val_count=2)
+    one, two = _val_losses(tmp_path / "one" / "out"), _val_losses(tmp_path / "two" / "out")
+    assert sorted(one) == sorted(two) == [0, 1, 2]
+    # The same start weights score the same whatever the world size: every rank scores every held-out image.
+    assert one[0] == two[0]
 
 
 # --- webdataset splitting without processes: the DataModule told its rank as Lightning would ---

@@ -94,6 +94,20 @@ class HypernetworkTask(L.LightningModule):
             return batch["context"]
         return self.components.encode_text(list(batch["caption"])).to(self.device)
 
+    def loss_at(
+        self, latents: Tensor, noise: Tensor, timesteps: Tensor, context: Tensor, weight: Tensor | None = None
+    ) -> Tensor:
+        """Per-sample MSE of the UNet's prediction to the target (eps or v) at the given noise and timesteps."""
+        scheduler = self.components.noise_scheduler
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        target = noise if self.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+        unet = self.components.unet
+        prediction = unet(noisy.to(unet.dtype), timesteps, context.to(unet.dtype)).sample.float()
+        error = F.mse_loss(prediction, target, reduction="none")
+        if weight is not None:
+            error = error * weight
+        return error.mean(dim=(1, 2, 3))
+
     def compute_loss(self, batch: dict, generator: torch.Generator | None = None) -> Tensor:
         """Per-sample diffusion loss: noise a latent at a uniform timestep, MSE of the UNet's prediction."""
         latents = batch["latents"].float()
@@ -108,14 +122,7 @@ class HypernetworkTask(L.LightningModule):
         timesteps = torch.randint(
             0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator, device=latents.device
         )
-        noisy = scheduler.add_noise(latents, noise, timesteps)
-        target = noise if self.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
-        unet = self.components.unet
-        prediction = unet(noisy.to(unet.dtype), timesteps, context.to(unet.dtype)).sample.float()
-        error = F.mse_loss(prediction, target, reduction="none")
-        if "weight" in batch:
-            error = error * batch["weight"]
-        per_sample = error.mean(dim=(1, 2, 3))
+        per_sample = self.loss_at(latents, noise, timesteps, context, batch.get("weight"))
         if self.min_snr_gamma is not None:
             per_sample = per_sample * min_snr_weights(
                 scheduler.alphas_cumprod, timesteps, self.min_snr_gamma, self.prediction_type
