@@ -185,7 +185,7 @@ class _ShareTextContext:
     """UNet forward pre-hook: K/V inputs of the text context, once, passed down in cross_attention_kwargs."""
 
     def __init__(self, hypernetworks: tuple[SupportsForwardKV, ...], context_index: int, kwargs_index: int):
-        self.hypernetworks = hypernetworks  # the very tuple the processors hold: SharedContextKV.serves checks it
+        self.hypernetworks = hypernetworks  # the networks the processors hold, in order: SharedContextKV.serves checks
         self.context_index = context_index
         self.kwargs_index = kwargs_index
 

@@ -115,7 +115,10 @@ class SharedContextKV:
 
     def serves(self, context: Tensor, hypernetworks: tuple[SupportsForwardKV, ...]) -> bool:
         """True iff (k, v) is exactly what apply_hypernetworks(hypernetworks, context) would return now."""
-        if context is not self.context or hypernetworks is not self.hypernetworks:
+        if context is not self.context or len(hypernetworks) != len(self.hypernetworks):
+            return False
+        # The same networks in the same order (element-wise: torch.compile cannot trace `is` on tuples).
+        if not all(a is b for a, b in zip(hypernetworks, self.hypernetworks, strict=True)):
             return False
         # Under torch.compile the version counter is not traceable; a compiled UNet forward cannot mutate its
         # own input between the pre-hook and the attention layers anyway.

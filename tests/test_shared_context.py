@@ -8,55 +8,25 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers.attention_models import CROSS_WIDTH, SELF_WIDTHS, ToyHypernetwork, make_unet
+from helpers.attention_models import (
+    CROSS_LAYERS,
+    CROSS_WIDTH,
+    CrossCalls,
+    ToyHypernetwork,
+    inputs,
+    make_unet,
+    real_hypernetwork,
+)
 from torch import Tensor, nn
 
 from hyperlit.attention import attach_hypernetworks, detach_hypernetworks, hypernetworks_attached, sharing_text_context
-from hyperlit.hypernetwork import Hypernetwork, HypernetworkConfig
+from hyperlit.hypernetwork import Hypernetwork
 from hyperlit.kv_inputs import apply_hypernetworks, share_context_kv, shareable
-
-CROSS_LAYERS = 7  # cross-attention layers of make_unet(): 2 down, 1 mid, 4 up
 
 
 @pytest.fixture(scope="module")
 def unet():
     return make_unet()
-
-
-def inputs(seed: int = 1, batch: int = 2) -> dict[str, Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    return {
-        "sample": torch.randn(batch, 4, 8, 8, generator=gen),
-        "timestep": torch.tensor([10, 500][:batch]),
-        "encoder_hidden_states": torch.randn(batch, 7, CROSS_WIDTH, generator=gen),
-    }
-
-
-def real_hypernetwork(seed: int = 0, dropout: list[float] | None = None, multiplier: float = 1.0) -> Hypernetwork:
-    config = HypernetworkConfig(
-        layer_structure=[1, 2, 1], activation="swish", dropout_structure=dropout, multiplier=multiplier
-    )
-    hn = Hypernetwork(config, sizes=SELF_WIDTHS + [CROSS_WIDTH])
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # A1111's N(0, 0.01) init is nearly the identity: make the networks matter
-        for p in hn.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.2)
-    return hn
-
-
-class CrossCalls:
-    """Counts calls of the cross-width (K) modules of real hypernetworks."""
-
-    def __init__(self, *hypernetworks: Hypernetwork):
-        self.count = 0
-        self.handles = [hn.pairs[str(CROSS_WIDTH)][0].register_forward_hook(self.hit) for hn in hypernetworks]
-
-    def hit(self, *_: object) -> None:
-        self.count += 1
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
 
 
 def forward(unet: nn.Module, hns: list, share: bool, batch: dict[str, Tensor], seed: int = 0) -> Tensor:
@@ -244,7 +214,9 @@ def test_serves_checks_tensor_networks_and_state():
     k, v = apply_hypernetworks(hns, ctx)
     assert torch.equal(shared.k, k) and torch.equal(shared.v, v)
     assert not shared.serves(ctx.clone(), hns)  # equal values, other tensor
-    assert not shared.serves(ctx, (hn,))  # another attach's tuple
+    assert shared.serves(ctx, (hn,))  # the same networks attached again
+    assert not shared.serves(ctx, (ToyHypernetwork([CROSS_WIDTH], seed=15).eval(),))  # equal weights, other net
+    assert not shared.serves(ctx, (hn, hn))
     hn.multiplier = 0.5
     assert not shared.serves(ctx, hns)
     hn.multiplier = 1.0

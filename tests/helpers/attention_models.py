@@ -6,8 +6,11 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch import Tensor, nn
 
+from hyperlit.hypernetwork import Hypernetwork, HypernetworkConfig
+
 SELF_WIDTHS = [32, 64]
 CROSS_WIDTH = 48
+CROSS_LAYERS = 7  # cross-attention layers of make_unet(): 2 down, 1 mid, 4 up
 
 
 class ToyHypernetwork(nn.Module):
@@ -53,3 +56,39 @@ def make_unet() -> UNet2DConditionModel:
     )
     unet.requires_grad_(False)
     return unet.eval()
+
+
+def inputs(seed: int = 1, batch: int = 2) -> dict[str, Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "sample": torch.randn(batch, 4, 8, 8, generator=gen),
+        "timestep": torch.tensor([10, 500][:batch]),
+        "encoder_hidden_states": torch.randn(batch, 7, CROSS_WIDTH, generator=gen),
+    }
+
+
+def real_hypernetwork(seed: int = 0, dropout: list[float] | None = None, multiplier: float = 1.0) -> Hypernetwork:
+    config = HypernetworkConfig(
+        layer_structure=[1, 2, 1], activation="swish", dropout_structure=dropout, multiplier=multiplier
+    )
+    hn = Hypernetwork(config, sizes=SELF_WIDTHS + [CROSS_WIDTH])
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # A1111's N(0, 0.01) init is nearly the identity: make the networks matter
+        for p in hn.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.2)
+    return hn
+
+
+class CrossCalls:
+    """Counts calls of the cross-width (K) modules of real hypernetworks."""
+
+    def __init__(self, *hypernetworks: Hypernetwork):
+        self.count = 0
+        self.handles = [hn.pairs[str(CROSS_WIDTH)][0].register_forward_hook(self.hit) for hn in hypernetworks]
+
+    def hit(self, *_: object) -> None:
+        self.count += 1
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
