@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,6 +12,8 @@ from torch import Tensor, nn
 from torch._dynamo.testing import CompileCounter
 
 from hyperlit.attention import attach_hypernetworks
+from hyperlit.data.skips import SkipLog
+from hyperlit.data.stream import TrainerEpochs
 from hyperlit.speed import FirstCallTimer, compile_unet, enable_gradient_checkpointing, use_channels_last
 
 
@@ -132,3 +135,16 @@ def test_channels_last_only_on_cuda():
     unet = make_unet()
     assert not use_channels_last(unet, torch.device("cpu"))
     assert unet.conv_in.weight.is_contiguous()
+
+
+@pytest.mark.parametrize("device, pinned", [("cuda", True), ("cpu", False), (None, False)])
+def test_training_batches_are_pinned_only_for_cuda(device, pinned):
+    """Pinned host memory lets Lightning's non_blocking copy overlap the GPU step; on CPU it would only cost."""
+
+    class Module(TrainerEpochs):
+        trainer = (
+            None if device is None else SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)))
+        )
+
+    loader = Module().epoch_loader([{"x": torch.zeros(1)}], SkipLog(), num_workers=0)
+    assert loader.pin_memory is pinned
