@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from types import TracebackType
 from typing import Any
 
@@ -38,13 +39,21 @@ def enable_gradient_checkpointing(unet: nn.Module) -> None:
     unet.enable_gradient_checkpointing(gradient_checkpointing_func=_checkpoint_block)
 
 
-def compile_unet(unet: nn.Module, **options: Any) -> None:
+_COMPILED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+def compile_unet(unet: nn.Module, **options: Any) -> bool:
     """torch.compile the UNet in place (its __call__, hooks included), so every holder of the object gets it.
 
     The hypernetwork processor and the text-context pre-hook trace without graph breaks: the pre-hook and the
-    UNet forward are two graphs (see tests/test_speed.py).
+    UNet forward are two graphs (see tests/test_speed.py). Returns False if the UNet was compiled already (a second
+    fit on the same model keeps the compiled code).
     """
+    if unet in _COMPILED:
+        return False
     unet.compile(**options)
+    _COMPILED.add(unet)
+    return True
 
 
 def use_channels_last(unet: nn.Module, device: torch.device) -> bool:

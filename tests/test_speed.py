@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from types import SimpleNamespace
 
@@ -14,7 +15,9 @@ from torch._dynamo.testing import CompileCounter
 from hyperlit.attention import attach_hypernetworks
 from hyperlit.data.skips import SkipLog
 from hyperlit.data.stream import TrainerEpochs
+from hyperlit.runner import build_run, fit
 from hyperlit.speed import FirstCallTimer, compile_unet, enable_gradient_checkpointing, use_channels_last
+from hyperlit.tasks.hypernetwork import module as task_module
 
 
 def step(unet: nn.Module, hn: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
@@ -148,3 +151,31 @@ def test_training_batches_are_pinned_only_for_cuda(device, pinned):
 
     loader = Module().epoch_loader([{"x": torch.zeros(1)}], SkipLog(), num_workers=0)
     assert loader.pin_memory is pinned
+
+
+@pytest.mark.slow
+def test_training_with_checkpointing_or_compile_reaches_the_same_weights(train_cfg, tmp_path, monkeypatch, caplog):
+    """The config keys reach the task; each option leaves the trained weights bit-identical."""
+    # The "eager" backend runs dynamo's captured graph op by op: the wiring and the log line without a C++ build.
+    monkeypatch.setattr(task_module, "compile_unet", functools.partial(compile_unet, backend="eager"))
+    common = ("callbacks.preview.every=0", "callbacks.preview.at_end=false", "callbacks.export.save_every=0",
+              "train.learning_rate=1e-3")  # fmt: skip
+    weights = {}
+    for name, option in [
+        ("plain", None),
+        ("ckpt", "train.gradient_checkpointing=true"),
+        ("compile", "train.compile=true"),
+    ]:
+        overrides = [*common, f"paths.output_dir={tmp_path / name}"] + ([option] if option else [])
+        cfg = train_cfg(*overrides, steps=2)
+        with caplog.at_level(logging.INFO, logger="hyperlit.speed"):
+            run = build_run(cfg)
+            fit(run, cfg)
+        weights[name] = run.module.hypernetwork.state_dict()
+        unet = run.module.components.unet
+        assert not any(getattr(m, "gradient_checkpointing", False) for m in unet.modules())  # restored after fit
+    compile_logs = [r.getMessage() for r in caplog.records if "torch.compile" in r.getMessage()]
+    assert len(compile_logs) == 1 and "first training step" in compile_logs[0]
+    for name in ("ckpt", "compile"):
+        for key, value in weights["plain"].items():
+            assert torch.equal(weights[name][key], value), (name, key)
