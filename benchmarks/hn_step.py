@@ -315,13 +315,16 @@ def main() -> None:
 
     for row in rows:  # warm-up; the compiled row compiles here
         row.first_call = timed(row, hn, batch, device, dtype)
-    for _ in range(args.repeats):
+        print(f"  warm-up {row.name}: {row.first_call:.1f} s", flush=True)
+    for repeat in range(args.repeats):
         for row in rows:
             row.seconds.append(timed(row, hn, batch, device, dtype))
+        print(f"  repeat {repeat + 1}: " + ", ".join(f"{r.name} {r.seconds[-1]:.1f} s" for r in rows), flush=True)
     for row in rows:
         if row.name != "compiled":  # same ops as default; flop counting and saved-tensor hooks are eager-only
             row.flops = count_flops(lambda row=row: step(row, hn, batch, device, dtype))
             row.saved_bytes = saved_bytes(row, hn, batch, device, dtype)
+            print(f"  counted {row.name}: {row.flops / 1e9:.1f} GFLOP, {row.saved_bytes / 2**20:.0f} MiB", flush=True)
     limit = None
     if "default" in {r.name for r in rows}:
         default = next(r for r in rows if r.name == "default")
