@@ -40,6 +40,8 @@ CASES = [
     ("train", ["+hypernet.actvation=relu"], "hypernet.actvation"),
     ("train", ["train.max_steps=0"], "train.max_steps"),
     ("train", ["train.prediction_type=x0"], "train.prediction_type"),
+    ("train", ["train.gradient_checkpointing=yes"], "train.gradient_checkpointing"),
+    ("train", ["train.compile=1"], "train.compile"),
     ("train", ["train.optimizer._target_=torch.optim.NoSuchOptimizer"], "train.optimizer._target_"),
     ("train", ["data=folder", "data.path=/nonexistent/images"], "data.path"),
     ("train", ["ckpt_path=/nonexistent/last.ckpt"], "ckpt_path"),

@@ -112,6 +112,9 @@ def check_train_options(train: DictConfig) -> None:
         raise not_allowed("train.min_snr_gamma", train.min_snr_gamma, "use null or a number > 0")
     if float(train.noise_offset) < 0:
         raise not_allowed("train.noise_offset", train.noise_offset, "use 0 or more")
+    for key in ("gradient_checkpointing", "compile"):
+        if not isinstance(train.get(key, False), bool):
+            raise not_allowed(f"train.{key}", train.get(key), "use true or false")
 
 
 def native_size(data_cfg: DictConfig, spec: ModelSpec) -> dict[str, int]:
@@ -162,6 +165,8 @@ def build(cfg: DictConfig) -> TaskParts:
             noise_offset=float(cfg.train.noise_offset),
             prediction_type=cfg.train.prediction_type,
             initial_step=hypernetwork.step,
+            gradient_checkpointing=bool(cfg.train.get("gradient_checkpointing", False)),
+            compile=bool(cfg.train.get("compile", False)),
         )
         return module
 
