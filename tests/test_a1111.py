@@ -13,9 +13,9 @@ import zipfile
 from collections import OrderedDict
 from pathlib import Path
 
-import a1111_reference as ref
 import pytest
 import torch
+from helpers import a1111_reference as ref
 from torch import nn
 
 from hyperlit.files import (

@@ -8,9 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import a1111_reference as ref
 import pytest
 import torch
+from helpers import a1111_reference as ref
 
 from hyperlit import cli, files
 from hyperlit.files import a1111, load_hypernetwork, save_hypernetwork

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from a1111_reference import ReferenceModule, a1111_sequential
+from helpers.a1111_reference import ReferenceModule, a1111_sequential
 from torch import nn
 
 from hyperlit.hypernetwork import ACTIVATIONS, Hypernetwork, HypernetworkConfig, HypernetworkModule
