@@ -6,6 +6,7 @@ import functools
 
 import pytest
 import torch
+from audit_oracles import sd1_context
 
 from hyperlit.hypernetwork import Hypernetwork, HypernetworkConfig
 from hyperlit.tasks.hypernetwork.module import HypernetworkTask, min_snr_weights
@@ -71,7 +72,8 @@ def test_min_snr_weights_formula():
 def test_captions_are_encoded_when_no_context_is_cached(tiny_components):
     task = _task(tiny_components)
     batch = {"latents": torch.randn(2, 4, 8, 8), "caption": ["a red circle", "a blue square"]}
-    torch.testing.assert_close(task.context_for(batch), tiny_components.encode_text(batch["caption"]))
+    expected = sd1_context(tiny_components.tokenizer, tiny_components.text_encoder, batch["caption"])  # independent
+    torch.testing.assert_close(task.context_for(batch), expected)
 
 
 @pytest.mark.parametrize(

@@ -311,5 +311,5 @@ def test_fp16_report_flags_overflowing_blocks(tiny_vae):
     with torch.no_grad():
         vae.decoder.conv_in.weight.mul_(1e5)  # activations far beyond fp16's 65504
     bad = {s.name: s for s in fp16_decode_report(vae, z)}
-    assert not bad["decoder.conv_in"].safe or bad["decoder.conv_in"].max_abs > 6e4
+    assert not bad["decoder.conv_in"].safe and bad["decoder.conv_in"].nonfinite > 0
     assert vae.decoder.conv_in.weight.dtype == torch.float32  # the check used a copy
