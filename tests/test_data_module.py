@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from audit_oracles import expected_fixed_prompts, sd1_context
+from helpers.audit_oracles import expected_fixed_prompts, sd1_context
 from helpers.config import compose_config
 from helpers.fakes import FakeEncoder, text_vector
 from helpers.images import make_folder, write_image

@@ -6,7 +6,7 @@ import functools
 
 import pytest
 import torch
-from audit_oracles import sd1_context
+from helpers.audit_oracles import sd1_context
 
 from hyperlit.hypernetwork import Hypernetwork, HypernetworkConfig
 from hyperlit.tasks.hypernetwork.module import HypernetworkTask, min_snr_weights
