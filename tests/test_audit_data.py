@@ -7,9 +7,10 @@ import io
 
 import numpy as np
 import pytest
-from audit_oracles import expected_fixed_prompts
+from helpers.audit_oracles import expected_fixed_prompts
+from helpers.fakes import FakeEncoder
+from helpers.images import make_folder
 from PIL import Image
-from test_data_fakes import FakeEncoder, make_folder
 
 from hyperlit.data import FolderDataModule
 

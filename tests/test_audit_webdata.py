@@ -6,7 +6,8 @@ from __future__ import annotations
 import io
 import tarfile
 
-from test_data_fakes import FakeEncoder, make_folder, png_bytes
+from helpers.fakes import FakeEncoder
+from helpers.images import make_folder, png_bytes
 
 from hyperlit.data import WebDataModule, make_shards
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import importlib
 
 import pytest
-from conftest import CONF_DIR, compose_config
+from helpers.config import compose_config
+from helpers.paths import CONF_DIR
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from hyperlit.hypernetwork import HypernetworkConfig

@@ -6,7 +6,8 @@ import hashlib
 
 import pytest
 import torch
-from test_data_fakes import FakeEncoder, make_folder
+from helpers.fakes import FakeEncoder
+from helpers.images import make_folder
 
 from hyperlit.data import FolderDataModule, WebDataModule, make_shards
 

@@ -6,15 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from audit_oracles import expected_fixed_prompts, sd1_context
-from hydra import compose, initialize_config_dir
+from helpers.audit_oracles import expected_fixed_prompts, sd1_context
+from helpers.config import compose_config
+from helpers.fakes import FakeEncoder, text_vector
+from helpers.images import make_folder, write_image
 from hydra.utils import instantiate
-from test_data_fakes import FakeEncoder, make_folder, text_vector, write_image
 
 from hyperlit.data import FolderDataModule
-from hyperlit.data.paths import repo_root
-
-CONF = str(repo_root() / "conf")
 
 
 def batches(dm):
@@ -32,8 +30,7 @@ def make(path, enc=None, **kw):
 
 def test_sample_config_instantiates_from_any_cwd(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # sample.yaml's relative path must still find datasets/sample
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose(overrides=["+data=sample", f"data.cache_dir={tmp_path / 'cache'}", "data.val_count=0"])
+    cfg = compose_config(None, ["+data=sample", f"data.cache_dir={tmp_path / 'cache'}", "data.val_count=0"])
     enc = FakeEncoder()
     dm = instantiate(cfg.data, encoder=enc, name="shapes", seed=7)
     assert isinstance(dm, FolderDataModule)
@@ -54,8 +51,7 @@ def test_sample_config_instantiates_from_any_cwd(tmp_path, monkeypatch):
 
 
 def test_folder_config_requires_path(tmp_path):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose(overrides=["+data=folder"])
+    cfg = compose_config(None, ["+data=folder"])
     with pytest.raises(Exception, match="path"):
         instantiate(cfg.data, encoder=FakeEncoder(), name="n", seed=0)
     with pytest.raises(FileNotFoundError, match="data.path"):

@@ -8,12 +8,13 @@ import tarfile
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from helpers.config import compose_config
+from helpers.fakes import FakeEncoder
+from helpers.images import make_folder, png_bytes
+from helpers.paths import SAMPLE_DIR
 from hydra.utils import instantiate
-from test_data_fakes import FakeEncoder, make_folder, png_bytes
 
 from hyperlit.data import FolderDataModule, WebDataModule, make_shards
-from hyperlit.data.paths import repo_root
 
 
 def wdm(urls, enc, **kw):
@@ -31,7 +32,7 @@ def finished(dm):
 
 
 def test_shards_with_precomputed_latents_match_folder_and_skip_encoders(tmp_path):
-    folder = repo_root() / "datasets" / "sample"
+    folder = SAMPLE_DIR
     maker = FakeEncoder()
     shards = make_shards(folder, tmp_path / "shards", encoder=maker, resolution=64, name="shapes", samples_per_shard=5)
     assert [p.name for p in shards] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
@@ -246,15 +247,15 @@ def test_nothing_usable_in_shards_is_an_error_with_reasons(tmp_path):
 
 def test_webdataset_config_composes(tmp_path):
     make_shards(make_folder(tmp_path / "d", n=2), tmp_path / "s", samples_per_shard=2)
-    with initialize_config_dir(config_dir=str(repo_root() / "conf"), version_base="1.3"):
-        cfg = compose(
-            overrides=[
-                "+data=webdataset",
-                f"data.urls={tmp_path / 's' / 'shard-000000.tar'}",
-                "data.num_workers=0",
-                "data.resolution=64",
-            ]
-        )
+    cfg = compose_config(
+        None,
+        [
+            "+data=webdataset",
+            f"data.urls={tmp_path / 's' / 'shard-000000.tar'}",
+            "data.num_workers=0",
+            "data.resolution=64",
+        ],
+    )
     dm = instantiate(cfg.data, encoder=FakeEncoder(), name="n", seed=1)
     assert isinstance(dm, WebDataModule)
     dm.setup("fit")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import compose_config
+from helpers.config import compose_config
 
 from hyperlit.models import FAMILIES, ModelSpec
 from hyperlit.tasks import TASKS

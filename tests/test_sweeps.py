@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO_ROOT, compose_config
+from helpers.config import compose_config
+from helpers.paths import REPO_ROOT
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 

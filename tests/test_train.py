@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from a1111_reference import a1111_load, a1111_safe_check, apply_pairs
-from conftest import REPO_ROOT
+from helpers.a1111_reference import a1111_load, a1111_safe_check, apply_pairs
+from helpers.paths import REPO_ROOT
 
 from hyperlit import files
 from hyperlit.callbacks.validation import ValidationLoss

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import compose_config
+from helpers.config import compose_config
 
 from hyperlit import files
 from hyperlit.attention import attach_hypernetworks
