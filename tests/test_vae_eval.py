@@ -50,13 +50,14 @@ def protocol_crop(path: Path, size: int) -> np.ndarray:
 
 
 def direct_ssim(a: np.ndarray, b: np.ndarray) -> float:
-    """Gaussian SSIM (11×11, σ 1.5, valid window positions) on HxWx3 floats in [0, 1], mean over channels."""
+    """Gaussian SSIM (11×11, σ 1.5) on HxWx3 floats in [0, 1] at every pixel (borders reflect-padded, as
+    torchmetrics does), mean over pixels and channels."""
     g = np.exp(-((np.arange(11) - 5.0) ** 2) / (2 * 1.5**2))
     k = np.outer(g, g) / np.outer(g, g).sum()
     c1, c2 = 0.01**2, 0.03**2
     values = []
     for c in range(3):
-        x, y = a[..., c], b[..., c]
+        x, y = (np.pad(v[..., c], 5, mode="reflect") for v in (a, b))
         mx, my = convolve2d(x, k, "valid"), convolve2d(y, k, "valid")
         sxx = convolve2d(x * x, k, "valid") - mx * mx
         syy = convolve2d(y * y, k, "valid") - my * my

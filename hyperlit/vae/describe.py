@@ -42,7 +42,8 @@ def _shapes_torch(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str
     if not isinstance(sd, dict):
         raise ValueError(f"{path}: holds a {type(sd).__name__}, not a state dict")
     tensors = {k: v for k, v in sd.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
-    return {k: tuple(v.shape) for k, v in tensors.items()}, {}, {str(v.dtype).removeprefix("torch.") for v in tensors.values()}
+    dtypes = {str(v.dtype).removeprefix("torch.") for v in tensors.values()}
+    return {k: tuple(v.shape) for k, v in tensors.items()}, {}, dtypes
 
 
 def read_shapes(path: str | os.PathLike) -> tuple[dict[str, tuple[int, ...]], dict[str, str], set[str]]:

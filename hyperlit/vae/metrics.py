@@ -28,7 +28,8 @@ def psnr_per_image(target: Tensor, pred: Tensor) -> Tensor:
 
 
 def ssim_per_image(target: Tensor, pred: Tensor) -> Tensor:
-    """Gaussian SSIM (11×11, σ 1.5) per image on [0, 1], averaged over channels."""
+    """Gaussian SSIM (11×11, σ 1.5) per image on [0, 1]; torchmetrics reflect-pads the borders and averages the
+    map over every pixel and channel."""
     return structural_similarity_index_measure(unit(pred), unit(target), data_range=1.0, reduction="none")
 
 
