@@ -19,7 +19,7 @@ import pytest
 from conftest import REPO_ROOT
 from ddp_probe import state_digest
 
-from hyperlit import distributed, formats
+from hyperlit import distributed, files
 
 SAMPLE = REPO_ROOT / "datasets" / "sample"
 
@@ -111,7 +111,7 @@ def _assert_identical_hypernetworks(tmp_path: Path, final_pt: Path) -> None:
     assert rank0 == rank1  # after every optimizer step, not only at the end
     assert len({line.split()[1] for line in rank0}) == 6  # and training changed it at every step
     # The file rank 0 exported is that same network (an independent path: the A1111 .pt reader).
-    assert rank0[-1].split()[1] == state_digest(formats.load_hypernetwork(final_pt))
+    assert rank0[-1].split()[1] == state_digest(files.load_hypernetwork(final_pt))
 
 
 @pytest.mark.slow
@@ -229,7 +229,7 @@ def _fail_if_model_loads(monkeypatch):
 
 
 def test_torchrun_world_that_does_not_match_devices_is_an_error_before_the_model_loads(train_cfg, monkeypatch):
-    from hyperlit.train import run
+    from hyperlit.runner import run
 
     _fail_if_model_loads(monkeypatch)
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
@@ -243,7 +243,7 @@ def test_torchrun_world_that_does_not_match_devices_is_an_error_before_the_model
 
 
 def test_slurm_nodes_and_tasks_that_do_not_match_are_errors(train_cfg, monkeypatch):
-    from hyperlit.train import run
+    from hyperlit.runner import run
 
     _fail_if_model_loads(monkeypatch)
     monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
@@ -260,7 +260,7 @@ def test_slurm_nodes_and_tasks_that_do_not_match_are_errors(train_cfg, monkeypat
 
 
 def test_webdataset_url_matching_no_shard_is_an_error_before_the_model_loads(train_cfg, monkeypatch, tmp_path):
-    from hyperlit.train import run
+    from hyperlit.runner import run
 
     _fail_if_model_loads(monkeypatch)
     pattern = str(tmp_path / "missing" / "shard-{000000..000003}.tar")

@@ -109,8 +109,9 @@ class PreviewImages(L.Callback):
         self.written.append(path)
         _log_image(trainer, image, self._prompt(), step)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
-                           batch: dict, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: dict, batch_idx: int
+    ) -> None:
         captions = batch.get("caption")
         if captions:
             self._last_caption = captions[0]

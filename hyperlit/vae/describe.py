@@ -1,6 +1,6 @@
 """What a VAE file or folder holds, for `hyperlit inspect`: layout, latent channels, quant convs, factors, size,
-whether it is a full SD checkpoint, and the hashes A1111 shows. Weights are read shape-first (safetensors headers;
-``torch.load(weights_only=True, mmap=True)`` for .pt/.ckpt), never as pickled code."""
+whether it is a full SD checkpoint, and the hashes A1111 shows. Weights are read shape-first from safetensors
+headers, and .pt/.ckpt through the weights-only reader, never as pickled code."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from hyperlit.files.torch_file import load_torch_file
 from hyperlit.models.hashing import a1111_short_hash, file_sha256
 
 # Keys that mark a VAE, in each layout; the first match decides.
@@ -32,11 +33,7 @@ def _shapes_safetensors(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[st
 
 
 def _shapes_torch(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str], set[str]]:
-    try:
-        # mmap: a multi-GB checkpoint is not read into memory just to list its tensors
-        sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means: not a plain weights file
-        raise ValueError(f"{path}: cannot be read as a weights-only torch file ({e})") from e
+    sd = load_torch_file(path)  # the project's one weights-only reader
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict):
