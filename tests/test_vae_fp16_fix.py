@@ -11,7 +11,7 @@ import torch
 
 from hyperlit.models.tiny import build_tiny
 from hyperlit.vae.fp16 import FP16_MAX, HEADROOM, decode_report, fp16_decode_report, fp16_verdict
-from hyperlit.vae.fp16_fix import ActivationMonitor, Fp16FixLoss, add_gains, fold_gains, make_fp16_unsafe
+from hyperlit.vae.fp16_fix import ActivationMonitor, Fp16FixLoss, LayerGains, make_fp16_unsafe
 
 PSNR_FLOOR = 35.0  # dB, fp16 decode of the fixed decoder vs the teacher's fp32 decode, on [0, 1]
 
@@ -50,8 +50,8 @@ def test_fp16_fix_makes_it_safe_and_keeps_the_teachers_output(unsafe) -> None:
     vae, z, original = unsafe
     teacher = copy.deepcopy(vae).requires_grad_(False)
     student = copy.deepcopy(vae).requires_grad_(False)
-    gains = add_gains(student)
-    opt = torch.optim.Adam(gains, lr=0.03)
+    gains = LayerGains(student)
+    opt = torch.optim.Adam(gains.parameters(), lr=0.03)
     monitor = ActivationMonitor(student)
     loss_fn = Fp16FixLoss()
     gen = torch.Generator().manual_seed(1)
@@ -60,13 +60,14 @@ def test_fp16_fix_makes_it_safe_and_keeps_the_teachers_output(unsafe) -> None:
         with torch.no_grad():
             target = teacher.decode(latents).sample
         monitor.clear()
-        loss, _ = loss_fn(student.decode(latents).sample, target, monitor.peaks)
+        with gains.applied():
+            loss, _ = loss_fn(student.decode(latents).sample, target, monitor.peaks)
         opt.zero_grad()
         loss.backward()
         opt.step()
+        gains.fold()
     monitor.remove()
-    fold_gains(student)
-    assert set(student.state_dict()) == set(vae.state_dict())  # a plain AutoencoderKL again
+    assert set(student.state_dict()) == set(vae.state_dict())  # a plain AutoencoderKL throughout
 
     verdict = fp16_verdict(fp16_decode_report(student, z))
     assert verdict.finite and verdict.well_below, verdict

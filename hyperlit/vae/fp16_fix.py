@@ -5,12 +5,13 @@ The scaling is learned directly: every conv/linear layer of ``post_quant_conv`` 
 gains (weight, bias). Adam steps on a log gain are relative (a few % per step), so activations can shrink by
 orders of magnitude in a few hundred steps, which additive steps on the weights themselves cannot do at a
 fine-tuning learning rate. The weights may train too (small lr) to absorb what pure rescaling cannot express.
-``fold_gains`` multiplies the gains into the weights, so the exported decoder is a plain AutoencoderKL.
+The gains are folded into the weights after every update, so the decoder is a plain AutoencoderKL throughout.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +19,6 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 from diffusers.models.resnet import ResnetBlock2D
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
 from hyperlit.vae.fp16 import FP16_MAX, HEADROOM
 
@@ -62,36 +62,51 @@ def make_fp16_unsafe(vae: nn.Module, factor: float) -> None:
                 up.conv.bias.mul_(factor)
 
 
-class LogGain(nn.Module):
-    """Parametrization ``w -> exp(g) · w`` with a learnable scalar ``g`` (0 at start: the identity)."""
+class LayerGains(nn.Module):
+    """Two log gains (weight, bias) per decoder layer, applied to the layer's output while ``applied()`` is active:
+    ``out -> exp(g_w)·(out - b) + exp(g_b)·b``, i.e. the layer with weight ``exp(g_w)·W`` and bias ``exp(g_b)·b``.
+    ``fold()`` multiplies them into the weights and resets them to 0, so between steps the VAE holds plain weights
+    (EMA, exports, checkpoints and the fp16 check need nothing special) and each optimizer step on a gain is a
+    relative rescaling of its layer."""
 
-    def __init__(self) -> None:
+    def __init__(self, vae: nn.Module) -> None:
         super().__init__()
-        self.log_gain = nn.Parameter(torch.zeros(()))
+        self._layers = list(decoder_layers(vae))  # a plain list: the layers stay registered in the VAE only
+        self.log_gains = nn.ParameterDict(
+            {name.replace(".", "__"): nn.Parameter(torch.zeros(2)) for name, _ in self._layers}
+        )
 
-    def forward(self, w: Tensor) -> Tensor:
-        return w * self.log_gain.exp()
+    def _hook(self, gain: Tensor):
+        def scaled(layer: nn.Module, _inp: tuple, out: Tensor) -> Tensor:
+            if layer.bias is None:
+                return out * gain[0].exp()
+            shape = (1, -1) + (1,) * (out.ndim - 2) if isinstance(layer, nn.Conv2d) else (-1,)
+            b = layer.bias.view(shape)
+            return gain[0].exp() * (out - b) + gain[1].exp() * b
 
+        return scaled
 
-def add_gains(vae: nn.Module) -> list[nn.Parameter]:
-    """Attach a weight gain and a bias gain to each decoder layer; returns the gain parameters."""
-    gains = []
-    for _, layer in decoder_layers(vae):
-        for name in ("weight", "bias"):
-            if getattr(layer, name, None) is not None:
-                gain = LogGain().to(layer.weight.device)
-                parametrize.register_parametrization(layer, name, gain)
-                gains.append(gain.log_gain)
-    return gains
+    @contextmanager
+    def applied(self) -> Iterator[None]:
+        handles = [
+            # prepend: the gain applies before any other hook (the activation monitor) sees the output
+            layer.register_forward_hook(self._hook(self.log_gains[name.replace(".", "__")]), prepend=True)
+            for name, layer in self._layers
+        ]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
 
-
-@torch.no_grad()
-def fold_gains(vae: nn.Module) -> None:
-    """Multiply the gains into the weights and remove the parametrizations (plain state-dict keys again)."""
-    for _, layer in decoder_layers(vae):
-        for name in ("weight", "bias"):
-            if parametrize.is_parametrized(layer, name):
-                parametrize.remove_parametrizations(layer, name, leave_parametrized=True)
+    @torch.no_grad()
+    def fold(self) -> None:
+        for name, layer in self._layers:
+            gain = self.log_gains[name.replace(".", "__")]
+            layer.weight.mul_(gain[0].exp())
+            if layer.bias is not None:
+                layer.bias.mul_(gain[1].exp())
+            gain.zero_()
 
 
 class ActivationMonitor:
