@@ -43,10 +43,10 @@ LOSS_KINDS = ("reconstruction", "fp16_fix")
 
 @dataclass
 class LossConfig:
-    kind: str = "reconstruction"  # reconstruction (+ LPIPS + GAN) | fp16_fix (teacher + activation penalty, no GAN)
     reconstruction: str = "l1"
     reconstruction_weight: float = 1.0
     perceptual: PerceptualConfig = field(default_factory=PerceptualConfig)
+    kind: str = "reconstruction"  # reconstruction (+ LPIPS + GAN) | fp16_fix (teacher + activation penalty, no GAN)
     fp16_fix: Fp16FixConfig = field(default_factory=Fp16FixConfig)
 
     def __post_init__(self) -> None:
