@@ -179,7 +179,7 @@ def load_inception(path: str | os.PathLike, key: str = "--inception-weights") ->
     net = FIDInceptionV3()
     sd = load_weights_file(path, key)
     sd = {k: v for k, v in sd.items() if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
-    expected = net.state_dict()
+    expected = {k: v for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
     if missing or unexpected:
@@ -190,5 +190,5 @@ def load_inception(path: str | os.PathLike, key: str = "--inception-weights") ->
     for k, v in expected.items():
         if sd[k].shape != v.shape:
             raise ValueError(f"{key}={str(path)!r}: {k} has shape {tuple(sd[k].shape)}, expected {tuple(v.shape)}")
-    net.load_state_dict(sd)
+    net.load_state_dict(sd, strict=False)  # only the unused BatchNorm step counters are absent
     return net

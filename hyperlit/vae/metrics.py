@@ -41,8 +41,8 @@ class RFID:
     """rFID of several models against one set of real images: the real features are computed once."""
 
     def __init__(self, inception: FIDInceptionV3) -> None:
+        # torchmetrics keeps the feature sums and covariances in float64 (the matrix square root needs it)
         self.metric = FrechetInceptionDistance(feature=inception, reset_real_features=False)
-        self.metric.set_dtype(torch.float64)  # the covariance square root is ill-conditioned in fp32
 
     def add_real(self, images: Tensor) -> None:
         self.metric.update(images, real=True)
