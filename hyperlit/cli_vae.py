@@ -72,10 +72,9 @@ def _check_args(args: argparse.Namespace) -> list[str]:
     for key, value in (("--limit", args.limit), ("--batch-size", args.batch_size), ("--panel-count", args.panel_count)):
         if value is not None and value < 1:
             raise ValueError(f"{key}: {value} is not allowed; at least 1")
-    for key in ("model_path",):
-        for path in getattr(args, key):
-            if not os.path.exists(path):
-                raise FileNotFoundError(f"--model-path={path!r}: no such file or folder")
+    for path in args.model_path:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"--model-path={path!r}: no such file or folder")
     for key in ("lpips_weights", "lpips_lin_weights", "inception_weights"):
         value = getattr(args, key)
         if value is not None and not Path(value).is_file():
