@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from hyperlit import files
+from hyperlit.cli_vae import add_eval_vae_parser, is_vae_file, run_inspect_vae
 from hyperlit.files import HypernetworkFile
 
 
@@ -46,6 +47,8 @@ def _read_checked(path: str | Path) -> HypernetworkFile:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    if is_vae_file(args.file):  # dispatch by content: VAE keys or a diffusers folder
+        return run_inspect_vae(args)
     info = describe(_read_checked(args.file))
     if args.json:
         print(json.dumps(info, indent=2))
@@ -72,6 +75,13 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def native_or_512(components: object | None) -> int:
+    """The model's native size for precomputed latents; 512 (SD1's) when no model encodes them."""
+    if components is None:
+        return 512
+    return components.family.native_resolution(components.prediction_type)
+
+
 def _make_shards(args: argparse.Namespace) -> int:
     import logging
     import os
@@ -89,7 +99,7 @@ def _make_shards(args: argparse.Namespace) -> int:
         args.src,
         args.dst,
         encoder=encoder,
-        resolution=args.resolution,
+        resolution=args.resolution or native_or_512(encoder),
         resize=args.resize,
         template=args.template,
         name=args.name,
@@ -100,11 +110,46 @@ def _make_shards(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    import logging
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from hyperlit.generate import GenerateOptions, generate
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    options = vars(args).copy()
+    for key in ("command", "run"):
+        options.pop(key)
+    paths = generate(GenerateOptions(**options))
+    print(f"wrote {len(paths)} image(s) to {args.out}: {', '.join(p.name for p in paths)}")
+    return 0
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    gen = sub.add_parser("generate", help="text to image; <hypernet:NAME:MULT> tags in the prompt apply hypernetworks")
+    gen.add_argument("prompt", help="the prompt, with A1111 tags <hypernet:NAME> or <hypernet:NAME:MULTIPLIER>")
+    gen.add_argument("--hypernetwork-dir", default=None, help="folder with NAME.pt / NAME.safetensors files")
+    gen.add_argument("--out", required=True, help="output folder for <seed>-<index>.png")
+    gen.add_argument("--model", default="tiny", help="model family: tiny (embedded, the default), sd15, sd21")
+    gen.add_argument("--model-path", default=None, help="checkpoint file or diffusers folder for sd15/sd21")
+    gen.add_argument("--tokenizer-path", default=None, help="tokenizer folder, for a single-file checkpoint")
+    gen.add_argument("--negative-prompt", default="")
+    gen.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    gen.add_argument("--n", type=int, default=4, help="number of images")
+    gen.add_argument("--steps", type=int, default=20)
+    gen.add_argument("--cfg", type=float, default=7.0, help="classifier-free guidance scale")
+    gen.add_argument("--sampler", default="euler_a", help="euler_a | euler | dpmpp_2m | ddim")
+    gen.add_argument("--width", type=int, default=None, help="default: the model's native size")
+    gen.add_argument("--height", type=int, default=None, help="default: the model's native size")
+    gen.set_defaults(run=_generate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hyperlit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    inspect = sub.add_parser("inspect", help="show what a hypernetwork file (.pt or .safetensors) holds")
+    inspect = sub.add_parser("inspect", help="show what a hypernetwork or VAE file (or diffusers VAE folder) holds")
     inspect.add_argument("file")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
     inspect.set_defaults(run=_inspect)
@@ -124,15 +169,20 @@ def build_parser() -> argparse.ArgumentParser:
     shards.add_argument("dst", help="output directory for <prefix>-000000.tar ...")
     shards.add_argument("--samples-per-shard", type=int, default=1000)
     shards.add_argument("--prefix", default="shard")
-    shards.add_argument("--model", default=None,
-                        help="model family (tiny, sd15, sd21) to precompute latents and context with")
+    shards.add_argument(
+        "--model", default=None, help="model family (tiny, sd15, sd21) to precompute latents and context with"
+    )
     shards.add_argument("--model-path", default=None, help="checkpoint or diffusers folder for sd15/sd21")
     shards.add_argument("--tokenizer-path", default=None, help="tokenizer folder, for a single-file checkpoint")
-    shards.add_argument("--resolution", type=int, default=512)
+    shards.add_argument(
+        "--resolution", type=int, default=None, help="default: the --model's native size (512 without --model)"
+    )
     shards.add_argument("--resize", default="crop", choices=("crop", "stretch"))
     shards.add_argument("--template", default="style_filewords")
     shards.add_argument("--name", default="hypernetwork", help="the [name] in template lines")
     shards.set_defaults(run=_make_shards)
+    _add_generate(sub)
+    add_eval_vae_parser(sub)
     return parser
 
 
