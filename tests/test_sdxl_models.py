@@ -8,6 +8,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import numpy as np
 import pytest
 import safetensors.torch
 import torch
@@ -19,6 +20,7 @@ from hyperlit.attention import unet_attention_widths
 from hyperlit.hypernetwork import HypernetworkConfig
 from hyperlit.models import FAMILIES, load_components, validate_model_config
 from hyperlit.models.components import plain_sizes
+from hyperlit.models.sampling import SampleRequest, build_pipeline, sample_image
 from hyperlit.models.single_file import FrozenParts, convert_checkpoint
 from hyperlit.train import resolve_sizes
 
@@ -173,3 +175,42 @@ def test_full_size_sgm_conversion_shapes_on_meta():
     assert counts[0] == 2_567_463_684  # SDXL base UNet
     assert got.text_encoder_2.text_projection.weight.shape == (1280, 1280)
     assert got.unet.add_embedding.linear_1.in_features == 2816
+
+
+def _request(height: int = 64, width: int = 64) -> SampleRequest:
+    latents = torch.randn(1, 4, height // 8, width // 8, generator=torch.Generator().manual_seed(3))
+    return SampleRequest("a red cat", "blurry", height, width, 3, 5.0, latents)
+
+
+def test_sdxl_sampling_equals_the_diffusers_pipeline_on_prompts(comps):
+    """Previews/generation condition through components.condition; same image as diffusers' own SDXL call."""
+    sched = EulerDiscreteScheduler.from_config(comps.noise_scheduler.config)
+    req = _request(64, 96)
+    ours = np.asarray(sample_image(comps, sched, req))
+    pipe = build_pipeline(comps, EulerDiscreteScheduler.from_config(comps.noise_scheduler.config))
+    ref = pipe(
+        prompt=req.prompt, negative_prompt=req.negative_prompt, height=64, width=96, num_inference_steps=3,
+        guidance_scale=5.0, latents=req.latents, output_type="pil",
+    ).images[0]  # fmt: skip
+    assert isinstance(pipe, StableDiffusionXLPipeline) and ours.shape == (64, 96, 3)
+    assert np.abs(ours.astype(int) - np.asarray(ref).astype(int)).max() <= 1
+
+
+def test_sd1_sampling_unchanged():
+    sd1 = load_components(family="tiny")
+    sched = EulerDiscreteScheduler.from_config(sd1.noise_scheduler.config)
+    req = _request()
+    ours = np.asarray(sample_image(sd1, sched, req))
+    pipe = build_pipeline(sd1, EulerDiscreteScheduler.from_config(sd1.noise_scheduler.config))
+    ref = pipe(
+        prompt_embeds=sd1.encode_text([req.prompt]), negative_prompt_embeds=sd1.encode_text([req.negative_prompt]),
+        height=64, width=64, num_inference_steps=3, guidance_scale=5.0, latents=req.latents, output_type="pil",
+    ).images[0]  # fmt: skip
+    assert np.abs(ours.astype(int) - np.asarray(ref).astype(int)).max() <= 1
+
+
+def test_sdxl_sampling_with_fp16_unet_and_fp32_vae(folder):
+    """The VAE stays float32 (SDXL overflows fp16) while the UNet runs in bfloat16 (CPU has no fp16 conv)."""
+    c = load_components(family="tiny_sdxl", path=str(folder), dtype="bfloat16")
+    image = sample_image(c, EulerDiscreteScheduler.from_config(c.noise_scheduler.config), _request())
+    assert image.size == (64, 64) and c.vae.dtype == torch.float32

@@ -1,7 +1,8 @@
 """Preview images while training: the hypernetwork in eval mode, a fixed seed, a diffusers sampler.
 
 Runs on global rank 0 only and uses no collectives, so it cannot deadlock a DDP job. The prompt is encoded with
-the same text rule as training (``components.encode_text``) and handed to the pipeline as embeddings.
+the same conditioning call as training (``components.condition``) and handed to the family's pipeline (SD or
+SDXL) as embeddings.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+from diffusers import DPMSolverMultistepScheduler
 from PIL import Image
 
 from hyperlit.io import atomic_path
+from hyperlit.models.sampling import SampleRequest, sample_image
 
 log = logging.getLogger(__name__)
 
@@ -62,34 +64,12 @@ class PreviewImages(L.Callback):
         hn.eval()  # dropout off and the configured multiplier, as at inference
         try:
             sampler = DPMSolverMultistepScheduler.from_config(components.noise_scheduler.config)
-            pipe = StableDiffusionPipeline(
-                vae=components.vae,
-                text_encoder=components.text_encoder,
-                tokenizer=components.tokenizer,
-                unet=components.unet,
-                scheduler=sampler,
-                safety_checker=None,
-                feature_extractor=None,
-                requires_safety_checker=False,
-            )
-            pipe.set_progress_bar_config(disable=True)
-            dtype = components.unet.dtype
-            prompt_embeds = components.encode_text([self._prompt()]).to(pl_module.device, dtype)
-            negative_embeds = components.encode_text([self.negative_prompt]).to(pl_module.device, dtype)
             generator = torch.Generator(device="cpu").manual_seed(self.seed)
-            latents = torch.randn(
-                (1, components.unet.config.in_channels, height // 8, width // 8), generator=generator
-            ).to(pl_module.device, dtype)
-            image = pipe(
-                prompt_embeds=prompt_embeds,
-                negative_prompt_embeds=negative_embeds,
-                height=height,
-                width=width,
-                num_inference_steps=self.steps,
-                guidance_scale=self.guidance_scale,
-                latents=latents,
-                output_type="pil",
-            ).images[0]
+            latents = torch.randn((1, components.unet.config.in_channels, height // 8, width // 8), generator=generator)
+            request = SampleRequest(
+                self._prompt(), self.negative_prompt, height, width, self.steps, self.guidance_scale, latents
+            )
+            image = sample_image(components, sampler, request)
         finally:
             hn.train(was_training)
         return image
@@ -109,8 +89,9 @@ class PreviewImages(L.Callback):
         self.written.append(path)
         _log_image(trainer, image, self._prompt(), step)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
-                           batch: dict, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: dict, batch_idx: int
+    ) -> None:
         captions = batch.get("caption")
         if captions:
             self._last_caption = captions[0]
