@@ -14,6 +14,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from hyperlit.models.family import FAMILIES
 from hyperlit.models.single_file import FrozenParts
 
+SDXL_FAMILY = FAMILIES["sdxl"]
 TINY_SDXL = FAMILIES["tiny_sdxl"].config_dir
 TOKENIZER = FAMILIES["tiny"].config_dir / "tokenizer"
 SCHEDULER = TINY_SDXL / "scheduler" / "scheduler_config.json"
