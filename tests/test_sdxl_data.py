@@ -91,3 +91,34 @@ def test_bucketed_sizes_are_the_crops_made(comps, tmp_path):
     assert again.pixels == [] and calls == []
     for a, b in zip(batches, second, strict=True):
         assert torch.equal(a["sizes"], b["sizes"]) and torch.equal(a["pooled"], b["pooled"])
+
+
+def test_sdxl_shards_carry_pooled_and_sizes(comps, tmp_path):
+    """make-shards with an SDXL encoder stores pooled.npy; streaming them gives the folder's conditioning."""
+    from hyperlit.data.shards import make_shards
+    from hyperlit.data.webdatamodule import WebDataModule
+
+    data = tmp_path / "data"
+    data.mkdir()
+    coded_image(data / "wide.png", (200, 64))
+    coded_image(data / "tall.png", (64, 300))
+    urls = make_shards(data, tmp_path / "shards", encoder=comps, resolution=64, template="none", samples_per_shard=8)
+    import tarfile
+
+    with tarfile.open(urls[0]) as tar:
+        assert sum(n.endswith(".pooled.npy") for n in tar.getnames()) == 2
+    calls = []
+    spy = PixelSpy(comps)
+    spy.encode_prompts = lambda captions: calls.append(captions)  # type: ignore[method-assign]
+    dm = WebDataModule(
+        urls=[str(u) for u in urls], encoder=spy, resolution=64, batch_size=2, template="none", num_workers=0,
+        shuffle_buffer=0, latent_sampling="deterministic",
+    )  # fmt: skip
+    dm.setup("fit")
+    (batch,) = [dm.on_after_batch_transfer(b, 0) for b in dm.train_dataloader()]
+    assert spy.pixels == [] and calls == []  # latents, context and pooled all came from the shards
+    fresh = comps.encode_prompts(batch["caption"])
+    torch.testing.assert_close(batch["pooled"], fresh.pooled)
+    torch.testing.assert_close(batch["context"], fresh.context)
+    # square 64x64 center crops: (200, 64) -> cropped 68 px from the left; (64, 300) -> 118 px from the top
+    assert sorted(batch["sizes"].tolist()) == [[64, 200, 0, 68, 64, 64], [300, 64, 118, 0, 64, 64]]
