@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -214,3 +215,27 @@ def test_sdxl_sampling_with_fp16_unet_and_fp32_vae(folder):
     c = load_components(family="tiny_sdxl", path=str(folder), dtype="bfloat16")
     image = sample_image(c, EulerDiscreteScheduler.from_config(c.noise_scheduler.config), _request())
     assert image.size == (64, 64) and c.vae.dtype == torch.float32
+
+
+def test_tiny_sdxl_has_the_conditioning_facts_of_sdxl():
+    """Tests on tiny_sdxl stand for SDXL only if every rule they exercise is SDXL's."""
+    tiny = FAMILIES["tiny_sdxl"]
+    facts = ("text_encoders", "text_layer", "text_layers_used", "text_final_norm", "uses_time_ids",
+             "vae_force_upcast", "prediction_type", "scaling_factor", "shift_factor", "latent_channels")  # fmt: skip
+    for fact in facts:
+        assert getattr(tiny, fact) == getattr(SDXL, fact), fact
+
+
+@pytest.mark.parametrize("name", ["sdxl", "tiny_sdxl"])
+def test_shipped_sdxl_configs_match_family_facts(name):
+    fam = FAMILIES[name]
+    read = lambda sub, file="config.json": json.loads((fam.config_dir / sub / file).read_text())  # noqa: E731
+    unet, vae, te1, te2 = read("unet"), read("vae"), read("text_encoder"), read("text_encoder_2")
+    assert unet["cross_attention_dim"] == te1["hidden_size"] + te2["hidden_size"] == fam.context_dim
+    assert te2["projection_dim"] == fam.pooled_dim
+    assert unet["addition_embed_type"] == "text_time"
+    assert unet["projection_class_embeddings_input_dim"] == fam.pooled_dim + 6 * unet["addition_time_embed_dim"]
+    assert unet["down_block_types"][0] == "DownBlock2D"  # no attention at the first level
+    assert tuple(unet["block_out_channels"][1:]) == fam.attention_widths
+    assert vae["scaling_factor"] == fam.scaling_factor and vae["force_upcast"] is fam.vae_force_upcast
+    assert read("scheduler", "scheduler_config.json")["prediction_type"] == fam.prediction_type
