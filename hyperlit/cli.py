@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from hyperlit import formats
-from hyperlit.a1111 import HypernetworkFile
+from hyperlit import files
+from hyperlit.files import HypernetworkFile
 
 
 def describe(content: HypernetworkFile) -> dict:
@@ -40,8 +40,8 @@ def describe(content: HypernetworkFile) -> dict:
 
 def _read_checked(path: str | Path) -> HypernetworkFile:
     """Read a file and make sure its weights fit its metadata, so a broken file is reported, not passed on."""
-    content = formats.read_file(path)
-    formats.from_file_content(content, source=str(path))
+    content = files.read_file(path)
+    files.from_file_content(content, source=str(path))
     return content
 
 
@@ -66,9 +66,9 @@ def _convert(args: argparse.Namespace) -> int:
         raise ValueError(f"convert: input and output are the same file ({src}); choose another output name")
     content = _read_checked(src)
     if args.strip_dropout:
-        content = formats.strip_dropout(content)
-    formats.write_file(dst, replace(content))
-    print(f"wrote {dst} ({formats.read_file(dst).layout})")
+        content = files.strip_dropout(content)
+    files.write_file(dst, replace(content))
+    print(f"wrote {dst} ({files.read_file(dst).layout})")
     return 0
 
 

@@ -1,8 +1,8 @@
 """NovelAI / AUTOMATIC1111 hypernetworks: per-width (K, V) pairs of residual MLPs.
 
-Written by hand because no library has them. The module layout follows A1111's builder exactly (spec §2.1) so
-that ``state_dict`` indices (``linear.<idx>.weight``) match A1111 files: activation and Dropout slots consume an
-index even though they have no parameters.
+Written by hand because no library has them. The module layout follows A1111's builder exactly (per Linear, in
+order: Linear, activation, LayerNorm, Dropout) so that ``state_dict`` indices (``linear.<idx>.weight``) match A1111
+files: activation and Dropout slots consume an index even though they have no parameters.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.modules.activation as torch_activations
@@ -22,7 +21,7 @@ log = logging.getLogger(__name__)
 
 WEIGHT_INITS = ("Normal", "XavierUniform", "XavierNormal", "KaimingUniform", "KaimingNormal")
 
-# A1111's own names; every other name comes from torch.nn.modules.activation (spec §2.2).
+# A1111's own names; every other name is a lower-cased class name from torch.nn.modules.activation, as in A1111.
 # "swish" is Hardswish, not SiLU: that is what A1111 builds, so files trained there compute this.
 _A1111_BASE_ACTIVATIONS: dict[str, type[nn.Module] | None] = {
     "linear": None,
@@ -34,7 +33,7 @@ _A1111_BASE_ACTIVATIONS: dict[str, type[nn.Module] | None] = {
     "sigmoid": nn.Sigmoid,
 }
 
-# Activations ComfyUI's loader understands; files with any other one are refused there (spec §6).
+# Activations ComfyUI's hypernetwork loader understands; it refuses files with any other one.
 COMFYUI_ACTIVATIONS = frozenset(
     {"linear", "relu", "leakyrelu", "elu", "swish", "tanh", "sigmoid", "softsign", "mish"}
 )
@@ -123,7 +122,7 @@ class HypernetworkConfig:
         return list(self.dropout_structure) if self.dropout_structure else [0.0] * len(self.layer_structure)
 
     def comfyui_compatible(self) -> tuple[bool, str]:
-        """Whether ComfyUI's loader computes the same function as A1111 for this architecture (spec §6)."""
+        """Whether ComfyUI's loader computes the same function as A1111 for this architecture, and why not."""
         if self.activation not in COMFYUI_ACTIVATIONS:
             return False, f"ComfyUI does not load activation {self.activation!r}"
         if self.layer_norm and self.activation != "linear" and not self.activate_output:
@@ -195,7 +194,7 @@ def _validate_sizes(value: object) -> list[int] | str:
 
 
 def _init_weights(layer: nn.Module, weight_init: str, activation: str) -> None:
-    """A1111's initialisation (spec §2.3): LayerNorm always N(0, 0.01) like 'Normal'; biases zero."""
+    """A1111's initialisation: LayerNorm weights always N(0, 0.01) like 'Normal'; biases zero."""
     if isinstance(layer, nn.LayerNorm) or weight_init == "Normal":
         nn.init.normal_(layer.weight, mean=0.0, std=0.01)
     elif weight_init == "XavierUniform":
@@ -335,19 +334,6 @@ class Hypernetwork(nn.Module):
                         f"{self.config.layer_structure} (activation {self.config.activation}, layer_norm "
                         f"{self.config.layer_norm}, dropout {self.config.dropout_structure}): {detail}"
                     ) from None
-
-    # --- files: the extension chooses the format ---
-
-    @classmethod
-    def load(cls, path: str | Path) -> Hypernetwork:
-        from hyperlit import formats
-
-        return formats.load_hypernetwork(path)
-
-    def save(self, path: str | Path, optimizer_state: dict | None = None, optimizer_name: str = "AdamW") -> Path:
-        from hyperlit import formats
-
-        return formats.save_hypernetwork(self, path, optimizer_state=optimizer_state, optimizer_name=optimizer_name)
 
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -1,4 +1,4 @@
-"""Learning rates: A1111's schedule strings (spec §4.2) and the usual warmup + decay schedules.
+"""Learning rates: A1111's schedule strings and the usual warmup + decay schedules.
 
 A1111's string syntax has no library implementation, so it is written here. Its semantics: ``"5e-5:100, 5e-6:1500"``
 means rate 5e-5 while the optimizer step is < 100, then 5e-6 while < 1500, and training *stops* when the list is

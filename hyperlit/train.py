@@ -17,7 +17,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from hyperlit import formats
+from hyperlit import files as formats
 from hyperlit.attention import unet_attention_widths
 from hyperlit.distributed import RankAgreement, check_launch
 from hyperlit.hypernetwork import Hypernetwork, HypernetworkConfig

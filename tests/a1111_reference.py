@@ -1,11 +1,12 @@
-"""Independent reference readers of hypernetwork files, written from the spec, not from hyperlit's code.
+"""Independent reference readers of hypernetwork files, written from A1111's and ComfyUI's documented behaviour,
+not from hyperlit's code.
 
 Used by the tests to check hyperlit against what A1111 and ComfyUI would compute for the same file:
 
-- :func:`a1111_load` follows spec §1.2-§1.4 and §2.1: metadata defaults, the NovelAI key rename, the derived
-  dropout structure, a Sequential built from the metadata and loaded strictly.
-- :func:`comfyui_load` follows spec §6: the modules are rebuilt from the ``*.weight`` keys in stored order.
-- :func:`a1111_safe_check` follows spec §1.7: A1111's restricted unpickler and its zip member-name check.
+- :func:`a1111_load` follows A1111's loader: metadata defaults, the NovelAI ``linear1/linear2`` key rename, the
+  derived dropout structure, a Sequential built from the metadata and loaded strictly.
+- :func:`comfyui_load` follows ComfyUI's loader: the modules are rebuilt from the ``*.weight`` keys in stored order.
+- :func:`a1111_safe_check` follows A1111's ``modules/safe.py``: a restricted unpickler and a zip member-name check.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from torch import Tensor, nn
 
 
 class ReferenceModule(nn.Module):
-    """One residual MLP, ``x + linear(x) * multiplier`` (spec §2.5), with its only child named ``linear``."""
+    """One residual MLP, ``x + linear(x) * multiplier`` as A1111 computes it, with its only child named ``linear``."""
 
     def __init__(self, sequential: nn.Sequential, multiplier: float = 1.0) -> None:
         super().__init__()
@@ -47,7 +48,7 @@ def apply_pairs(pairs: Pairs, context: Tensor) -> tuple[Tensor, Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# A1111 (spec §1.3, §1.4, §2.1, §2.2)
+# A1111: metadata defaults, derived dropout, the module builder and the activation names
 
 _A1111_NAMED = {
     "relu": nn.ReLU,
@@ -73,7 +74,7 @@ def a1111_activation(name: str | None) -> nn.Module | None:
 
 
 def old_dropout_structure(layer_structure: list[float], use_dropout: bool, last_layer_dropout: bool) -> list[float]:
-    """What the pre-``dropout_structure`` builder did, expressed as a structure (spec §1.4).
+    """What the pre-``dropout_structure`` builder did, expressed as a structure.
 
     That code added Dropout(0.3) after block i when i < len-3, or i < len-2 with last_layer_dropout; block i's
     dropout is entry i+1 of the structure.
@@ -95,7 +96,7 @@ def a1111_sequential(
     layer_norm: bool,
     dropout_structure: list[float],
 ) -> nn.Sequential:
-    """A1111's HypernetworkModule builder (spec §2.1), in its order: Linear, activation, LayerNorm, Dropout."""
+    """A1111's HypernetworkModule builder, in its order: Linear, activation, LayerNorm, Dropout."""
     assert layer_structure[0] == 1 and layer_structure[-1] == 1
     layers: list[nn.Module] = []
     last = len(layer_structure) - 2
@@ -164,7 +165,7 @@ def a1111_load(path: str | Path, accept_numeric_strings: bool = False, multiplie
 
 
 # ---------------------------------------------------------------------------------------------------------
-# ComfyUI (spec §6)
+# ComfyUI (comfy_extras/nodes_hypernetwork.py)
 
 _COMFYUI_ACTIVATIONS = {
     "linear": None,
@@ -237,7 +238,7 @@ def comfyui_load(path: str | Path, strength: float = 1.0) -> Pairs:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# A1111's safe-unpickle check (spec §1.7)
+# A1111's safe-unpickle check (modules/safe.py)
 
 _ALLOWED_GLOBALS: dict[tuple[str, str], object] = {
     ("collections", "OrderedDict"): OrderedDict,
@@ -271,7 +272,7 @@ class RefusedFile(Exception):
 
 
 class RestrictedUnpickler(pickle.Unpickler):
-    """Allows only the globals of spec §1.7; storages load as placeholders, so nothing is materialised."""
+    """Allows only the globals A1111's check allows; storages load as placeholders, so nothing is materialised."""
 
     def find_class(self, module: str, name: str) -> object:
         try:
@@ -286,7 +287,7 @@ class RestrictedUnpickler(pickle.Unpickler):
 
 
 _OLD_ZIP_MEMBER = re.compile(r"^[^/]+/(data\.pkl|version|data/\d+)$")
-# The relaxed check of later releases accepts byteorder and .data/serialization_id (spec §1.7); torch >= 2.6 also
+# The relaxed check of releases after commit 07cf95c accepts byteorder and .data/serialization_id; torch >= 2.6 also
 # writes .format_version and .storage_alignment, accepted here too (A1111's behaviour for those is not verified).
 _NEW_ZIP_MEMBER = re.compile(
     r"^[^/]+/(data\.pkl|version|byteorder|data/\d+|\.data/serialization_id|\.format_version|\.storage_alignment)$"

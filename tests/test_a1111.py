@@ -18,8 +18,15 @@ import pytest
 import torch
 from torch import nn
 
-from hyperlit import a1111, formats
-from hyperlit.a1111 import HypernetworkFileError
+from hyperlit.files import (
+    HypernetworkFileError,
+    a1111,
+    load_hypernetwork,
+    save_hypernetwork,
+    to_file_content,
+    write_file,
+)
+from hyperlit.files import safetensors as safetensors_codec
 from hyperlit.hypernetwork import Hypernetwork, HypernetworkConfig
 
 METADATA_KEYS = {
@@ -73,7 +80,7 @@ def test_written_pt_layout(tmp_path: Path, options: dict, last_layer_dropout: bo
     config = HypernetworkConfig(**options)
     hn = randomised(config, sizes=[12, 8])
     hn.step, hn.sd_checkpoint, hn.sd_checkpoint_name = 42, "abcdef0123", "v1-5-pruned"
-    path = hn.save(tmp_path / "written.pt")
+    path = save_hypernetwork(hn, tmp_path / "written.pt")
 
     raw = torch.load(path, map_location="cpu", weights_only=True)
     assert type(raw) is dict
@@ -105,14 +112,15 @@ def test_written_pt_layout(tmp_path: Path, options: dict, last_layer_dropout: bo
 
 
 def test_linear_activation_is_written_as_string(tmp_path: Path) -> None:
-    raw = torch.load(Hypernetwork(HypernetworkConfig(), sizes=[8]).save(tmp_path / "a.pt"), weights_only=True)
+    path = save_hypernetwork(Hypernetwork(HypernetworkConfig(), sizes=[8]), tmp_path / "a.pt")
+    raw = torch.load(path, weights_only=True)
     assert raw["activation_func"] == "linear"
 
 
 def test_written_pt_is_legacy_and_passes_a1111_restricted_unpickler(tmp_path: Path) -> None:
     config = HypernetworkConfig(layer_structure=[1, 2, 2, 1], activation="relu", layer_norm=True,
                                 activate_output=True, dropout_structure=[0, 0.1, 0.2, 0])
-    path = randomised(config, sizes=[8, 12]).save(tmp_path / "safe.pt")
+    path = save_hypernetwork(randomised(config, sizes=[8, 12]), tmp_path / "safe.pt")
     assert not zipfile.is_zipfile(path)  # so no `<dir>/byteorder` member that A1111 < 07cf95c refuses
     assert b"byteorder" not in path.read_bytes()[:4096]
     objects = ref.a1111_safe_check(path)
@@ -155,7 +163,7 @@ def _save_raw(tmp_path: Path, name: str, raw: dict, zip_format: bool = True) -> 
 def test_novelai_layout(tmp_path: Path) -> None:
     raw = ref.novelai_file(widths=(8, 12))
     path = _save_raw(tmp_path, "nai", raw, zip_format=False)
-    hn = formats.load_hypernetwork(path)
+    hn = load_hypernetwork(path)
     assert hn.source_layout == a1111.LAYOUT_NOVELAI
     assert hn.config.layer_structure == [1, 2, 1] and hn.config.activation == "linear"
     assert hn.name == "nai" and hn.step == 0 and hn.sd_checkpoint is None
@@ -173,7 +181,7 @@ def test_oct_2022_layout_activates_after_both_linears(tmp_path: Path) -> None:
     raw = ref.oct2022_file(widths=(8, 12))
     assert "activate_output" not in raw
     path = _save_raw(tmp_path, "oct", raw)
-    hn = formats.load_hypernetwork(path)
+    hn = load_hypernetwork(path)
     assert hn.source_layout == a1111.LAYOUT_OCT_2022
     assert hn.config.activate_output is True and hn.config.activation == "relu"
     assert [type(layer) for layer in hn.pairs["12"][1].linear] == [nn.Linear, nn.ReLU, nn.Linear, nn.ReLU]
@@ -199,7 +207,7 @@ def test_nov_2022_layout_derives_dropout(
     assert ref.old_dropout_structure([1, 2, 4, 2, 1], True, last_layer_dropout) == dropout
     assert a1111.derive_dropout_structure([1, 2, 4, 2, 1], True, last_layer_dropout) == dropout
     path = _save_raw(tmp_path, "nov", raw)
-    hn = formats.load_hypernetwork(path)
+    hn = load_hypernetwork(path)
     assert hn.source_layout == a1111.LAYOUT_NOV_2022
     assert hn.config.dropout_structure == dropout and hn.config.activate_output is False
     module = hn.pairs["8"][0]
@@ -228,7 +236,7 @@ def test_derived_dropout_examples_of_spec() -> None:
 def test_current_layout_with_dropout_structure(tmp_path: Path) -> None:
     raw = ref.current_file(widths=(8, 12))
     path = _save_raw(tmp_path, "cur", raw)
-    hn = formats.load_hypernetwork(path)
+    hn = load_hypernetwork(path)
     assert hn.source_layout == a1111.LAYOUT_CURRENT
     assert hn.name == "current"  # the stored name wins over the stem, as in A1111
     assert hn.step == 777 and hn.optional_info == "made by hand"
@@ -243,7 +251,7 @@ def test_kohya_layout_without_metadata(tmp_path: Path) -> None:
     raw = ref.kohya_file(widths=(8, 12))
     assert type(raw[8]) is list
     path = _save_raw(tmp_path, "kohya", raw)
-    hn = formats.load_hypernetwork(path)
+    hn = load_hypernetwork(path)
     assert hn.source_layout == a1111.LAYOUT_NO_METADATA
     assert hn.config.activation == "linear" and hn.config.layer_structure == [1, 2, 1]
     assert hn.name == "kohya"
@@ -254,13 +262,13 @@ def test_kohya_layout_without_metadata(tmp_path: Path) -> None:
 def test_numeric_string_width_keys(tmp_path: Path) -> None:
     raw = ref.numeric_string_file(widths=(8, 12))
     path = _save_raw(tmp_path, "strings", raw)
-    hn = formats.load_hypernetwork(path)
+    hn = load_hypernetwork(path)
     assert hn.sizes == [8, 12]
     assert ref.a1111_load(path) == {}  # A1111 silently skips string keys ...
     assert_same_function(hn, ref.a1111_load(path, accept_numeric_strings=True), [8, 12])
     assert_same_function(hn, ref.comfyui_load(path), [8, 12])  # ... ComfyUI reads them
     # Saving normalises them to int keys.
-    raw_out = torch.load(hn.save(tmp_path / "normalised.pt"), weights_only=True)
+    raw_out = torch.load(save_hypernetwork(hn, tmp_path / "normalised.pt"), weights_only=True)
     assert [k for k in raw_out if type(k) is int] == [8, 12]
 
 
@@ -268,7 +276,7 @@ def test_fp16_tensors_in_a_file_load_as_fp32(tmp_path: Path) -> None:
     raw = ref.kohya_file(widths=(8,))
     half = {8: tuple({k: v.half() for k, v in state.items()} for state in raw[8])}
     path = _save_raw(tmp_path, "half", half)
-    hn = formats.load_hypernetwork(path)
+    hn = load_hypernetwork(path)
     assert all(p.dtype == torch.float32 for p in hn.parameters())
     assert_same_function(hn, ref.a1111_load(path), [8])
 
@@ -296,20 +304,20 @@ def test_written_files_load_the_same_in_a1111_and_comfyui(tmp_path: Path, option
     config = HypernetworkConfig(**options)
     assert config.comfyui_compatible() == (True, "")
     hn = randomised(config, sizes=[8, 12])
-    path = hn.save(tmp_path / "agree.pt")
+    path = save_hypernetwork(hn, tmp_path / "agree.pt")
     widths = [8, 12]
     assert_same_function(hn, ref.a1111_load(path), widths)
     assert_same_function(hn, ref.comfyui_load(path), widths)
-    assert_same_function(formats.load_hypernetwork(path), ref.a1111_load(path), widths)
+    assert_same_function(load_hypernetwork(path), ref.a1111_load(path), widths)
 
 
 def test_layer_norm_without_activate_output_differs_in_comfyui(tmp_path: Path) -> None:
-    """The divergence of spec §6 is real in the reference, and hyperlit flags the config."""
+    """ComfyUI's divergence (layer_norm + non-linear activation without activate_output) is real, and flagged."""
     config = HypernetworkConfig(layer_structure=[1, 2, 1], activation="relu", layer_norm=True)
     ok, reason = config.comfyui_compatible()
     assert not ok and "activate_output" in reason
     hn = randomised(config, sizes=[8])
-    path = hn.save(tmp_path / "diverge.pt")
+    path = save_hypernetwork(hn, tmp_path / "diverge.pt")
     assert_same_function(hn, ref.a1111_load(path), [8])
     x = torch.randn(4, 8)
     comfy_k = ref.apply_pairs(ref.comfyui_load(path), x)[0]
@@ -319,10 +327,10 @@ def test_layer_norm_without_activate_output_differs_in_comfyui(tmp_path: Path) -
 def test_comfyui_refuses_activations_it_does_not_know(tmp_path: Path) -> None:
     config = HypernetworkConfig(activation="gelu")
     assert config.comfyui_compatible()[0] is False
-    path = randomised(config, sizes=[8]).save(tmp_path / "gelu.pt")
+    path = save_hypernetwork(randomised(config, sizes=[8]), tmp_path / "gelu.pt")
     with pytest.raises(ref.ComfyUIUnsupported):
         ref.comfyui_load(path)
-    assert_same_function(formats.load_hypernetwork(path), ref.a1111_load(path), [8])
+    assert_same_function(load_hypernetwork(path), ref.a1111_load(path), [8])
 
 
 # --- pickles that would run code ---------------------------------------------------------------------------
@@ -373,7 +381,7 @@ def test_pickle_that_would_run_code_is_refused(
     path = tmp_path / "evil.pt"
     torch.save({8: (state, state), "name": payload(marker)}, path, _use_new_zipfile_serialization=zip_format)
     with pytest.raises(HypernetworkFileError) as info:
-        formats.load_hypernetwork(path)
+        load_hypernetwork(path)
     message = str(info.value)
     assert message.startswith(str(path)) and "refused" in message and global_name in message, message
     assert not marker.exists()
@@ -397,7 +405,7 @@ def _bad_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
         torch.save(obj, path, _use_new_zipfile_serialization=zip_format)
         files[name] = (path, phrase)
 
-    good = randomised(HypernetworkConfig(), sizes=[64]).save(tmp_path / "good.pt")
+    good = save_hypernetwork(randomised(HypernetworkConfig(), sizes=[64]), tmp_path / "good.pt")
     for zip_format in (True, False):
         name = f"truncated-{'zip' if zip_format else 'legacy'}"
         full = tmp_path / f"full-{name}.pt"
@@ -450,7 +458,7 @@ def bad_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path,
 def test_bad_file_is_a_clear_error(bad_files: dict, name: str) -> None:
     path, phrase = bad_files[name]
     with pytest.raises(HypernetworkFileError) as info:
-        formats.load_hypernetwork(path)
+        load_hypernetwork(path)
     message = str(info.value)
     assert message.startswith(str(path)), message
     assert phrase in message, message
@@ -479,7 +487,7 @@ def test_failed_write_leaves_existing_file_untouched(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, suffix: str
 ) -> None:
     target = tmp_path / f"net{suffix}"
-    randomised(HypernetworkConfig(), sizes=[8], seed=1).save(target)
+    save_hypernetwork(randomised(HypernetworkConfig(), sizes=[8], seed=1), target)
     before = target.read_bytes()
 
     def half_written(_obj: object, path: object, *args: object, **kwargs: object) -> None:
@@ -489,9 +497,11 @@ def test_failed_write_leaves_existing_file_untouched(
     if suffix == ".pt":
         monkeypatch.setattr(torch, "save", half_written)
     else:
-        monkeypatch.setattr(formats, "save_file", lambda tensors, path, metadata=None: half_written(None, path))
+        monkeypatch.setattr(
+            safetensors_codec, "save_file", lambda tensors, path, metadata=None: half_written(None, path)
+        )
     with pytest.raises(OSError, match="disk full"):
-        randomised(HypernetworkConfig(), sizes=[8], seed=2).save(target)
+        save_hypernetwork(randomised(HypernetworkConfig(), sizes=[8], seed=2), target)
     assert target.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == [target.name]
 
@@ -513,14 +523,14 @@ def test_optim_file_hash_name_and_parameter_order(tmp_path: Path) -> None:
     config = HypernetworkConfig(layer_structure=[1, 2, 1], activation="relu", layer_norm=True)
     hn = randomised(config, sizes=[12, 8])
     optimizer = _optimizer_after_one_step(hn, 12)
-    path = hn.save(tmp_path / "opt.pt", optimizer_state=optimizer.state_dict(), optimizer_name="AdamW")
+    path = save_hypernetwork(hn, tmp_path / "opt.pt", optimizer_state=optimizer.state_dict(), optimizer_name="AdamW")
     optim_file = tmp_path / "opt.pt.optim"
     assert optim_file.is_file()
     payload = torch.load(optim_file, weights_only=True)
     assert payload["optimizer_name"] == "AdamW"
     assert payload["hash"] == hashlib.sha256(path.read_bytes()).hexdigest()[:10]
 
-    # Spec §1.6: for each size in insertion order, K params then V params, each Linear/LayerNorm weight, bias.
+    # A1111's .optim order: per size in insertion order, K params then V params, each Linear/LayerNorm weight, bias.
     expected_shapes = []
     for d in (12, 8):
         for _path in ("K", "V"):
@@ -537,7 +547,7 @@ def test_optim_file_hash_name_and_parameter_order(tmp_path: Path) -> None:
     for i in range(len(expected_shapes)):
         assert torch.equal(loaded_state["state"][i]["exp_avg"], state[i]["exp_avg"])
     # It resumes an optimizer over the loaded network's parameters.
-    fresh = torch.optim.AdamW(formats.load_hypernetwork(path).parameters(), lr=1e-3)
+    fresh = torch.optim.AdamW(load_hypernetwork(path).parameters(), lr=1e-3)
     fresh.load_state_dict(loaded_state)
     assert torch.equal(fresh.state_dict()["state"][0]["exp_avg_sq"], state[0]["exp_avg_sq"])
 
@@ -545,10 +555,10 @@ def test_optim_file_hash_name_and_parameter_order(tmp_path: Path) -> None:
 def test_optim_file_ignored_when_pt_changed(tmp_path: Path) -> None:
     hn = randomised(HypernetworkConfig(), sizes=[8])
     optimizer = _optimizer_after_one_step(hn, 8)
-    path = hn.save(tmp_path / "opt.pt", optimizer_state=optimizer.state_dict(), optimizer_name="SGD")
+    path = save_hypernetwork(hn, tmp_path / "opt.pt", optimizer_state=optimizer.state_dict(), optimizer_name="SGD")
     assert a1111.read_optim(path)[0] == "SGD"
     hn.step = 1  # a different .pt, the old .optim stays beside it
-    formats.write_file(path, formats.to_file_content(hn))
+    write_file(path, to_file_content(hn))
     assert (tmp_path / "opt.pt.optim").is_file()
     assert a1111.read_optim(path) is None
     assert a1111.read_optim(tmp_path / "never-written.pt") is None
@@ -556,6 +566,6 @@ def test_optim_file_ignored_when_pt_changed(tmp_path: Path) -> None:
 
 def test_no_optim_file_without_state_or_for_safetensors(tmp_path: Path) -> None:
     hn = randomised(HypernetworkConfig(), sizes=[8])
-    hn.save(tmp_path / "plain.pt")
-    hn.save(tmp_path / "plain.safetensors", optimizer_state={"state": {}, "param_groups": []})
+    save_hypernetwork(hn, tmp_path / "plain.pt")
+    save_hypernetwork(hn, tmp_path / "plain.safetensors", optimizer_state={"state": {}, "param_groups": []})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.pt", "plain.safetensors"]

@@ -1,4 +1,4 @@
-"""Template and tag semantics against A1111's rules (spec a1111-hypernetwork.md §4.4), seeded, exact strings."""
+"""Template and tag semantics against A1111's dataset rules, seeded, exact strings."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ import pytest
 from conftest import REPO_ROOT
 from ddp_probe import state_digest
 
-from hyperlit import distributed, formats
+from hyperlit import distributed, files
 
 SAMPLE = REPO_ROOT / "datasets" / "sample"
 
@@ -111,7 +111,7 @@ def _assert_identical_hypernetworks(tmp_path: Path, final_pt: Path) -> None:
     assert rank0 == rank1  # after every optimizer step, not only at the end
     assert len({line.split()[1] for line in rank0}) == 6  # and training changed it at every step
     # The file rank 0 exported is that same network (an independent path: the A1111 .pt reader).
-    assert rank0[-1].split()[1] == state_digest(formats.load_hypernetwork(final_pt))
+    assert rank0[-1].split()[1] == state_digest(files.load_hypernetwork(final_pt))
 
 
 @pytest.mark.slow

@@ -12,7 +12,9 @@ import a1111_reference as ref
 import pytest
 import torch
 
-from hyperlit import a1111, cli, formats
+from hyperlit import cli, files
+from hyperlit.files import a1111, load_hypernetwork, save_hypernetwork
+from hyperlit.files.safetensors import LAYOUT_SAFETENSORS
 from hyperlit.hypernetwork import Hypernetwork, HypernetworkConfig
 
 VENV_BIN = Path(sys.executable).parent
@@ -72,21 +74,21 @@ def original() -> Hypernetwork:
 
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
 def test_round_trip(tmp_path: Path, original: Hypernetwork, suffix: str) -> None:
-    path = original.save(tmp_path / f"my-net{suffix}")
-    loaded = Hypernetwork.load(path)
+    path = save_hypernetwork(original, tmp_path / f"my-net{suffix}")
+    loaded = load_hypernetwork(path)
     assert not loaded.training
     assert_identical(original, loaded)
     assert_same_metadata(loaded, original, "my-net")
-    assert loaded.source_layout == (a1111.LAYOUT_CURRENT if suffix == ".pt" else formats.LAYOUT_SAFETENSORS)
+    assert loaded.source_layout == (a1111.LAYOUT_CURRENT if suffix == ".pt" else LAYOUT_SAFETENSORS)
     # Saving what was loaded reproduces the same file content.
-    again = loaded.save(tmp_path / f"my-net-2{suffix}")
-    assert_identical(original, Hypernetwork.load(again))
+    again = save_hypernetwork(loaded, tmp_path / f"my-net-2{suffix}")
+    assert_identical(original, load_hypernetwork(again))
 
 
 def test_safetensors_holds_no_pickle(tmp_path: Path, original: Hypernetwork) -> None:
     from safetensors import safe_open
 
-    path = original.save(tmp_path / "net.safetensors")
+    path = save_hypernetwork(original, tmp_path / "net.safetensors")
     with safe_open(str(path), framework="pt") as handle:
         keys = set(handle.keys())
         metadata = handle.metadata()
@@ -97,20 +99,20 @@ def test_safetensors_holds_no_pickle(tmp_path: Path, original: Hypernetwork) -> 
 
 def test_convert_in_process_pt_safetensors_pt(tmp_path: Path, original: Hypernetwork,
                                               capsys: pytest.CaptureFixture[str]) -> None:
-    source = original.save(tmp_path / "source.pt")
+    source = save_hypernetwork(original, tmp_path / "source.pt")
     middle, back = tmp_path / "middle.safetensors", tmp_path / "back.pt"
     assert cli.main(["convert", str(source), str(middle)]) == 0
     assert cli.main(["convert", str(middle), str(back)]) == 0
     out = capsys.readouterr().out
-    assert f"wrote {middle} ({formats.LAYOUT_SAFETENSORS})" in out and f"wrote {back} ({a1111.LAYOUT_CURRENT})" in out
+    assert f"wrote {middle} ({LAYOUT_SAFETENSORS})" in out and f"wrote {back} ({a1111.LAYOUT_CURRENT})" in out
     for path, stem in ((middle, "middle"), (back, "back")):
-        loaded = Hypernetwork.load(path)
+        loaded = load_hypernetwork(path)
         assert_identical(original, loaded)
         assert_same_metadata(loaded, original, stem)
     # ComfyUI rebuilds from the stored key order (here up to linear.10), so that order must survive the trip.
     for pairs in (ref.a1111_load(back), ref.comfyui_load(back)):
         x = torch.randn(2, 12)
-        k, v = Hypernetwork.load(back).forward_kv(x)
+        k, v = load_hypernetwork(back).forward_kv(x)
         k_ref, v_ref = ref.apply_pairs(pairs, x)
         torch.testing.assert_close(k, k_ref, atol=1e-6, rtol=0)
         torch.testing.assert_close(v, v_ref, atol=1e-6, rtol=0)
@@ -138,12 +140,12 @@ def test_convert_historical_file_writes_current_layout(tmp_path: Path) -> None:
     assert raw["activate_output"] is True and raw["dropout_structure"] == [0.0, 0.0, 0.0]
     x = torch.randn(3, 8)
     for pairs in (ref.a1111_load(source), ref.a1111_load(target)):
-        torch.testing.assert_close(ref.apply_pairs(pairs, x)[0], Hypernetwork.load(source).forward_kv(x)[0],
+        torch.testing.assert_close(ref.apply_pairs(pairs, x)[0], load_hypernetwork(source).forward_kv(x)[0],
                                    atol=1e-6, rtol=0)
 
 
 def test_convert_as_subprocess_with_console_script(tmp_path: Path, original: Hypernetwork) -> None:
-    source = original.save(tmp_path / "sub.pt")
+    source = save_hypernetwork(original, tmp_path / "sub.pt")
     target = tmp_path / "sub.safetensors"
     script = VENV_BIN / "hyperlit"
     assert script.is_file()
@@ -151,7 +153,7 @@ def test_convert_as_subprocess_with_console_script(tmp_path: Path, original: Hyp
                           env=SUBPROCESS_ENV, timeout=120)
     assert done.returncode == 0, done.stderr
     assert target.is_file()
-    loaded = Hypernetwork.load(target)
+    loaded = load_hypernetwork(target)
     assert_identical(original, loaded)
     assert_same_metadata(loaded, original, "sub")
 
@@ -159,7 +161,7 @@ def test_convert_as_subprocess_with_console_script(tmp_path: Path, original: Hyp
 def test_convert_strip_dropout(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = HypernetworkConfig(layer_structure=[1, 2, 2, 1], activation="swish", dropout_structure=[0, 0.3, 0.3, 0])
     hn = randomised(config, sizes=[8, 12])
-    source = hn.save(tmp_path / "with-dropout.pt")
+    source = save_hypernetwork(hn, tmp_path / "with-dropout.pt")
     source_keys = list(torch.load(source, weights_only=True)[8][0])
     assert source_keys == [f"linear.{i}.{p}" for i in (0, 3, 6) for p in ("weight", "bias")]
     target = tmp_path / "stripped.pt"
@@ -173,7 +175,7 @@ def test_convert_strip_dropout(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert raw["use_dropout"] is False and raw["last_layer_dropout"] is False
     assert raw["dropout_structure"] == [0.0, 0.0, 0.0, 0.0]
     assert raw["activation_func"] == "swish" and raw["layer_structure"] == [1.0, 2.0, 2.0, 1.0]
-    stripped = Hypernetwork.load(target)
+    stripped = load_hypernetwork(target)
     assert not any(isinstance(m, torch.nn.Dropout) for m in stripped.modules())
     for out_a, out_b in zip(eval_outputs(hn, [8, 12]), eval_outputs(stripped, [8, 12]), strict=True):
         torch.testing.assert_close(out_a, out_b, atol=1e-6, rtol=0)
@@ -192,7 +194,7 @@ def _inspect_json(path: Path, capsys: pytest.CaptureFixture[str]) -> dict:
 
 def test_inspect_json_reports_everything(tmp_path: Path, original: Hypernetwork,
                                          capsys: pytest.CaptureFixture[str]) -> None:
-    path = original.save(tmp_path / "inspected.pt")
+    path = save_hypernetwork(original, tmp_path / "inspected.pt")
     info = _inspect_json(path, capsys)
     expected_parameters = 2 * sum(
         (d * 2 * d + 2 * d) + 2 * (2 * d)  # Linear d->2d, LayerNorm(2d)
@@ -262,7 +264,7 @@ def test_inspect_historical_layouts(tmp_path: Path, capsys: pytest.CaptureFixtur
 
 def test_layout_names_are_distinct() -> None:
     names = [a1111.LAYOUT_NOVELAI, a1111.LAYOUT_NO_METADATA, a1111.LAYOUT_OCT_2022, a1111.LAYOUT_NOV_2022,
-             a1111.LAYOUT_CURRENT, formats.LAYOUT_SAFETENSORS]
+             a1111.LAYOUT_CURRENT, LAYOUT_SAFETENSORS]
     assert len(set(names)) == len(names)
 
 
@@ -281,7 +283,7 @@ def test_cli_errors_exit_2_without_traceback(tmp_path: Path, capsys: pytest.Capt
                                              phrase: str) -> None:
     from safetensors.torch import save_file
 
-    pt = Hypernetwork(HypernetworkConfig(), sizes=[8]).save(tmp_path / "net.pt")
+    pt = save_hypernetwork(Hypernetwork(HypernetworkConfig(), sizes=[8]), tmp_path / "net.pt")
     (tmp_path / "net.bin").write_bytes(pt.read_bytes())
     save_file({"weight": torch.zeros(2)}, str(tmp_path / "foreign.safetensors"))
     argv = argv_builder(tmp_path, pt)
@@ -295,13 +297,13 @@ def test_cli_errors_exit_2_without_traceback(tmp_path: Path, capsys: pytest.Capt
 def test_malformed_safetensors_names_the_file(tmp_path: Path, original: Hypernetwork) -> None:
     from safetensors.torch import load_file, save_file
 
-    good = original.save(tmp_path / "good.safetensors")
+    good = save_hypernetwork(original, tmp_path / "good.safetensors")
     with open(good, "rb") as handle:
         header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
     tensors = load_file(good)
     tensors["stray"] = torch.zeros(1)
     bad = tmp_path / "bad.safetensors"
     save_file(tensors, str(bad), metadata=header["__metadata__"])
-    with pytest.raises(formats.HypernetworkFileError, match="tensor 'stray' is not") as info:
-        Hypernetwork.load(bad)
+    with pytest.raises(files.HypernetworkFileError, match="tensor 'stray' is not") as info:
+        load_hypernetwork(bad)
     assert str(info.value).startswith(str(bad))

@@ -20,7 +20,7 @@ def _keys(module: nn.Module) -> list[str]:
     return list(module.state_dict())
 
 
-# Spec §1.5, the worked index table: (config, Sequential layer types, keys of the parametrised layers).
+# Worked index examples of A1111's builder: (config, Sequential layer types, keys of the parametrised layers).
 INDEX_TABLE = [
     pytest.param(
         dict(layer_structure=[1, 2, 1], activation="linear"),
@@ -95,7 +95,7 @@ def test_parameter_count_default_sizes() -> None:
     assert hn.sizes == [768, 320, 640, 1280]
 
 
-# --- initialisation (spec §2.3) ---
+# --- initialisation (A1111's schemes) ---
 
 def _linears_and_norms(hn: Hypernetwork) -> tuple[list[nn.Linear], list[nn.LayerNorm]]:
     layers = [layer for module in hn.modules() if isinstance(module, HypernetworkModule) for layer in module.linear]
@@ -158,7 +158,7 @@ def test_xavier_and_kaiming_statistics(weight_init: str, activation: str) -> Non
         assert weight.std().item() > 0.02  # not the N(0, 0.01) scheme
 
 
-# --- forward (spec §2.5, §3) ---
+# --- forward (residual; multiplier 1 in training mode) ---
 
 def _randomised(config: HypernetworkConfig, sizes: list[int], seed: int = 0) -> Hypernetwork:
     hn = Hypernetwork(config, sizes=sizes)

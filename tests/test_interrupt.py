@@ -11,7 +11,7 @@ import time
 import pytest
 from conftest import REPO_ROOT
 
-from hyperlit import formats
+from hyperlit import files
 
 pytestmark = pytest.mark.slow
 
@@ -40,9 +40,9 @@ def test_interrupted_run_leaves_only_complete_files(tmp_path):
             process.kill()
 
     folder = out / "hypernetworks"
-    final = formats.read_file(folder / "swish_121.pt")
+    final = files.read_file(folder / "swish_121.pt")
     assert final.step >= 4
     for path in folder.iterdir():
         assert not path.name.startswith("."), f"temporary file left behind: {path.name}"
-        formats.read_file(path)  # every file that exists is complete and readable
+        files.read_file(path)  # every file that exists is complete and readable
     assert (out / "checkpoints" / "last.ckpt").is_file()

@@ -1,4 +1,4 @@
-"""A1111 learning-rate strings (spec §4.2) and the warmup schedules."""
+"""A1111 learning-rate strings and the warmup schedules."""
 
 from __future__ import annotations
 

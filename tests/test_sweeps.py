@@ -15,7 +15,7 @@ from conftest import REPO_ROOT, compose_config
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from hyperlit import formats
+from hyperlit.files import read_file
 from hyperlit.hypernetwork import HypernetworkConfig
 from hyperlit.lr_schedule import base_learning_rate
 from hyperlit.train import hypernetwork_config
@@ -170,7 +170,7 @@ def test_basic_multirun_runs_two_jobs_into_separate_folders(tmp_path):
     for job, name, activation in (("0", "swish_121", "swish"), ("1", "linear_121", "linear")):
         files = sorted(p.name for p in (sweep_dir / job / "hypernetworks").iterdir())
         assert files == [f"{name}.pt", f"{name}.safetensors"], (job, files)
-        content = formats.read_file(sweep_dir / job / "hypernetworks" / f"{name}.pt")
+        content = read_file(sweep_dir / job / "hypernetworks" / f"{name}.pt")
         assert content.config.activation == activation and content.step == 2
         assert f"hypernet={name}" in (sweep_dir / job / ".hydra" / "overrides.yaml").read_text()
 

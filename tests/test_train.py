@@ -13,7 +13,7 @@ import torch
 from a1111_reference import a1111_load, a1111_safe_check, apply_pairs
 from conftest import REPO_ROOT
 
-from hyperlit import formats
+from hyperlit import files
 from hyperlit.models import load_components
 from hyperlit.train import build_hypernetwork_run, fit, run
 
@@ -64,7 +64,7 @@ def test_run_writes_a1111_files_and_keeps_the_base_model_frozen(train_cfg, tmp_p
 
     # The exported .pt equals the trained module, read by hyperlit's reader ...
     trained = built.module.hypernetwork
-    loaded = formats.load_hypernetwork(out / "hypernetworks" / "swish_121.pt")
+    loaded = files.load_hypernetwork(out / "hypernetworks" / "swish_121.pt")
     for key, value in trained.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value.cpu()), key
     assert loaded.step == 4
@@ -100,7 +100,7 @@ def test_train_py_as_a_subprocess(tmp_path):
     assert (out / "hypernetworks" / "linear_121.pt").is_file()
     assert (out / ".hydra" / "config.yaml").is_file()
     assert "name: linear_121" in (out / "csv" / "hparams.yaml").read_text()  # the resolved config was logged
-    content = formats.read_file(out / "hypernetworks" / "linear_121.pt")
+    content = files.read_file(out / "hypernetworks" / "linear_121.pt")
     assert content.config.activation == "linear" and content.step == 2
 
 
@@ -171,18 +171,18 @@ def test_init_from_continues_a_file_and_rejects_one_that_does_not_fit(train_cfg,
     cfg = train_cfg("callbacks.preview.every=0", "callbacks.preview.at_end=false", steps=2)
     run(cfg)
     produced = tmp_path / "run" / "hypernetworks" / "swish_121.pt"
-    assert formats.read_file(produced).step == 2
+    assert files.read_file(produced).step == 2
 
     copy = tmp_path / "start.pt"
     copy.write_bytes(produced.read_bytes())
     cfg2 = train_cfg("callbacks.preview.every=0", "callbacks.preview.at_end=false", f"hypernet.init_from={copy}",
                      f"paths.output_dir={tmp_path / 'run2'}", steps=2)
     built = build_hypernetwork_run(cfg2)
-    start = formats.load_hypernetwork(copy)
+    start = files.load_hypernetwork(copy)
     for key, value in start.state_dict().items():
         assert torch.equal(built.module.hypernetwork.state_dict()[key], value)
     fit(built, cfg2)
-    assert formats.read_file(tmp_path / "run2" / "hypernetworks" / "swish_121.pt").step == 4
+    assert files.read_file(tmp_path / "run2" / "hypernetworks" / "swish_121.pt").step == 4
 
     bad = train_cfg(f"hypernet.init_from={copy}", "hypernet=relu_1221_ln")
     with pytest.raises(ValueError) as err:

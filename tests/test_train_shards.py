@@ -7,7 +7,7 @@ import tarfile
 import pytest
 from conftest import REPO_ROOT
 
-from hyperlit import formats
+from hyperlit import files
 from hyperlit.cli import main
 from hyperlit.train import build_hypernetwork_run, fit
 
@@ -42,4 +42,4 @@ def test_make_shards_then_train(train_cfg, tmp_path, monkeypatch):
     assert loss is not None
     assert built.trainer.global_step == 3
     assert calls["encode"] == 0  # the shards' latents were used
-    assert formats.read_file(tmp_path / "run" / "hypernetworks" / "swish_121.pt").step == 3
+    assert files.read_file(tmp_path / "run" / "hypernetworks" / "swish_121.pt").step == 3

@@ -22,7 +22,7 @@ from hyperlit.vae.lpips import LPIPS, TAP_CHANNELS, TAPS, bundled_lin_weights, v
 
 def test_patchgan_matches_reference_size_and_patch_grid():
     d = PatchDiscriminator()
-    assert sum(p.numel() for p in d.parameters()) == 2_765_633  # spec §1.3, computed for n3 ndf64
+    assert sum(p.numel() for p in d.parameters()) == 2_765_633  # taming's NLayerDiscriminator, n_layers=3, ndf=64
     with torch.no_grad():
         out = d.eval()(torch.randn(1, 3, 256, 256))
     assert out.shape == (1, 1, 30, 30)

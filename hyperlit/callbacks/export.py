@@ -13,6 +13,8 @@ from typing import Any
 
 import lightning as L
 
+from hyperlit.files import save_hypernetwork
+
 log = logging.getLogger(__name__)
 
 
@@ -41,7 +43,8 @@ class HypernetworkExport(L.Callback):
         hn.sd_checkpoint = pl_module.components.checkpoint_hash
         hn.sd_checkpoint_name = pl_module.components.checkpoint_name
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
-        return hn.save(
+        return save_hypernetwork(
+            hn,
             self.dirpath / f"{stem}.pt",
             optimizer_state=optimizer.state_dict() if self.save_optimizer_state and optimizer else None,
             optimizer_name=type(optimizer).__name__ if optimizer else "AdamW",
@@ -62,7 +65,7 @@ class HypernetworkExport(L.Callback):
         hn = pl_module.hypernetwork
         self.final_path = self._write(trainer, pl_module, hn.name)
         if self.safetensors:
-            hn.save(self.dirpath / f"{hn.name}.safetensors")
+            save_hypernetwork(hn, self.dirpath / f"{hn.name}.safetensors")
         log.info("saved %s", self.final_path)
         if self.log_artifact:
             _log_wandb_artifact(trainer, self.final_path)

@@ -1,4 +1,4 @@
-"""Captions and prompt templates with A1111's semantics (spec a1111-hypernetwork.md §4.4).
+"""Captions and prompt templates with the semantics of A1111's textual-inversion/hypernetwork dataset.
 
 A prompt is a template line with `[filewords]` replaced by the image caption and `[name]` by the network
 name. Tags are the caption split on ","; drop-out removes each with probability p, shuffling reorders them,

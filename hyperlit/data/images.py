@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -33,36 +34,64 @@ class DecodedImage:
     repairs: list[str] = field(default_factory=list)
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> DecodedImage:
-    """Decode fully (so truncation is found now, not in a worker) and convert to 8-bit RGB (+ alpha)."""
-    if len(data) == 0:
-        raise BadImage("zero_byte", "file is empty")
+def _open(fp: io.BytesIO | Path, max_pixels: int) -> Image.Image:
+    """Open (header only) and refuse images above ``max_pixels``: no pixel is decoded yet."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            if img.width * img.height > max_pixels:
-                raise BadImage(
-                    "decompression_bomb", f"{img.width}x{img.height} pixels is above the limit of {max_pixels}"
-                )
-            img.load()
-    except BadImage:
-        raise
+            img = Image.open(fp)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise BadImage("decompression_bomb", str(e)) from e
     except UnidentifiedImageError as e:
         raise BadImage("not_an_image", "not a readable image format") from e
     except (OSError, SyntaxError, ValueError) as e:
-        # PIL reports short reads as OSError("image file is truncated ...") or "broken data stream".
-        msg = str(e)
-        kind = "truncated" if ("truncated" in msg or "broken" in msg or "end of file" in msg.lower()) else "unreadable"
-        raise BadImage(kind, msg) from e
-    return _to_rgb(img)
+        raise BadImage(_read_error_kind(e), str(e)) from e
+    if img.width * img.height > max_pixels:
+        img.close()
+        raise BadImage("decompression_bomb", f"{img.width}x{img.height} pixels is above the limit of {max_pixels}")
+    return img
 
 
-def _to_rgb(img: Image.Image) -> DecodedImage:
+def _read_error_kind(e: Exception) -> str:
+    # PIL reports short reads as OSError("image file is truncated ...") or "broken data stream".
+    msg = str(e)
+    return "truncated" if ("truncated" in msg or "broken" in msg or "end of file" in msg.lower()) else "unreadable"
+
+
+def image_size(path: Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[int, int]:
+    """(width, height) from the header, with the same checks and kinds as `decode_image` short of decoding pixels."""
+    if path.stat().st_size == 0:
+        raise BadImage("zero_byte", "file is empty")
+    with _open(path, max_pixels) as img:
+        return img.size
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> DecodedImage:
+    """Decode fully (so truncation is found now, not in a worker) and convert to 8-bit RGB (+ alpha)."""
+    if len(data) == 0:
+        raise BadImage("zero_byte", "file is empty")
+    img = _open(io.BytesIO(data), max_pixels)
+    # The bit depth is only visible in the raw mode of the file's tiles, which load() discards.
+    sixteen_bit = any(_rawmode(t.args).startswith(("I;16", "RGB;16", "RGBA;16", "LA;16")) for t in img.tile)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img.load()
+    except (OSError, SyntaxError, ValueError) as e:
+        raise BadImage(_read_error_kind(e), str(e)) from e
+    return _to_rgb(img, sixteen_bit)
+
+
+def _rawmode(args: object) -> str:
+    return args if isinstance(args, str) else str(args[0]) if isinstance(args, tuple) and args else ""
+
+
+def _to_rgb(img: Image.Image, sixteen_bit: bool = False) -> DecodedImage:
     repairs: list[str] = []
     mode = img.mode
+    if sixteen_bit and mode in ("RGB", "RGBA", "LA"):
+        # PIL decodes 16-bit RGB(A) PNGs to 8 bits by keeping the high byte (v // 256): scaled, not clipped.
+        repairs.append("converted_16bit")
     if mode == "P" or mode == "PA":
         repairs.append("converted_palette")
         img = img.convert("RGBA")
@@ -71,7 +100,9 @@ def _to_rgb(img: Image.Image) -> DecodedImage:
         # PIL's convert("RGB") clips 16-bit values at 255, turning most images white; rescale instead.
         repairs.append("converted_16bit")
         arr = np.asarray(img, dtype=np.float64)
-        hi = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
+        # 16-bit files scale by 65535 whatever their content (a dark 16-bit image must stay dark). "I"/"F" images
+        # whose file does not say 16-bit (32-bit TIFFs) carry no depth: above 255 is taken as 16-bit, else 8-bit.
+        hi = 65535.0 if mode.startswith("I;16") or sixteen_bit or arr.max() > 255 else 255.0
         arr = np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
         img = Image.fromarray(arr, mode="L")
         mode = "L"

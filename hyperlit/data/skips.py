@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
@@ -17,8 +19,18 @@ REPAIRED_KINDS = frozenset(
         "converted_grayscale",
         "caption_not_utf8",
         "caption_empty",
+        "upscaled_small_image",
     }
 )
+
+
+@dataclass(frozen=True)
+class SkipEvent:
+    """One bad or repaired file, as a DataLoader worker reports it to the main process (picklable)."""
+
+    kind: str
+    where: str
+    detail: str = ""
 
 
 class SkipLog:
@@ -28,8 +40,14 @@ class SkipLog:
         self.verbose = verbose
         self.counts: Counter[str] = Counter()
         self.examples: dict[str, list[str]] = {}
+        self.seen: set[tuple[str, str]] = set()  # (kind, where) of events, each counted once
 
-    def add(self, kind: str, where: str, detail: str = "", n: int = 1) -> None:
+    def add(self, kind: str, where: str, detail: str = "", n: int = 1, once: bool = False) -> None:
+        """Count `n` samples of `kind`; with `once`, a file already counted under this kind is not counted again."""
+        if once:
+            if (kind, where) in self.seen:
+                return
+            self.seen.add((kind, where))
         self.counts[kind] += n
         examples = self.examples.setdefault(kind, [])
         if len(examples) < 3:
@@ -37,8 +55,14 @@ class SkipLog:
         level = logging.INFO if kind in REPAIRED_KINDS else logging.WARNING
         log.log(level if self.verbose else logging.DEBUG, "data: %s %s %s", kind, where, detail)
 
-    def merge(self, counts: dict[str, int]) -> None:
-        self.counts.update(counts)
+    def merge(self, report: Mapping[str, int] | Iterable[SkipEvent]) -> None:
+        """Fold in what a worker sent: counts by kind (streams, where every occurrence counts) or events (files,
+        met again every epoch and by several workers, so each (kind, file) counts once)."""
+        if isinstance(report, Mapping):
+            self.counts.update(report)
+            return
+        for e in report:
+            self.add(e.kind, e.where, e.detail, once=True)
 
     def summary(self) -> str:
         if not self.counts:

@@ -21,6 +21,8 @@ from diffusers.loaders.single_file_utils import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+from hyperlit.files.torch_file import load_torch_file
+
 from .family import FAMILIES, ModelFamily
 
 log = logging.getLogger(__name__)
@@ -53,7 +55,7 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
         if path.suffix.lower() == ".safetensors":
             sd: dict = safetensors.torch.load_file(str(path), device="cpu")
         else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+            sd = load_torch_file(path, label=f"model.path={path}")
     except pickle.UnpicklingError as e:
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
         if found is None:

@@ -1,4 +1,4 @@
-"""PatchGAN discriminator (pix2pix / taming "NLayerDiscriminator" shape, spec vae-decoder.md §1.3).
+"""PatchGAN discriminator (the pix2pix / taming "NLayerDiscriminator" shape).
 
 n_layers=3, ndf=64 on 3-channel input gives 2 765 633 parameters, 30×30 logits at 256² and a 70×70
 receptive field, matching the discriminator every public SD-VAE GAN recipe uses.

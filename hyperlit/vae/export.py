@@ -19,7 +19,7 @@ from torch import Tensor
 
 from hyperlit.io import atomic_path
 
-# diffusers attention sub-module names -> LDM (spec §6); LDM keeps 1×1 convs, so weights become 4-D.
+# diffusers attention sub-module names -> LDM's decoder.mid.attn_1.*; LDM keeps 1×1 convs, so weights become 4-D.
 _ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 _RESNET = {"conv_shortcut": "nin_shortcut"}
 

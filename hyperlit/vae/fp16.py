@@ -1,7 +1,7 @@
 """fp16 safety check of a VAE decoder: decode in half precision and report each block's largest activation.
 
 The SD-XL VAE is the known case: internal activations exceed fp16's range (65 504) and decode to NaN/black
-images unless upcast (spec vae-decoder.md §4.6, §8). Fine-tuning can push a decoder over that edge too.
+images unless upcast (the reason sdxl-vae-fp16-fix exists). Fine-tuning can push a decoder over that edge too.
 """
 
 from __future__ import annotations

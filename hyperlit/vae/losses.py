@@ -1,7 +1,7 @@
 """Loss terms of decoder fine-tuning: reconstruction, adversarial (G and D), adaptive weight, warm-up ramp.
 
-Formulas follow the LDM/taming reference (spec vae-decoder.md §1.1-1.2) with the fixes of §9:
-fp32 adaptive weight, D warm-up and a ramp instead of the hard switch at ``disc_start``.
+Formulas follow LDM's ``LPIPSWithDiscriminator`` (from taming-transformers) with three fixes: the adaptive weight
+computed in fp32, a D warm-up, and a ramp instead of the hard switch at ``disc_start``.
 """
 
 from __future__ import annotations

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from hyperlit.files.torch_file import load_torch_file
+
 # VGG16 configuration "D": numbers are conv widths, "M" is a 2×2 max-pool.
 _VGG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
 # Indices in ``features`` of relu1_2, relu2_2, relu3_3, relu4_3, relu5_3: the five LPIPS taps.
@@ -49,7 +51,7 @@ def load_weights_file(path: str | os.PathLike, key: str) -> dict[str, Tensor]:
         sd = load_file(str(p), device="cpu")
     else:
         try:
-            sd = torch.load(str(p), map_location="cpu", weights_only=True)
+            sd = load_torch_file(p)
         except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
             raise ValueError(f"{key}={str(path)!r}: cannot be read as a weights-only torch file ({e})") from e
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
@@ -165,7 +167,7 @@ class LPIPS(nn.Module):
 
     def _unit(self, f: Tensor) -> Tensor:
         # sqrt(sum f² + eps²) instead of lpips' sqrt(sum f²) + eps: the same value where it matters, and a
-        # finite gradient at an all-zero feature vector (a reported NaN source, spec §1.4).
+        # finite gradient at an all-zero feature vector (users traced NaN losses to lpips' normalisation line).
         return f * torch.rsqrt((f * f).sum(dim=1, keepdim=True) + self.eps**2)
 
     def _features(self, x: Tensor) -> list[Tensor]:

@@ -1,29 +1,28 @@
-"""The AUTOMATIC1111 / NovelAI hypernetwork ``.pt`` format: the one place that knows it (spec §1).
+"""The AUTOMATIC1111 / NovelAI hypernetwork ``.pt`` format: the one place that knows it.
 
-Written by hand because no library reads or writes it. Reading accepts every historical layout; writing produces
-the current A1111 v1.x layout with every metadata key explicit, in torch's legacy serialization so that A1111
-releases from before and after the ``byteorder`` safety-check fix both accept the file (spec §1.7).
+A file is a pickled plain dict: ``int`` width keys (768, 320, ...) holding a (K, V) pair of ``linear.<idx>.*`` state
+dicts, and string metadata keys. Written by hand because no library reads or writes it. Reading accepts every
+historical layout; writing produces the current A1111 v1.x layout with every metadata key explicit, in torch's
+legacy (non-zip) serialization: A1111's safe-unpickle check in releases before commit 07cf95c refuses the zip
+member ``byteorder`` that torch >= 2.1 writes, and later releases accept both.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import pickle
-import re
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from hyperlit.files.content import HypernetworkFile, HypernetworkFileError, LayerStates
+from hyperlit.files.torch_file import TorchFileError, load_torch_file
 from hyperlit.hypernetwork import ACTIVATIONS, WEIGHT_INITS, HypernetworkConfig
 from hyperlit.io import atomic_path
 
 log = logging.getLogger(__name__)
-
-LayerStates = dict[int, tuple[dict[str, Tensor], dict[str, Tensor]]]
 
 # Layout names reported by `hyperlit inspect`, oldest first.
 LAYOUT_NOVELAI = "novelai (linear1/linear2 keys, no metadata)"
@@ -39,60 +38,20 @@ METADATA_KEYS = (
 )
 
 
-class HypernetworkFileError(ValueError):
-    """A file that is not a usable hypernetwork; the message names the file and the problem."""
-
-
-@dataclass
-class HypernetworkFile:
-    """The content of a hypernetwork file, independent of its container."""
-
-    config: HypernetworkConfig
-    layers: LayerStates
-    name: str
-    step: int = 0
-    sd_checkpoint: str | None = None
-    sd_checkpoint_name: str | None = None
-    optional_info: str | None = None
-    layout: str = LAYOUT_CURRENT
-    extra: dict = field(default_factory=dict)
-
-
 def derive_dropout_structure(
     layer_structure: list[float] | None, use_dropout: bool, last_layer_dropout: bool
 ) -> list[float]:
-    """A1111's rule for files written before ``dropout_structure`` existed (spec §1.4)."""
+    """A1111's rule for files written before ``dropout_structure`` existed.
+
+    It reproduces the old builder, which put Dropout(0.3) after every hidden Linear but the last one, and after that
+    one too only with ``last_layer_dropout``: e.g. [1, 2, 4, 2, 1] gives [0, .3, .3, .3, 0] with it, [0, .3, .3, 0, 0]
+    without.
+    """
     structure = layer_structure if layer_structure is not None else [1, 2, 1]
     n = len(structure)
     if not use_dropout:
         return [0.0] * n
     return [0.0] + [0.3] * (n - 3) + [0.3 if last_layer_dropout else 0.0, 0.0]
-
-
-def _load_weights_only(path: Path) -> object:
-    if not path.is_file():
-        raise HypernetworkFileError(f"{path}: no such file")
-    if path.stat().st_size == 0:
-        raise HypernetworkFileError(f"{path}: the file is empty (0 bytes)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        # torch words it "Unsupported global: GLOBAL builtins.exec was not an allowed global ..." or, for blocked
-        # modules, "Trying to load unsupported GLOBAL posix.system whose module posix is blocked."
-        blocked = re.search(r"unsupported global:?\s*(?:GLOBAL )?(\S+)", str(err), flags=re.IGNORECASE)
-        if blocked:
-            raise HypernetworkFileError(
-                f"{path}: refused: the pickle references {blocked.group(1)}, which is not plain weights or "
-                "metadata; the file was not loaded and no code in it ran"
-            ) from None
-        raise HypernetworkFileError(
-            f"{path}: not a readable torch file (truncated, corrupt or another format); nothing in it was run"
-        ) from None
-    except Exception as err:  # torch raises many types for truncated or foreign files
-        raise HypernetworkFileError(
-            f"{path}: not a readable torch file (truncated, corrupt or another format): "
-            f"{type(err).__name__}: {' '.join(str(err).split())[:200]}"
-        ) from None
 
 
 def _width_of(path: Path, key: object) -> int | None:
@@ -170,7 +129,11 @@ def _optional_str(value: object) -> str | None:
 
 
 def parse(path: str | Path, raw: object) -> HypernetworkFile:
-    """Interpret a loaded ``.pt`` object with A1111's defaults for every missing key (spec §1.3, §1.4, §2.4)."""
+    """Interpret a loaded ``.pt`` object with A1111's defaults for every missing metadata key.
+
+    Those defaults: layer_structure [1, 2, 1], no activation, no LayerNorm, activate_output True (see below),
+    dropout derived by :func:`derive_dropout_structure`, step 0, name = file stem.
+    """
     path = Path(path)
     if not isinstance(raw, dict):
         raise HypernetworkFileError(
@@ -235,7 +198,11 @@ def parse(path: str | Path, raw: object) -> HypernetworkFile:
 def read_pt(path: str | Path) -> HypernetworkFile:
     """Read any historical A1111 / NovelAI / kohya hypernetwork ``.pt`` with a weights-only unpickler."""
     path = Path(path)
-    return parse(path, _load_weights_only(path))
+    try:
+        raw = load_torch_file(path)
+    except TorchFileError as err:
+        raise HypernetworkFileError(str(err)) from None
+    return parse(path, raw)
 
 
 def to_pt_dict(content: HypernetworkFile) -> dict:
@@ -290,7 +257,11 @@ def optim_path(pt_path: str | Path) -> Path:
 
 
 def write_optim(pt_path: str | Path, optimizer_state: dict, optimizer_name: str = "AdamW") -> Path:
-    """Write A1111's ``<file>.pt.optim`` beside an already written ``.pt`` (spec §1.6)."""
+    """Write A1111's ``<file>.pt.optim`` beside an already written ``.pt``.
+
+    A1111 resumes from it only when its ``hash`` equals the first 10 hex digits of the ``.pt``'s sha256; the state's
+    parameter order is, per width in insertion order, the K module's parameters then the V module's.
+    """
     target = optim_path(pt_path)
     payload = {
         "optimizer_name": optimizer_name,
@@ -308,9 +279,9 @@ def read_optim(pt_path: str | Path) -> tuple[str, dict] | None:
     if not target.is_file():
         return None
     try:
-        payload = torch.load(target, map_location="cpu", weights_only=True)
-    except Exception as err:
-        log.warning("%s: ignored, not a readable optimizer state (%s)", target, type(err).__name__)
+        payload = load_torch_file(target)
+    except TorchFileError as err:
+        log.warning("ignored, not a readable optimizer state: %s", err)
         return None
     if not isinstance(payload, dict) or "optimizer_state_dict" not in payload:
         log.warning("%s: ignored, it holds no optimizer_state_dict", target)

@@ -1,13 +1,11 @@
-"""Hypernetwork files by extension: A1111 ``.pt`` (see :mod:`hyperlit.a1111`) or hyperlit's ``.safetensors``.
+"""hyperlit's own ``.safetensors`` hypernetwork file: no pickle involved at all.
 
-The safetensors layout is hyperlit's own: tensors keyed ``<width>.<0=K|1=V>.<A1111 key>`` and the
-architecture as JSON in the metadata, so no pickle is involved at all.
+Tensors are keyed ``<width>.<0=K|1=V>.<A1111 key>`` and the architecture is JSON in the metadata.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,25 +13,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from hyperlit import a1111
-from hyperlit.a1111 import HypernetworkFile, HypernetworkFileError
-from hyperlit.hypernetwork import Hypernetwork, HypernetworkConfig
+from hyperlit.files.content import HypernetworkFile, HypernetworkFileError
+from hyperlit.hypernetwork import HypernetworkConfig
 from hyperlit.io import atomic_path
-
-log = logging.getLogger(__name__)
 
 SAFETENSORS_FORMAT = "hyperlit-hypernetwork"
 LAYOUT_SAFETENSORS = "hyperlit safetensors"
-EXTENSIONS = (".pt", ".safetensors")
-
-
-def _extension(path: Path) -> str:
-    suffix = path.suffix.lower()
-    if suffix not in EXTENSIONS:
-        raise HypernetworkFileError(
-            f"{path}: extension {suffix or '(none)'!r} is not a hypernetwork format; allowed: {', '.join(EXTENSIONS)}"
-        )
-    return suffix
 
 
 def _in_module_order(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -119,70 +104,3 @@ def write_safetensors(path: str | Path, content: HypernetworkFile) -> Path:
     with atomic_path(path, suffix=".safetensors") as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return path
-
-
-def read_file(path: str | Path) -> HypernetworkFile:
-    path = Path(path)
-    return a1111.read_pt(path) if _extension(path) == ".pt" else read_safetensors(path)
-
-
-def write_file(path: str | Path, content: HypernetworkFile) -> Path:
-    path = Path(path)
-    return a1111.write_pt(path, content) if _extension(path) == ".pt" else write_safetensors(path, content)
-
-
-def to_file_content(hn: Hypernetwork) -> HypernetworkFile:
-    return HypernetworkFile(
-        config=replace(hn.config, sizes=hn.sizes),
-        layers=hn.layer_state_dicts(),
-        name=hn.name,
-        step=hn.step,
-        sd_checkpoint=hn.sd_checkpoint,
-        sd_checkpoint_name=hn.sd_checkpoint_name,
-        optional_info=hn.optional_info,
-    )
-
-
-def from_file_content(content: HypernetworkFile, source: str) -> Hypernetwork:
-    hn = Hypernetwork(content.config, sizes=list(content.layers), name=content.name)
-    try:
-        hn.load_layer_state_dicts(content.layers, source=source)
-    except ValueError as err:
-        raise HypernetworkFileError(str(err)) from None
-    hn.step = content.step
-    hn.sd_checkpoint = content.sd_checkpoint
-    hn.sd_checkpoint_name = content.sd_checkpoint_name
-    hn.optional_info = content.optional_info
-    hn.source_layout = content.layout
-    return hn
-
-
-def load_hypernetwork(path: str | Path) -> Hypernetwork:
-    """Load a ``.pt`` (any A1111 layout) or hyperlit ``.safetensors`` into an eval-mode :class:`Hypernetwork`."""
-    hn = from_file_content(read_file(path), source=str(path))
-    return hn.eval()
-
-
-def save_hypernetwork(
-    hn: Hypernetwork,
-    path: str | Path,
-    optimizer_state: dict | None = None,
-    optimizer_name: str = "AdamW",
-) -> Path:
-    """Save by extension; with ``optimizer_state`` a ``.pt`` also gets A1111's ``.pt.optim`` beside it."""
-    path = write_file(path, to_file_content(hn))
-    if optimizer_state is not None and path.suffix.lower() == ".pt":
-        a1111.write_optim(path, optimizer_state, optimizer_name)
-    return path
-
-
-def strip_dropout(content: HypernetworkFile) -> HypernetworkFile:
-    """An inference copy without Dropout slots: renumbered keys, same eval-mode function (spec §7)."""
-    stripped_config = replace(content.config, dropout_structure=None, sizes=list(content.layers))
-    source = from_file_content(content, source="input")
-    target = Hypernetwork(stripped_config, sizes=list(content.layers), name=content.name)
-    # Dropout has no parameters, so both modules list the same parameters in the same order.
-    with torch.no_grad():
-        for dst, src in zip(target.parameters(), source.parameters(), strict=True):
-            dst.copy_(src)
-    return replace(content, config=stripped_config, layers=target.layer_state_dicts())
