@@ -10,14 +10,16 @@ from dataclasses import replace
 from pathlib import Path
 
 from hyperlit import files
-from hyperlit.files import HypernetworkFile
+from hyperlit.files import HypernetworkFile, clients
 
 
-def describe(content: HypernetworkFile) -> dict:
+def describe(content: HypernetworkFile, path: str | Path | None = None) -> dict:
     """Everything `hyperlit inspect` reports, as plain data."""
     config = content.config
     parameters = sum(t.numel() for pair in content.layers.values() for state in pair for t in state.values())
     comfy_ok, comfy_reason = config.comfyui_compatible()
+    if comfy_reason:
+        comfy_reason += clients.comfyui_advice(content.name, config.comfyui_dropout_layers() > 0)
     return {
         "name": content.name,
         "layout": content.layout,
@@ -35,6 +37,7 @@ def describe(content: HypernetworkFile) -> dict:
         "optional_info": content.optional_info,
         "comfyui_same_function": comfy_ok,
         "comfyui_note": comfy_reason or None,
+        "clients": clients.readers(path) if path is not None else None,
     }
 
 
@@ -46,7 +49,7 @@ def _read_checked(path: str | Path) -> HypernetworkFile:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    info = describe(_read_checked(args.file))
+    info = describe(_read_checked(args.file), args.file)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -67,7 +70,7 @@ def _convert(args: argparse.Namespace) -> int:
     content = _read_checked(src)
     if args.strip_dropout:
         content = files.strip_dropout(content)
-    files.write_file(dst, replace(content))
+    files.write_file(dst, replace(content))  # named after the output file, without a client tag
     print(f"wrote {dst} ({files.read_file(dst).layout})")
     return 0
 
@@ -125,9 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     shards.add_argument("--samples-per-shard", type=int, default=1000)
     shards.add_argument("--prefix", default="shard")
     shards.add_argument("--model", default=None,
-                        help="model family (tiny, sd15, sd21) to precompute latents and context with")
-    shards.add_argument("--model-path", default=None, help="checkpoint or diffusers folder for sd15/sd21")
-    shards.add_argument("--tokenizer-path", default=None, help="tokenizer folder, for a single-file checkpoint")
+                        help="model family (tiny, sd15, sd21, sdxl) to precompute latents and context "
+                        "(and SDXL's pooled embedding) with")
+    shards.add_argument("--model-path", default=None, help="checkpoint or diffusers folder for sd15/sd21/sdxl")
+    shards.add_argument("--tokenizer-path", default=None,
+                        help="tokenizer folder for a single-file checkpoint (SDXL: a folder with tokenizer/ and "
+                        "tokenizer_2/)")
     shards.add_argument("--resolution", type=int, default=512)
     shards.add_argument("--resize", default="crop", choices=("crop", "stretch"))
     shards.add_argument("--template", default="style_filewords")

@@ -12,7 +12,7 @@ from a1111_reference import a1111_load, a1111_safe_check, apply_pairs
 from PIL import Image
 from tiny_sdxl import SDXL_FAMILY, build_parts, write_folder
 
-from hyperlit import formats
+from hyperlit import files
 from hyperlit.hypernetwork import Hypernetwork, HypernetworkConfig
 from hyperlit.models import load_components
 from hyperlit.train import build_hypernetwork_run, fit, resolve_sizes
@@ -112,6 +112,6 @@ def test_train_tiny_sdxl_end_to_end_with_buckets(train_cfg, tmp_path):
         k, v = trained.forward_kv(context)
         torch.testing.assert_close(k, want_k, atol=1e-6, rtol=0)
         torch.testing.assert_close(v, want_v, atol=1e-6, rtol=0)
-    loaded = formats.load_hypernetwork(final)
+    loaded = files.load_hypernetwork(final)
     assert loaded.sd_checkpoint == comps.checkpoint_hash == fresh.checkpoint_hash
     assert loaded.sd_checkpoint_name == "tiny_sdxl"
