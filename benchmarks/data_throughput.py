@@ -33,11 +33,11 @@ def build_task(seed: int):
     from hyperlit.attention import attach_hypernetworks
     from hyperlit.hypernetwork import Hypernetwork, HypernetworkConfig
     from hyperlit.models import load_components
-    from hyperlit.tasks.hypernetwork import HypernetworkTask
+    from hyperlit.tasks.hypernetwork.module import HypernetworkTask
 
     comps = load_components(family="tiny", seed=seed)
     config = HypernetworkConfig(activation="swish")
-    from hyperlit.train import resolve_sizes
+    from hyperlit.tasks.hypernetwork.build import resolve_sizes
 
     net = Hypernetwork(config, sizes=resolve_sizes(config, comps.unet), name="bench")
     task = HypernetworkTask(hypernetwork=net, components=comps, optimizer=torch.optim.AdamW)

@@ -21,7 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from diffusers import AutoencoderKL  # noqa: E402
 
-from hyperlit.tasks.vae import VAEDecoderTask  # noqa: E402
+from hyperlit.tasks.vae.module import VAEDecoderTask  # noqa: E402
 from hyperlit.vae.config import DiscConfig, LossConfig, PerceptualConfig, VAETaskConfig  # noqa: E402
 from hyperlit.vae.lpips import LPIPS  # noqa: E402
 

@@ -232,4 +232,4 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("hyperlit.rank_zero", lambda value=None: value if is_global_zero() else None)
 
 
-register_resolvers()  # at import: train.py imports hyperlit.train (and so this) before Hydra composes
+register_resolvers()  # at import: train.py imports hyperlit.runner (and so this) before Hydra composes

@@ -230,7 +230,7 @@ def _fail_if_model_loads(monkeypatch):
 
 
 def test_torchrun_world_that_does_not_match_devices_is_an_error_before_the_model_loads(train_cfg, monkeypatch):
-    from hyperlit.train import run
+    from hyperlit.runner import run
 
     _fail_if_model_loads(monkeypatch)
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
@@ -244,7 +244,7 @@ def test_torchrun_world_that_does_not_match_devices_is_an_error_before_the_model
 
 
 def test_slurm_nodes_and_tasks_that_do_not_match_are_errors(train_cfg, monkeypatch):
-    from hyperlit.train import run
+    from hyperlit.runner import run
 
     _fail_if_model_loads(monkeypatch)
     monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
@@ -261,7 +261,7 @@ def test_slurm_nodes_and_tasks_that_do_not_match_are_errors(train_cfg, monkeypat
 
 
 def test_webdataset_url_matching_no_shard_is_an_error_before_the_model_loads(train_cfg, monkeypatch, tmp_path):
-    from hyperlit.train import run
+    from hyperlit.runner import run
 
     _fail_if_model_loads(monkeypatch)
     pattern = str(tmp_path / "missing" / "shard-{000000..000003}.tar")

@@ -18,13 +18,6 @@ import hyperlit
 
 Graph = Mapping[str, Iterable[str]]
 
-# Cycles another branch is removing. Each entry is the set of modules of one cycle. The lead deletes an entry when
-# the branch that removes it is merged; the test prints every entry it tolerates and fails once one is stale.
-KNOWN_CYCLES_BEING_REMOVED: set[frozenset[str]] = {
-    frozenset({"hyperlit.train", "hyperlit.tasks.vae"}),  # helper `runner` moves the VAE run out of train.py
-}
-
-
 def package_modules(package: object = hyperlit) -> dict[str, tuple[Path, bool]]:
     """Every module of ``package``: name -> (source file, is a package)."""
     found = {package.__name__: (Path(package.__file__), True)}
@@ -191,13 +184,5 @@ def test_model_module_imports_no_file_format_code() -> None:
 
 def test_no_import_cycles() -> None:
     graph = import_graph()
-    cycles = strongly_connected(graph)
-    tolerated = [c for c in cycles if frozenset(c) in KNOWN_CYCLES_BEING_REMOVED]
-    for component in tolerated:
-        print(f"KNOWN_CYCLES_BEING_REMOVED tolerates: {describe(graph, component)}")
-    stale = KNOWN_CYCLES_BEING_REMOVED - {frozenset(c) for c in cycles}
-    assert not stale, (
-        f"these cycles are gone; delete them from KNOWN_CYCLES_BEING_REMOVED: {sorted(map(sorted, stale))}"
-    )
-    new = [describe(graph, c) for c in cycles if frozenset(c) not in KNOWN_CYCLES_BEING_REMOVED]
-    assert not new, "import cycles in hyperlit:\n" + "\n".join(new)
+    cycles = [describe(graph, c) for c in strongly_connected(graph)]
+    assert not cycles, "import cycles in hyperlit:\n" + "\n".join(cycles)

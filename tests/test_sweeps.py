@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from hyperlit.files import read_file
 from hyperlit.hypernetwork import HypernetworkConfig
 from hyperlit.lr_schedule import base_learning_rate
-from hyperlit.train import hypernetwork_config
+from hyperlit.tasks.hypernetwork.build import hypernetwork_config
 
 SWEEP = yaml.safe_load((REPO_ROOT / "sweep.yaml").read_text())
 
@@ -60,8 +60,12 @@ def test_sweep_file_is_a_bayes_sweep_over_the_hypernetwork_with_hydra_style_argu
     assert SWEEP["method"] == "bayes"
     assert SWEEP["metric"] == {"name": "train/loss", "goal": "minimize"}
     assert set(SWEEP["parameters"]) == {
-        "hypernet.layer_structure", "hypernet.activation", "hypernet.layer_norm", "hypernet.dropout_structure",
-        "train.learning_rate", "data.batch_size",
+        "hypernet.layer_structure",
+        "hypernet.activation",
+        "hypernet.layer_norm",
+        "hypernet.dropout_structure",
+        "train.learning_rate",
+        "data.batch_size",
     }
     lr = SWEEP["parameters"]["train.learning_rate"]
     assert lr["distribution"] == "log_uniform_values" and 0 < lr["min"] < lr["max"] < 1
@@ -70,9 +74,11 @@ def test_sweep_file_is_a_bayes_sweep_over_the_hypernetwork_with_hydra_style_argu
 
 
 def test_the_metric_is_what_the_task_logs_and_run_returns():
-    source = (REPO_ROOT / "hyperlit" / "tasks" / "hypernetwork.py").read_text()
-    assert f'self.log("{SWEEP["metric"]["name"]}"' in source
-    assert f'callback_metrics.get("{SWEEP["metric"]["name"]}")' in (REPO_ROOT / "hyperlit" / "train.py").read_text()
+    # run(cfg) returns cfg.optimized_metric (tests/test_train.py checks the value); the sweep must minimise it
+    cfg = compose_config("train", ["paths.output_dir=/tmp/x"])
+    assert cfg.optimized_metric == SWEEP["metric"]["name"]
+    source = (REPO_ROOT / "hyperlit" / "tasks" / "hypernetwork" / "module.py").read_text()
+    assert f'self.log("{cfg.optimized_metric}"' in source
 
 
 PARAMETER_VALUES = [(key, value) for key, spec in SWEEP["parameters"].items() for value in parameter_values(spec)]
@@ -120,7 +126,11 @@ def test_the_rendered_command_is_a_valid_train_py_call_and_a_bad_key_fails_befor
     command = render(SWEEP, values)
     shown = subprocess.run(
         [sys.executable, str(REPO_ROOT / "train.py"), *command[3:], "--cfg", "job", "--resolve"],
-        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120,
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert shown.returncode == 0, shown.stderr[-3000:]
     job = yaml.safe_load(shown.stdout)
@@ -131,9 +141,19 @@ def test_the_rendered_command_is_a_valid_train_py_call_and_a_bad_key_fails_befor
         assert node == expected(value), key
 
     failed = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "train.py"), "train.lr=1e-4", "train.max_steps=1", "logger=none",
-         f"hydra.run.dir={tmp_path / 'out'}"],
-        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            str(REPO_ROOT / "train.py"),
+            "train.lr=1e-4",
+            "train.max_steps=1",
+            "logger=none",
+            f"hydra.run.dir={tmp_path / 'out'}",
+        ],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert failed.returncode != 0
     assert "Could not override 'train.lr'" in failed.stderr
@@ -144,12 +164,24 @@ def _multirun(tmp_path: Path, *overrides: str) -> Path:
     sweep_dir = tmp_path / "multi"
     result = subprocess.run(
         [
-            sys.executable, str(REPO_ROOT / "train.py"), *overrides, "train.max_steps=2", "logger=csv",
-            "trainer.log_every_n_steps=1", f"hydra.sweep.dir={sweep_dir}", f"data.cache_dir={tmp_path / 'cache'}",
-            "callbacks.preview.every=0", "callbacks.preview.at_end=false", "~callbacks.progress",
+            sys.executable,
+            str(REPO_ROOT / "train.py"),
+            *overrides,
+            "train.max_steps=2",
+            "logger=csv",
+            "trainer.log_every_n_steps=1",
+            f"hydra.sweep.dir={sweep_dir}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "callbacks.preview.every=0",
+            "callbacks.preview.at_end=false",
+            "~callbacks.progress",
             "trainer.enable_progress_bar=false",
         ],
-        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return sweep_dir
@@ -182,7 +214,10 @@ def test_optuna_study_minimises_the_value_run_returns(tmp_path):
         reason="hparams_search=optuna needs hydra-optuna-sweeper (the `sweep` extra)",
     )
     sweep_dir = _multirun(
-        tmp_path, "hparams_search=optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=2",
+        tmp_path,
+        "hparams_search=optuna",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.sampler.n_startup_trials=2",
     )
     jobs = sorted(p for p in sweep_dir.iterdir() if p.is_dir())
     assert [p.name for p in jobs] == ["0", "1"]

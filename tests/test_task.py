@@ -9,7 +9,7 @@ import torch
 
 from hyperlit.hypernetwork import Hypernetwork, HypernetworkConfig
 from hyperlit.models import load_components
-from hyperlit.tasks.hypernetwork import HypernetworkTask, min_snr_weights
+from hyperlit.tasks.hypernetwork.module import HypernetworkTask, min_snr_weights
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from conftest import REPO_ROOT
 
 from hyperlit import files
 from hyperlit.models import load_components
-from hyperlit.train import build_hypernetwork_run, fit, run
+from hyperlit.runner import build_run, fit, run
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +43,7 @@ def test_run_writes_a1111_files_and_keeps_the_base_model_frozen(train_cfg, tmp_p
     reference = load_components(family="tiny")
     before = {name: _digest(getattr(reference, name)) for name in ("unet", "vae", "text_encoder")}
 
-    built = build_hypernetwork_run(cfg)
+    built = build_run(cfg)
     loss = fit(built, cfg)
     out = tmp_path / "run"
 
@@ -107,7 +107,7 @@ def test_train_py_as_a_subprocess(tmp_path):
 def test_resume_continues_at_the_saved_step_with_the_saved_optimizer_state(train_cfg, tmp_path):
     common = ("callbacks.preview.every=0", "callbacks.preview.at_end=false", "callbacks.export.save_every=0",
               "callbacks.checkpoint.every_n_train_steps=3", "train.learning_rate='5e-4:4, 1e-4:6'")
-    first = build_hypernetwork_run(train_cfg(*common, steps=3))
+    first = build_run(train_cfg(*common, steps=3))
     fit(first, train_cfg(*common, steps=3))
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     saved = torch.load(last, map_location="cpu", weights_only=True)
@@ -128,7 +128,7 @@ def test_resume_continues_at_the_saved_step_with_the_saved_optimizer_state(train
                 seen["weights"] = {k: v.clone() for k, v in pl_module.hypernetwork.state_dict().items()}
 
     cfg = train_cfg(*common, f"ckpt_path={last}", steps=6)
-    second = build_hypernetwork_run(cfg)
+    second = build_run(cfg)
     second.trainer.callbacks.append(Probe())
     fit(second, cfg)
 
@@ -142,7 +142,7 @@ def test_resume_continues_at_the_saved_step_with_the_saved_optimizer_state(train
 
 
 def test_overfitting_a_fixed_batch_lowers_the_loss(train_cfg):
-    built = build_hypernetwork_run(train_cfg())
+    built = build_run(train_cfg())
     module = built.module
     datamodule = built.datamodule
     datamodule.setup("fit")
@@ -177,7 +177,7 @@ def test_init_from_continues_a_file_and_rejects_one_that_does_not_fit(train_cfg,
     copy.write_bytes(produced.read_bytes())
     cfg2 = train_cfg("callbacks.preview.every=0", "callbacks.preview.at_end=false", f"hypernet.init_from={copy}",
                      f"paths.output_dir={tmp_path / 'run2'}", steps=2)
-    built = build_hypernetwork_run(cfg2)
+    built = build_run(cfg2)
     start = files.load_hypernetwork(copy)
     for key, value in start.state_dict().items():
         assert torch.equal(built.module.hypernetwork.state_dict()[key], value)
@@ -186,7 +186,7 @@ def test_init_from_continues_a_file_and_rejects_one_that_does_not_fit(train_cfg,
 
     bad = train_cfg(f"hypernet.init_from={copy}", "hypernet=relu_1221_ln")
     with pytest.raises(ValueError) as err:
-        build_hypernetwork_run(bad)
+        build_run(bad)
     message = str(err.value)
     assert "hypernet.init_from" in message and "hypernet.layer_structure" in message
     assert "hypernet.activation" in message and "hypernet.layer_norm" in message
@@ -197,16 +197,16 @@ def test_resumed_run_reaches_the_same_weights_as_an_uninterrupted_one(train_cfg,
     common = ("callbacks.preview.every=0", "callbacks.preview.at_end=false", "callbacks.export.save_every=0",
               "callbacks.checkpoint.every_n_train_steps=1", "train.learning_rate=1e-3",
               "hypernet=swish_121_dropout")  # dropout masks come from the RNG too
-    straight = build_hypernetwork_run(train_cfg(*common, f"paths.output_dir={tmp_path / 'a'}", steps=6))
+    straight = build_run(train_cfg(*common, f"paths.output_dir={tmp_path / 'a'}", steps=6))
     fit(straight, train_cfg(*common, f"paths.output_dir={tmp_path / 'a'}", steps=6))
 
     first = train_cfg(*common, f"paths.output_dir={tmp_path / 'b'}", steps=stop_at)
-    fit(build_hypernetwork_run(first), first)
+    fit(build_run(first), first)
     last = tmp_path / "b" / "checkpoints" / "last.ckpt"
     loader_state = torch.load(last, weights_only=True)["loops"]["fit_loop"]["state_dict"]["combined_loader"]
     assert loader_state == [{"epoch": (stop_at - 1) // 3, "batches": (stop_at - 1) % 3 + 1}]  # where the plan stood
     second = train_cfg(*common, f"paths.output_dir={tmp_path / 'b'}", f"ckpt_path={last}", steps=6)
-    resumed = build_hypernetwork_run(second)
+    resumed = build_run(second)
     fit(resumed, second)
 
     expected = straight.module.hypernetwork.state_dict()

@@ -10,7 +10,7 @@ import pytest
 from conftest import REPO_ROOT
 
 from hyperlit import models
-from hyperlit.train import build_hypernetwork_run, fit
+from hyperlit.runner import build_run, fit
 
 
 @pytest.fixture
@@ -25,7 +25,7 @@ def no_model_loading(monkeypatch):
 
 def _message(cfg) -> str:
     with pytest.raises((ValueError, FileNotFoundError, NotADirectoryError)) as err:
-        build_hypernetwork_run(cfg)
+        build_run(cfg)
     return str(err.value)
 
 
@@ -47,7 +47,7 @@ def test_folder_with_no_readable_image_lists_the_reasons(train_cfg, tmp_path):
     (folder / "b.jpg").write_bytes(b"this is not a jpeg")
     cfg = train_cfg("data=folder", f"data.path={folder}", "data.resolution=64", "callbacks.preview.every=0")
     with pytest.raises(ValueError) as err:
-        fit(build_hypernetwork_run(cfg), cfg)
+        fit(build_run(cfg), cfg)
     message = str(err.value)
     assert "data.path" in message and "no usable image" in message
     assert "zero_byte" in message or "empty" in message
@@ -59,8 +59,8 @@ def test_unreadable_image_is_skipped_counted_and_reported(train_cfg, tmp_path, c
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
     cfg = train_cfg("data=folder", f"data.path={folder}", "data.resolution=64", "callbacks.preview.every=0",
                     "callbacks.preview.at_end=false", steps=1)
-    built = build_hypernetwork_run(cfg)
-    with caplog.at_level(logging.WARNING, logger="hyperlit.train"):
+    built = build_run(cfg)
+    with caplog.at_level(logging.WARNING, logger="hyperlit"):
         loss = fit(built, cfg)
     assert loss is not None  # training continued
     assert sum(built.datamodule.skipped.values()) == 1
@@ -100,7 +100,7 @@ def test_missing_init_from_and_ckpt_path_name_their_keys(train_cfg, tmp_path, no
 def test_unused_sizes_warn_with_the_widths(train_cfg):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        built = build_hypernetwork_run(train_cfg("hypernet.sizes=[48,32,64,768]"))
+        built = build_run(train_cfg("hypernet.sizes=[48,32,64,768]"))
     messages = [str(w.message) for w in caught if "hypernet.sizes" in str(w.message)]
     assert messages and "[768]" in messages[0] and "[48, 32, 64]" in messages[0]
     assert built.module.hypernetwork.sizes == [48, 32, 64, 768]
@@ -109,12 +109,12 @@ def test_unused_sizes_warn_with_the_widths(train_cfg):
 def test_wandb_without_credentials_logs_offline_with_a_sync_hint(train_cfg, tmp_path, monkeypatch, caplog):
     from lightning.pytorch.loggers import WandbLogger
 
-    from hyperlit.train import build_loggers
+    from hyperlit.runner import build_loggers
 
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
-    with caplog.at_level(logging.WARNING, logger="hyperlit.train"):
+    with caplog.at_level(logging.WARNING, logger="hyperlit"):
         loggers = build_loggers(train_cfg("logger=wandb"))
     assert len(loggers) == 1 and isinstance(loggers[0], WandbLogger) and loggers[0]._offline
     assert any("wandb sync" in r.getMessage() for r in caplog.records)

@@ -9,7 +9,7 @@ from conftest import REPO_ROOT
 
 from hyperlit import files
 from hyperlit.cli import main
-from hyperlit.train import build_hypernetwork_run, fit
+from hyperlit.runner import build_run, fit
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +28,7 @@ def test_make_shards_then_train(train_cfg, tmp_path, monkeypatch):
     cfg = train_cfg("data=webdataset", f"data.urls='{shards}/shard-{{000000..000002}}.tar'", "data.resolution=64",
                     "data.num_workers=0", "data.batch_size=4", "callbacks.preview.every=0",
                     "callbacks.preview.at_end=false", steps=3)
-    built = build_hypernetwork_run(cfg)
+    built = build_run(cfg)
     vae = built.module.components.vae
     calls = {"encode": 0}
     original = vae.encode

@@ -6,10 +6,11 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 from safetensors.torch import load_file, save_file
 
 from hyperlit.data.paths import repo_root
-from hyperlit.tasks.vae import build_vae_task, load_task_vae
+from hyperlit.tasks.vae.build import build, load_task_vae
 from hyperlit.vae.export import diffusers_to_ldm, save_diffusers_folder
 
 CONF = str(repo_root() / "conf")
@@ -36,25 +37,26 @@ def test_presets_and_tiny_overlay_compose():
     assert cfg.trainer.max_steps == -1 and cfg.trainer.gradient_clip_val is None
     cfg = vae_cfg("vae_loss=ft_mse", "model=sd15")
     assert cfg.loss.reconstruction == "mse" and cfg.loss.perceptual.weight == 0.1
-    assert cfg.data.resolution == 256 and cfg.optimizer.betas == [0.5, 0.9]  # no overlay for real models
+    assert cfg.data.resolution == 256 and cfg.train.optimizer.betas == [0.5, 0.9]  # no overlay for real models
 
 
 def test_real_model_needs_path_and_perceptual_weights(tmp_path):
     with pytest.raises(ValueError, match="model.path is required for model.family=sd15"):
-        load_task_vae(vae_cfg("model=sd15"), None)
+        load_task_vae(vae_cfg("model=sd15"))
     vae = small_vae()
     path = tmp_path / "my.vae.safetensors"
     save_file({k: v.contiguous() for k, v in diffusers_to_ldm(vae.state_dict(), 2).items()}, path)
-    cfg = vae_cfg("model=sd15", f"model.path={path}", "vae.norm_num_groups=4", f"export.dirpath={tmp_path}/x")
+    cfg = vae_cfg("model=sd15", f"model.path={path}", "vae.norm_num_groups=4", f"callbacks.export.dirpath={tmp_path}/x")
     with pytest.raises(ValueError, match="loss.perceptual.weights is not set"):
-        build_vae_task(cfg, None)
-    loaded, source, embedded = load_task_vae(cfg, None)
+        build(cfg)
+    loaded, source, embedded = load_task_vae(cfg)
     assert not embedded and str(path) in source
     assert loaded.config.scaling_factor == 0.18215  # a single file carries no factor: the family's
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in vae.state_dict().items())
     with pytest.raises(ValueError, match="has 4 latent channels but the config expects 16"):
-        load_task_vae(vae_cfg("model=sd15", f"model.path={path}", "vae.norm_num_groups=4", "vae.latent_channels=16"),
-                      None)
+        load_task_vae(
+            vae_cfg("model=sd15", f"model.path={path}", "vae.norm_num_groups=4", "vae.latent_channels=16"),
+        )
 
 
 def test_sixteen_channel_diffusers_folder_trains_and_exports(tmp_path):
@@ -63,15 +65,24 @@ def test_sixteen_channel_diffusers_folder_trains_and_exports(tmp_path):
     cfg = vae_cfg(
         "model=sd15", f"model.path={tmp_path}/flux-vae", "vae.latent_channels=16", "vae.use_quant_conv=false",
         "loss.perceptual.weight=0", "data.resolution=32", "data.num_workers=0", "data.batch_size=2",
-        "data.val_count=2", "train.max_steps=2", f"export.dirpath={tmp_path}/out",
+        "data.val_count=2", "train.max_steps=2", f"callbacks.export.dirpath={tmp_path}/out",
     )  # fmt: skip
-    module, dm, callbacks = build_vae_task(cfg, None)
+    parts = build(cfg)
+    module, dm = parts.load_module(), parts.datamodule
+    callbacks = [instantiate(cfg.callbacks[name]) for name in ("ema", "export", "fp16_check")]
     assert module.vae.quant_conv is None and module.vae.config.shift_factor == 0.1159
     assert module.lpips is None
     import lightning.pytorch as pl
 
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=-1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, limit_val_batches=0, callbacks=callbacks)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=-1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+        callbacks=callbacks,
+    )
     trainer.fit(module, datamodule=dm)
     assert module.step == 2
     exported = AutoencoderKL.from_pretrained(tmp_path / "out" / "vae-ft", local_files_only=True)
@@ -83,13 +94,17 @@ def test_sixteen_channel_diffusers_folder_trains_and_exports(tmp_path):
 
 @pytest.mark.slow
 def test_train_py_run_on_the_embedded_default(tmp_path):
-    from hyperlit.train import run
+    from hyperlit.runner import build_run, fit
 
     cfg = vae_cfg(
         f"paths.output_dir={tmp_path}", "logger=none", "train.max_steps=3", "data.resolution=32",
-        "trainer.val_check_interval=3", "trainer.limit_val_batches=1", "export.save_every=0",
+        "trainer.val_check_interval=3", "trainer.limit_val_batches=1", "callbacks.export.save_every=0",
+        "optimized_metric=train/rec",
     )  # fmt: skip
-    run(cfg)
+    built = build_run(cfg)
+    value = fit(built, cfg)  # what run(cfg) returns: the metric optimized_metric names
+    metrics = built.trainer.callback_metrics
+    assert value == pytest.approx(float(metrics["train/rec"])) and value != float(metrics["train/total"])
     out = tmp_path / "vae"
     assert sorted(p.name for p in out.iterdir()) == ["vae-ft", "vae-ft.disc.safetensors", "vae-ft.vae.safetensors"]
     reloaded = AutoencoderKL.from_pretrained(out / "vae-ft", local_files_only=True)
@@ -97,7 +112,7 @@ def test_train_py_run_on_the_embedded_default(tmp_path):
 
 
 def test_ddp_overrides_for_separate_g_and_d_backward():
-    from hyperlit.tasks.vae import ddp_overrides
+    from hyperlit.tasks.vae.build import ddp_overrides
 
     assert ddp_overrides(vae_cfg()) == {}
     assert ddp_overrides(vae_cfg("trainer=ddp_cpu")) == {"strategy": "ddp_find_unused_parameters_true"}

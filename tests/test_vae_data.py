@@ -75,9 +75,9 @@ EXPECTED = Counter(
 @pytest.mark.parametrize("workers", [0, 2])
 def test_vae_run_over_bad_files_finishes_and_reports_each_kind(tmp_path, monkeypatch, caplog, workers):
     from hydra import compose, initialize_config_dir
+    from hyperlit.train import run
 
     from hyperlit.tasks.vae import VAEDecoderTask
-    from hyperlit.train import run
 
     folder = bad_folder(tmp_path)
     seen: list[dict] = []

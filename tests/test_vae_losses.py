@@ -7,11 +7,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.vae_reference import adaptive_weight
 
-from hyperlit.vae.config import DiscConfig, VAETaskConfig, from_mapping
+from hyperlit.options import build_options
+from hyperlit.vae.config import DiscConfig, VAETaskConfig
 from hyperlit.vae.discriminator import PatchDiscriminator
 from hyperlit.vae.losses import (
-    adaptive_weight,
     adversarial_factor,
     discriminator_loss,
     generator_loss,
@@ -86,11 +87,11 @@ def test_adversarial_factor_warmup_and_ramps():
 
 
 def test_config_from_mapping_validates_keys_and_values():
-    cfg = from_mapping(VAETaskConfig, {"disc": {"start": 3}, "loss": {"perceptual": {"weight": 0.1}}})
+    cfg = build_options(VAETaskConfig, {"disc": {"start": 3}, "loss": {"perceptual": {"weight": 0.1}}})
     assert cfg.disc.start == 3 and cfg.loss.perceptual.weight == 0.1
-    with pytest.raises(ValueError, match="unknown config key disc.strat"):
-        from_mapping(VAETaskConfig, {"disc": {"strat": 3}})
-    with pytest.raises(ValueError, match="disc.loss='wgan'"):
+    with pytest.raises(ValueError, match="disc.strat: 'strat' is not allowed; allowed keys: adaptive, "):
+        build_options(VAETaskConfig, {"disc": {"strat": 3}})
+    with pytest.raises(ValueError, match="disc.loss: 'wgan' is not allowed; allowed: hinge, non_saturating"):
         DiscConfig(loss="wgan")
 
 

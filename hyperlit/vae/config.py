@@ -2,22 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any, TypeVar, get_type_hints
+from dataclasses import dataclass, field
 
+from hyperlit.options import check_choice, check_min, not_allowed
 from hyperlit.vae.discriminator import NORMS
 from hyperlit.vae.losses import GAN_LOSSES, RAMPS, RECONSTRUCTION
-
-
-def _check(key: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{key}={value!r} is not supported; allowed: {', '.join(allowed)}")
-
-
-def _non_negative(key: str, value: float) -> None:
-    if value < 0:
-        raise ValueError(f"{key}={value} must be >= 0")
 
 
 @dataclass
@@ -30,11 +19,9 @@ class PerceptualConfig:
     random_backbone: bool | str = False
 
     def __post_init__(self) -> None:
-        _non_negative("loss.perceptual.weight", self.weight)
+        check_min("loss.perceptual.weight", self.weight, 0)
         if self.random_backbone not in (True, False, "auto"):
-            raise ValueError(
-                f"loss.perceptual.random_backbone={self.random_backbone!r}; allowed: true, false, auto"
-            )
+            raise not_allowed("loss.perceptual.random_backbone", self.random_backbone, "allowed: true, false, auto")
 
 
 @dataclass
@@ -44,8 +31,8 @@ class LossConfig:
     perceptual: PerceptualConfig = field(default_factory=PerceptualConfig)
 
     def __post_init__(self) -> None:
-        _check("loss.reconstruction", self.reconstruction, RECONSTRUCTION)
-        _non_negative("loss.reconstruction_weight", self.reconstruction_weight)
+        check_choice("loss.reconstruction", self.reconstruction, RECONSTRUCTION)
+        check_min("loss.reconstruction_weight", self.reconstruction_weight, 0)
 
 
 @dataclass
@@ -64,27 +51,25 @@ class DiscConfig:
     norm: str = "batch"
 
     def __post_init__(self) -> None:
-        _check("disc.ramp", self.ramp, RAMPS)
-        _check("disc.loss", self.loss, GAN_LOSSES)
-        _check("disc.norm", self.norm, NORMS)
+        check_choice("disc.ramp", self.ramp, RAMPS)
+        check_choice("disc.loss", self.loss, GAN_LOSSES)
+        check_choice("disc.norm", self.norm, NORMS)
         for k in ("start", "warmup_steps", "ramp_steps", "weight", "max_adaptive_weight"):
-            _non_negative(f"disc.{k}", getattr(self, k))
+            check_min(f"disc.{k}", getattr(self, k), 0)
 
 
 @dataclass
 class OptimizerConfig:
-    lr: float = 1e-5
-    disc_lr: float | None = None  # None = lr
-    betas: tuple[float, float] = (0.5, 0.9)
-    weight_decay: float = 0.0
+    """What the generator/discriminator optimizers share beyond ``train.optimizer`` (a torch optimizer partial)."""
+
+    disc_lr: float | None = None  # None = the generator's lr
     grad_clip: float | None = None  # max global grad norm, applied to G and D separately
 
     def __post_init__(self) -> None:
-        self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"optimizer.betas={list(self.betas)} must be two numbers in [0, 1)")
-        if self.lr <= 0 or (self.disc_lr is not None and self.disc_lr <= 0):
-            raise ValueError(f"optimizer.lr={self.lr} / optimizer.disc_lr={self.disc_lr} must be > 0")
+        if self.disc_lr is not None:
+            check_min("train.disc_lr", self.disc_lr, 0, strict=True)
+        if self.grad_clip is not None:
+            check_min("train.grad_clip", self.grad_clip, 0, strict=True)
 
 
 @dataclass
@@ -105,27 +90,5 @@ class VAETaskConfig:
     latent_channels: int | None = None  # expected latent channels; None = take the family's / the VAE's
 
     def __post_init__(self) -> None:
-        if self.max_steps < 1:
-            raise ValueError(f"max_steps={self.max_steps} must be >= 1")
-        if self.max_bad_steps < 1:
-            raise ValueError(f"max_bad_steps={self.max_bad_steps} must be >= 1")
-
-
-T = TypeVar("T")
-
-
-def from_mapping(cls: type[T], data: Mapping[str, Any] | None, prefix: str = "") -> T:
-    """Build a (nested) dataclass from a plain mapping; unknown keys are an error naming the key."""
-    data = dict(data or {})
-    hints = get_type_hints(cls)
-    names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ValueError(f"unknown config key {prefix}{unknown[0]}; allowed: {', '.join(sorted(names))}")
-    kwargs: dict[str, Any] = {}
-    for name, value in data.items():
-        hint = hints[name]
-        if is_dataclass(hint) and isinstance(value, Mapping):
-            value = from_mapping(hint, value, f"{prefix}{name}.")
-        kwargs[name] = value
-    return cls(**kwargs)
+        check_min("train.max_steps", self.max_steps, 1)
+        check_min("max_bad_steps", self.max_bad_steps, 1)

@@ -1,4 +1,4 @@
-"""Loss terms of decoder fine-tuning: reconstruction, adversarial (G and D), adaptive weight, warm-up ramp.
+"""Loss terms of decoder fine-tuning: reconstruction, adversarial (G and D), warm-up ramp.
 
 Formulas follow LDM's ``LPIPSWithDiscriminator`` (from taming-transformers) with three fixes: the adaptive weight
 computed in fp32, a D warm-up, and a ramp instead of the hard switch at ``disc_start``.
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -47,22 +46,6 @@ def generator_loss(logits_fake: Tensor, kind: str) -> Tensor:
     if kind == "non_saturating":
         return F.softplus(-logits_fake.float()).mean()
     raise ValueError(f"disc.loss={kind!r} is not supported; allowed: {', '.join(GAN_LOSSES)}")
-
-
-def adaptive_weight(
-    rec_loss: Tensor, gan_loss: Tensor, last_layer: Tensor, max_weight: float = 1e4, eps: float = 1e-4
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``‖∇_W rec‖ / (‖∇_W gan‖ + eps)`` at the decoder's last layer W, clamped to [0, max_weight], detached.
-
-    Returns (weight, rec_grad_norm, gan_grad_norm), all fp32 scalars. The graph is retained so the caller can
-    still backpropagate the total loss.
-    """
-    g_rec = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
-    g_gan = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]
-    n_rec = torch.linalg.vector_norm(g_rec.float())
-    n_gan = torch.linalg.vector_norm(g_gan.float())
-    weight = (n_rec / (n_gan + eps)).clamp(0.0, max_weight)
-    return weight.detach(), n_rec.detach(), n_gan.detach()
 
 
 def adversarial_factor(step: int, start: int, warmup_steps: int, ramp_steps: int, ramp: str = "linear") -> float:

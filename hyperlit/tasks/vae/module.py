@@ -8,9 +8,10 @@ the module's own ``step`` (one per generator update) drives D start, warm-up and
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -22,13 +23,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 
 from hyperlit.vae.config import VAETaskConfig
 from hyperlit.vae.discriminator import PatchDiscriminator
-from hyperlit.vae.losses import (
-    adaptive_weight,
-    adversarial_factor,
-    discriminator_loss,
-    generator_loss,
-    reconstruction_loss,
-)
+from hyperlit.vae.losses import adversarial_factor, discriminator_loss, generator_loss, reconstruction_loss
 from hyperlit.vae.lpips import LPIPS
 from hyperlit.vae.panels import image_panel, log_image_panel
 
@@ -69,11 +64,16 @@ class VAEDecoderTask(pl.LightningModule):
         config: VAETaskConfig | None = None,
         perceptual: LPIPS | None = None,
         perceptual_is_random: bool = False,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold only the trainable parts
         self.config = config or VAETaskConfig()
+        # A torch optimizer partial (``train.optimizer``) that still takes the parameters; G and D get one each.
+        self.optimizer_factory = optimizer or functools.partial(
+            torch.optim.AdamW, lr=1e-5, betas=(0.5, 0.9), weight_decay=0.0
+        )
         cfg = self.config
         if cfg.loss.perceptual.weight > 0 and perceptual is None:
             raise ValueError(
@@ -195,7 +195,8 @@ class VAEDecoderTask(pl.LightningModule):
         """Gradient of the total generator loss with respect to ``x_hat`` (fp32), plus logs.
 
         The same value as LDM's ``nll + d_weight * g`` with ``d_weight = ||grad_W nll|| / (||grad_W g|| + 1e-4)``
-        at ``decoder.conv_out.weight`` (``generator_loss`` below; a test compares them), but LPIPS and D are
+        at ``decoder.conv_out.weight`` (tests/helpers/vae_reference.py computes it LDM's way; a test compares
+        them), but LPIPS and D are
         backpropagated once each instead of three times, and the last-layer norms are computed in fp32.
         """
         xf = x_hat.float()
@@ -218,23 +219,6 @@ class VAEDecoderTask(pl.LightningModule):
         logs["total"] = total
         return grad, logs
 
-    def generator_loss(self, x: Tensor, x_hat: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """Reference formulation: the adaptive weight by autograd through the decoder (LDM's way)."""
-        nll, g, factor, logs = self.generator_terms(x, x_hat)
-        total = nll
-        if g is not None:
-            d = self.config.disc
-            if d.adaptive:
-                w, n_rec, n_g = adaptive_weight(nll, g, self.last_layer, d.max_adaptive_weight)
-                logs["grad_norm_rec"], logs["grad_norm_gan"] = n_rec, n_g
-                d_weight = w * d.weight
-            else:
-                d_weight = torch.tensor(d.weight, device=x.device)
-            logs["d_weight"] = d_weight
-            total = nll + factor * d_weight * g
-        logs["total"] = total.detach()
-        return total, logs
-
     def disc_loss(self, x: Tensor, x_hat: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         # Separate real and fake calls as in LDM; both inputs detached so nothing reaches the decoder.
         logits_real = self.disc(x.detach())
@@ -250,12 +234,12 @@ class VAEDecoderTask(pl.LightningModule):
 
     # ------------------------------------------------------------------ training
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
-        o = self.config.optimizer
-        cls = torch.optim.AdamW if o.weight_decay > 0 else torch.optim.Adam
         g_params = [p for m in self.trainable_modules() for p in m.parameters()]
-        opts = [cls(g_params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)]
+        opts = [self.optimizer_factory(g_params)]
         if self.disc is not None:
-            opts.append(cls(self.disc.parameters(), lr=o.disc_lr or o.lr, betas=o.betas, weight_decay=o.weight_decay))
+            disc_lr = self.config.optimizer.disc_lr
+            extra = {"lr": disc_lr} if disc_lr is not None else {}
+            opts.append(self.optimizer_factory(self.disc.parameters(), **extra))
         return opts
 
     def _opts(self) -> tuple[Any, Any | None]:
@@ -273,16 +257,17 @@ class VAEDecoderTask(pl.LightningModule):
         opt.step()
 
     def _last_good_checkpoint(self) -> str:
-        paths = [getattr(cb, "last_model_path", "") or getattr(cb, "best_model_path", "")
-                 for cb in getattr(self.trainer, "checkpoint_callbacks", [])]
+        paths = [
+            getattr(cb, "last_model_path", "") or getattr(cb, "best_model_path", "")
+            for cb in getattr(self.trainer, "checkpoint_callbacks", [])
+        ]
         paths = [p for p in paths if p]
         return paths[0] if paths else "none saved yet"
 
     def _bad_step(self, what: str, value: Tensor) -> None:
         self.skipped_steps += 1
         self.bad_in_a_row += 1
-        log.warning("step %d: %s is %s; update skipped (%d in a row)", self.step, what, value.item(),
-                    self.bad_in_a_row)
+        log.warning("step %d: %s is %s; update skipped (%d in a row)", self.step, what, value.item(), self.bad_in_a_row)
         if self.bad_in_a_row >= self.config.max_bad_steps:
             self.diverged = (
                 f"{self.bad_in_a_row} consecutive steps with a NaN/inf loss (max_bad_steps="
@@ -385,179 +370,3 @@ class VAEDecoderTask(pl.LightningModule):
             )
         self.step = int(state.get("step", 0))
         self.skipped_steps = int(state.get("skipped_steps", 0))
-
-
-# ---------------------------------------------------------------------------------------------- building
-
-
-def _plain(node: Any) -> dict[str, Any]:
-    """DictConfig / Mapping / None -> plain dict (omegaconf only imported when it is what we got)."""
-    if node is None:
-        return {}
-    if not isinstance(node, dict):
-        from omegaconf import OmegaConf
-
-        return OmegaConf.to_container(node, resolve=True)  # type: ignore[return-value]
-    return dict(node)
-
-
-def task_config(cfg: Any) -> VAETaskConfig:
-    from hyperlit.vae.config import from_mapping
-
-    raw = {
-        "max_steps": _plain(cfg.get("train")).get("max_steps", VAETaskConfig.max_steps),
-        "loss": _plain(cfg.get("loss")),
-        "disc": _plain(cfg.get("disc")),
-        "optimizer": _plain(cfg.get("optimizer")),
-        "posterior": _plain(cfg.get("posterior")),
-    }
-    if cfg.get("max_bad_steps") is not None:
-        raw["max_bad_steps"] = cfg.get("max_bad_steps")
-    return from_mapping(VAETaskConfig, raw)
-
-
-def load_task_vae(cfg: Any, components: Any | None) -> tuple[nn.Module, str, bool]:
-    """(vae, where it came from, is the embedded tiny model). Uses ``components.vae`` when the caller already
-    loaded the model; otherwise loads only the VAE (a VAE-only file is fine, no UNet is read)."""
-    from hyperlit.models.family import get_family
-    from hyperlit.vae.load import check_vae_layout, load_vae
-
-    model = _plain(cfg.get("model"))
-    vcfg = _plain(cfg.get("vae"))
-    family = components.family if components is not None else get_family(model.get("family", "tiny"))
-    path = model.get("path")
-    if components is not None:
-        vae, source, embedded = components.vae, path or f"the embedded {family.name} model", not path
-    elif not path:
-        if family.name != "tiny":
-            raise ValueError(f"model.path is required for model.family={family.name} (a VAE or SD checkpoint)")
-        from hyperlit.models.tiny import build_tiny
-
-        vae, source, embedded = build_tiny(int(model.get("seed", 0)))[1], "the embedded tiny model", True
-    else:
-        from hyperlit.data.paths import resolve_path
-
-        p = resolve_path(path, "model.path", "a diffusers folder, a .safetensors/.ckpt/.pt VAE or SD checkpoint")
-        # single files carry no factors: the family's apply; a diffusers folder keeps its config's
-        factors: dict[str, Any] = {}
-        if p.is_file():
-            factors = {"scaling_factor": family.scaling_factor, "shift_factor": family.shift_factor or None}
-        factors.update({k: vcfg[k] for k in ("scaling_factor", "shift_factor") if vcfg.get(k) is not None})
-        vae = load_vae(p, norm_num_groups=int(vcfg.get("norm_num_groups") or 32), **factors)
-        source, embedded = f"model.path={path}", False
-    expected = vcfg.get("latent_channels") or family.latent_channels
-    check_vae_layout(vae, int(expected), vcfg.get("use_quant_conv"), source)
-    return vae, source, embedded
-
-
-def build_perceptual(pcfg: Any, embedded: bool) -> tuple[LPIPS | None, bool]:
-    if pcfg.weight <= 0:
-        return None, False
-    random = pcfg.random_backbone is True or (pcfg.random_backbone == "auto" and embedded)
-    if pcfg.weights is None and pcfg.random_backbone == "auto" and not embedded:
-        raise ValueError(
-            "loss.perceptual.weights is not set: a real VAE needs real LPIPS VGG16 weights "
-            "(loss.perceptual.weights=/path/to/vgg16.pth), or loss.perceptual.weight=0"
-        )
-    if pcfg.weights is None and random:
-        log.warning("LPIPS uses a RANDOM VGG16 backbone (loss.perceptual.random_backbone=%s): only for tests "
-                    "and the embedded tiny model", pcfg.random_backbone)
-    from hyperlit.data.paths import resolve_path
-
-    weights = lin = None
-    if pcfg.weights:
-        weights = resolve_path(pcfg.weights, "loss.perceptual.weights", "a VGG16 state dict")
-    if pcfg.lin_weights:
-        lin = resolve_path(pcfg.lin_weights, "loss.perceptual.lin_weights", "an lpips vgg.pth")
-    return LPIPS(weights, lin, random_backbone=random and weights is None), weights is None
-
-
-def build_vae_task(cfg: Any, components: Any | None = None) -> tuple[VAEDecoderTask, pl.LightningDataModule, list]:
-    """What ``hyperlit.train.run`` calls when ``cfg.task == "vae"``: (module, datamodule, extra callbacks).
-
-    Everything is validated before the (possibly large) VAE is loaded. ``components`` may be None: then only
-    the VAE is read from ``cfg.model`` (recommended: a VAE-only file is not a full SD checkpoint).
-    """
-    from hyperlit.callbacks.ema import EMA
-    from hyperlit.data.paths import resolve_path
-    from hyperlit.vae.data import VAEImageDataModule
-    from hyperlit.vae.export_callback import VAEExport
-    from hyperlit.vae.fp16 import FP16Check
-
-    tcfg = task_config(cfg)
-    data = _plain(cfg.get("data"))
-    data_path = resolve_path(data.pop("path", None), "data.path", "a folder of images")
-    datamodule = VAEImageDataModule(
-        str(data_path), **data, fixed_crops=tcfg.posterior.cache, seed=int(cfg.get("seed") or 0)
-    )
-    ema_cfg = _plain(cfg.get("ema"))
-    ema = EMA(**{k: v for k, v in ema_cfg.items() if k != "enabled"}) if ema_cfg.get("enabled", True) else None
-    export = VAEExport(**_plain(cfg.get("export")))
-    fp16 = FP16Check(**_plain(cfg.get("fp16_check")))
-
-    # LPIPS files are checked before the (possibly large) VAE is read: errors at the door
-    embedded = not _plain(cfg.get("model")).get("path")
-    perceptual, is_random = build_perceptual(tcfg.loss.perceptual, embedded)
-    vae, source, _ = load_task_vae(cfg, components)
-    module = VAEDecoderTask(vae, tcfg, perceptual, perceptual_is_random=is_random)
-    log.info("VAE task: fine-tuning the decoder of %s (encoder frozen, checksum %s)", source,
-             module.frozen_checksum[:12])
-    callbacks = [c for c in (ema, export, fp16) if c is not None]  # EMA first: exports see its update
-    return module, datamodule, callbacks
-
-
-def ddp_overrides(cfg: Any) -> dict[str, Any]:
-    """Trainer arguments DDP needs for this task: G and D backpropagate separately, so each backward leaves the
-    other network's weights unused (find_unused_parameters), and a BatchNorm D needs synced statistics."""
-    trainer = cfg.get("trainer") or {}  # read key by key: other trainer keys may need Hydra's runtime to resolve
-    strategy = trainer.get("strategy")
-    if not (isinstance(strategy, str) and strategy.startswith("ddp")):
-        return {}
-    out: dict[str, Any] = {}
-    if strategy in ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook"):
-        out["strategy"] = f"{strategy}_find_unused_parameters_true"
-    on_gpu = trainer.get("accelerator") not in ("cpu", None)  # torch's SyncBatchNorm is GPU-only
-    if on_gpu and _plain(cfg.get("disc")).get("norm", "batch") == "batch" and not trainer.get("sync_batchnorm"):
-        out["sync_batchnorm"] = True
-    if out:
-        log.info("VAE task under DDP: trainer overrides %s", out)
-    return out
-
-
-def run_vae(cfg: Any) -> float | None:
-    """``python train.py --config-name vae``: build, fit, export; returns the last generator loss."""
-    import math
-    import warnings
-    from pathlib import Path
-
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-
-    from hyperlit.train import _finish_wandb, build_callbacks, build_loggers, rank_agreement
-
-    # LPIPS is frozen in eval mode on purpose; Lightning would warn about it on every run.
-    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-    ckpt_path = cfg.get("ckpt_path")
-    if ckpt_path and not Path(ckpt_path).is_file():
-        raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file")
-    pl.seed_everything(int(cfg.get("seed") or 0), workers=True)
-    module, datamodule, extra = build_vae_task(cfg, None)
-    loggers = build_loggers(cfg)
-    callbacks = [*extra, *build_callbacks(cfg).values(), rank_agreement(cfg)]
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **ddp_overrides(cfg))
-    for logger in loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    finally:
-        _finish_wandb(loggers)
-    report = getattr(datamodule, "report", None)
-    if report is not None and (report.bad or report.small_skipped or report.small_upscaled):
-        log.warning("data: %s", report.summary())
-    if module.skipped_steps:
-        log.warning("%d training steps were skipped for NaN/inf losses", module.skipped_steps)
-    if module.diverged:
-        log.error("VAE training stopped early: %s", module.diverged)
-        return None
-    loss = trainer.callback_metrics.get("train/total")
-    return float(loss) if loss is not None and math.isfinite(float(loss)) else None

@@ -1,0 +1,87 @@
+"""Turn an exception from a run into the one-line ``<key or file>: <what is wrong>`` users see, or None for a bug.
+
+Bad input is a ValueError/OSError raised by hyperlit's own checks, or anything a constructor that
+``hydra.utils.instantiate`` called raised about its arguments (Lightning's Trainer, a DataModule, an optimizer):
+Hydra's InstantiationException is unwrapped to its cause and its ``full_key`` names the config group.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from hydra.errors import InstantiationException
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+BAD_INPUT = (ValueError, OSError, MisconfigurationException)
+# What a constructor raises about its arguments; counted as bad input only when raised inside instantiate.
+BAD_ARGUMENTS = (*BAD_INPUT, TypeError)
+
+# torch's UnpicklingError text ends with advice to re-run with weights_only=False, which would let a malicious
+# checkpoint run code: any sentence or numbered point that mentions it is dropped, never passed on.
+_UNSAFE_ADVICE = re.compile(r"[^.\n(]*weights_only[`'\"\s]*(?:set to |=\s*)?[`'\"]?False[^\n]*", re.IGNORECASE)
+_UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+_FULL_KEY = re.compile(r"full_key:\s*(\S+)")
+
+
+def strip_unsafe_advice(message: str) -> str:
+    """``message`` without any advice to load with weights_only=False; torch's whole refusal text is replaced."""
+    start = message.find("Weights only load failed")
+    if start >= 0:
+        found = _UNSAFE_GLOBAL.search(message)
+        what = f"it holds pickled objects beyond tensors ({found[1]})" if found else "it is not a plain tensor file"
+        head = message[:start].rstrip(" (:")
+        return (
+            f"{head + ': ' if head else ''}{what}, which a safe (weights-only) load refuses; "
+            "allowed: tensors only (convert the file to .safetensors with a tool you trust)"
+        )
+    return _UNSAFE_ADVICE.sub("", message).strip()
+
+
+def one_line(message: str) -> str:
+    return "; ".join(part.strip(" -") for part in message.splitlines() if part.strip(" -"))
+
+
+def _key_in_group(message: str, group: Any) -> str | None:
+    """The group key the message mentions first (e.g. Lightning's "Precision '8-mixed' is invalid")."""
+    if group is None or not hasattr(group, "keys"):
+        return None
+    found = [
+        (m.start(), key)
+        for key in group.keys()
+        if not str(key).startswith("_") and (m := re.search(rf"\b{re.escape(str(key))}\b", message, re.IGNORECASE))
+    ]
+    return min(found)[1] if found else None
+
+
+def _without_full_key(message: str) -> str:
+    return re.sub(r"\s*full_key:.*", "", message, flags=re.DOTALL)
+
+
+def bad_input_message(err: BaseException, cfg: Any = None) -> str | None:
+    """The one-line message for bad input, or None when ``err`` is not bad input (a bug: let it raise)."""
+    if isinstance(err, InstantiationException):
+        found = _FULL_KEY.search(str(err))
+        full_key = found[1] if found else None
+        cause = err.__cause__
+        if cause is None or isinstance(cause, ImportError):  # e.g. a `_target_` Hydra cannot locate
+            key = f"{full_key}._target_" if full_key else "_target_"
+            return one_line(f"{key}: {_without_full_key(str(err))}")
+        if not isinstance(cause, BAD_ARGUMENTS):
+            return None
+        text = bad_input_message(cause, cfg) or one_line(str(cause))
+        if full_key and not text.startswith(full_key):
+            key = _key_in_group(text, _select(cfg, full_key))
+            text = f"{full_key}.{key}: {text}" if key else f"{full_key}: {text}"
+        return text
+    if not isinstance(err, BAD_INPUT):
+        return None
+    return one_line(strip_unsafe_advice(str(err))) or type(err).__name__
+
+
+def _select(cfg: Any, key: str) -> Any:
+    if cfg is None:
+        return None
+    from omegaconf import OmegaConf
+
+    return OmegaConf.select(cfg, key, default=None)

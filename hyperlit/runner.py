@@ -1,0 +1,150 @@
+"""THE runner: what every ``python train.py`` run does, whichever task ``cfg.task`` names.
+
+Order matters ("errors at the door"): the task's ``build`` validates its config and builds the parts that read no
+weights; then loggers, the config's callbacks and the Trainer (all through ``hydra.utils.instantiate``); only then
+does the task read the model weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from hyperlit.distributed import RankAgreement, check_launch
+from hyperlit.tasks import TASKS
+from hyperlit.tasks.base import TaskParts
+
+log = logging.getLogger(__name__)
+
+# Harmless messages from the libraries that would bury hyperlit's own output on every run.
+QUIET = (
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    r"Your `IterableDataset` has `__len__` defined",
+    r"The number of training batches .* is smaller than the logging interval",
+    r"Found \d+ module\(s\) in eval mode",  # frozen parts (LPIPS, the VAE encoder) are in eval mode on purpose
+)
+
+
+def run(cfg: DictConfig) -> float | None:
+    """Train what ``cfg.task`` names; returns the metric ``cfg.optimized_metric`` names (what sweeps optimise)."""
+    return fit(build_run(cfg), cfg)
+
+
+@dataclass
+class Run:
+    """Everything a run is made of, built but not yet fitted (tests inspect it)."""
+
+    trainer: pl.Trainer
+    module: pl.LightningModule
+    parts: TaskParts
+    loggers: list
+
+    @property
+    def datamodule(self) -> pl.LightningDataModule:
+        return self.parts.datamodule
+
+    @property
+    def ckpt_path(self) -> str | None:
+        return self.parts.ckpt_path
+
+
+def build_run(cfg: DictConfig) -> Run:
+    for pattern in QUIET:
+        warnings.filterwarnings("ignore", message=pattern)
+    task = cfg.get("task", "hypernetwork")
+    if task not in TASKS:
+        raise ValueError(f"task: {task!r} is not allowed; allowed: {', '.join(TASKS)}")
+    check_launch(cfg.get("trainer") or {})
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path and not Path(ckpt_path).is_file():
+        raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file")
+    pl.seed_everything(int(cfg.get("seed") or 0), workers=True)
+    parts = TASKS[task](cfg)
+    parts.ckpt_path = ckpt_path
+    loggers = build_loggers(cfg)
+    callbacks = [*parts.callbacks, *build_callbacks(cfg).values(), rank_agreement(cfg)]
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **parts.trainer_kwargs)
+    # Only now, with every part validated and the Trainer accepted, are the model weights read.
+    return Run(trainer, parts.load_module(), parts, loggers)
+
+
+def fit(run: Run, cfg: DictConfig) -> float | None:
+    for logger in run.loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    try:
+        run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=run.ckpt_path)
+    finally:
+        finish_wandb(run.loggers)
+    # One report of bad input for every task: data modules count skipped/repaired samples by kind in `skipped`.
+    skipped = getattr(run.datamodule, "skipped", None)
+    if skipped:
+        log.warning("data: skipped or repaired samples by kind: %s", dict(skipped))
+    if run.parts.report(run.module) is not None:
+        return None  # the task says the result is unusable (e.g. it diverged); it has logged why
+    metric = run.trainer.callback_metrics.get(str(cfg.get("optimized_metric") or "train/loss"))
+    return float(metric) if metric is not None and math.isfinite(float(metric)) else None
+
+
+def wandb_has_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return "api.wandb.ai" in netrc.read_text()
+    except OSError:
+        return False
+
+
+def build_loggers(cfg: DictConfig) -> list:
+    loggers = []
+    for key, logger_cfg in (cfg.get("logger") or {}).items():
+        if logger_cfg is None or "_target_" not in logger_cfg:
+            continue
+        kwargs: dict[str, Any] = {}
+        if logger_cfg._target_.endswith("WandbLogger") and logger_cfg.get("offline") is None:
+            offline = os.environ.get("WANDB_MODE") in ("offline", "dryrun") or not wandb_has_credentials()
+            kwargs["offline"] = offline
+            if offline and os.environ.get("WANDB_MODE") != "disabled":
+                log.warning(
+                    "wandb: no credentials found, logging offline under %s/wandb; upload later with "
+                    "`wandb sync %s/wandb/offline-run-*` (or run `wandb login` first, or use logger=tensorboard)",
+                    logger_cfg.save_dir, logger_cfg.save_dir,
+                )  # fmt: skip
+        loggers.append(instantiate(logger_cfg, **kwargs))
+        log.debug("logger %s ready", key)
+    return loggers
+
+
+def build_callbacks(cfg: DictConfig) -> dict[str, pl.Callback]:
+    """The config's ``callbacks`` group, in config order (``callbacks.<name>=null`` turns one off)."""
+    return {
+        key: instantiate(callback_cfg)
+        for key, callback_cfg in (cfg.get("callbacks") or {}).items()
+        if callback_cfg is not None and "_target_" in callback_cfg
+    }
+
+
+def rank_agreement(cfg: DictConfig) -> RankAgreement:
+    """Every process must run this config into this output folder (checked once the process group exists)."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(resolved, dict)
+    return RankAgreement(resolved, str(OmegaConf.select(cfg, "paths.output_dir", default=None)))
+
+
+def finish_wandb(loggers: list) -> None:
+    """Close the wandb run so the next job of a multirun or sweep starts a fresh one."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    if any(isinstance(logger, WandbLogger) for logger in loggers):
+        import wandb  # only when a wandb logger exists: importing wandb is slow
+
+        wandb.finish()

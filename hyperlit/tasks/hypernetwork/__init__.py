@@ -1,0 +1,1 @@
+"""Hypernetwork training on a frozen Stable Diffusion UNet: module.py (the LightningModule), build.py (build)."""
