@@ -11,7 +11,7 @@ import torch
 from a1111_reference import a1111_load, a1111_safe_check, apply_pairs, comfyui_load
 
 from hyperlit import cli, files
-from hyperlit.train import build_hypernetwork_run, fit
+from hyperlit.runner import build_run, fit
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +27,7 @@ def dropout_run(tmp_path_factory):
         "callbacks.preview.at_end=false", "callbacks.export.save_every=2", "hypernet=swish_121_dropout",
         "hypernet.name=style", "hypernet.layer_structure=[1,2,2,1]", "hypernet.dropout_structure=[0,0.3,0.3,0]",
     ])  # fmt: skip
-    built = build_hypernetwork_run(cfg)
+    built = build_run(cfg)
     fit(built, cfg)
     return tmp / "run" / "hypernetworks", built.module.hypernetwork
 

@@ -23,7 +23,7 @@ from hyperlit.models import FAMILIES, load_components, validate_model_config
 from hyperlit.models.components import plain_sizes
 from hyperlit.models.sampling import SampleRequest, build_pipeline, sample_image
 from hyperlit.models.single_file import FrozenParts, convert_checkpoint
-from hyperlit.train import resolve_sizes
+from hyperlit.tasks.hypernetwork.build import resolve_sizes
 
 SDXL = FAMILIES["sdxl"]
 

@@ -8,12 +8,14 @@ import logging
 import lightning.pytorch as pl
 import torch
 from diffusers import AutoencoderKL
+from hydra.utils import instantiate
 from safetensors.torch import load_file
 from test_vae_config import vae_cfg
 from tiny_sdxl import SDXL_FAMILY, build_parts, write_folder
 
-from hyperlit.tasks.vae import build_vae_task
-from hyperlit.vae.fp16 import FP16Check, decoder_blocks
+from hyperlit.callbacks.fp16 import FP16Check
+from hyperlit.tasks.vae.build import build
+from hyperlit.vae.fp16 import decoder_blocks
 
 
 def test_sdxl_vae_config_is_the_sd_layout_with_sdxl_factors():
@@ -34,9 +36,11 @@ def test_vae_task_on_an_sdxl_vae_trains_exports_and_flags_fp16_overflow(tmp_path
     cfg = vae_cfg(
         "model=sdxl", f"model.path={folder}", "loss.perceptual.weight=0", "data.resolution=32",
         "data.num_workers=0", "data.batch_size=2", "data.val_count=2", "train.max_steps=2",
-        f"export.dirpath={tmp_path}/out",
+        f"callbacks.export.dirpath={tmp_path}/out",
     )  # fmt: skip
-    module, dm, callbacks = build_vae_task(cfg, None)
+    parts = build(cfg)
+    module, dm = parts.load_module(), parts.datamodule
+    callbacks = [instantiate(cfg.callbacks[name]) for name in ("ema", "export", "fp16_check")]
     assert module.vae.config.scaling_factor == 0.13025
     encoder_before = {k: v.clone() for k, v in module.vae.encoder.state_dict().items()}
     trainer = pl.Trainer(
