@@ -59,3 +59,16 @@ def test_vae_task_on_an_sdxl_vae_trains_exports_and_flags_fp16_overflow(tmp_path
     unsafe = [s.name for s in fp16.stats if not s.safe or s.max_abs > 0.5 * 65504]
     assert unsafe and unsafe[0] == "decoder.up_blocks.0"
     assert "NOT fp16-safe" in caplog.text
+
+
+def test_vae_task_fine_tunes_model_vae_path_when_given(tmp_path):
+    """With model.vae_path (e.g. sdxl-vae-fp16-fix) the model runs that VAE, so the VAE task trains that one."""
+    from hyperlit.tasks.vae.build import load_task_vae
+
+    folder = write_folder(tmp_path / "tiny_sdxl")
+    fixed = build_parts(seed=5).vae
+    fixed.save_pretrained(tmp_path / "fixed")
+    cfg = vae_cfg("model=sdxl", f"model.path={folder}", f"model.vae_path={tmp_path / 'fixed'}")
+    vae, source, embedded = load_task_vae(cfg)
+    assert source == f"model.vae_path={tmp_path / 'fixed'}" and not embedded
+    assert torch.equal(vae.decoder.conv_out.weight, fixed.decoder.conv_out.weight)
