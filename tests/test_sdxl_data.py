@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_sdxl import write_folder
+from helpers.tiny_sdxl import write_folder
 
 from hyperlit.data import FolderDataModule
 from hyperlit.models import load_components

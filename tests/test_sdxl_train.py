@@ -10,7 +10,7 @@ import pytest
 import torch
 from a1111_reference import a1111_load, a1111_safe_check, apply_pairs
 from PIL import Image
-from tiny_sdxl import SDXL_FAMILY, build_parts, write_folder
+from helpers.tiny_sdxl import SDXL_FAMILY, build_parts, write_folder
 
 from hyperlit import files
 from hyperlit.hypernetwork import Hypernetwork, HypernetworkConfig

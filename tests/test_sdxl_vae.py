@@ -11,7 +11,7 @@ from diffusers import AutoencoderKL
 from hydra.utils import instantiate
 from safetensors.torch import load_file
 from test_vae_config import vae_cfg
-from tiny_sdxl import SDXL_FAMILY, build_parts, write_folder
+from helpers.tiny_sdxl import SDXL_FAMILY, build_parts, write_folder
 
 from hyperlit.callbacks.fp16 import FP16Check
 from hyperlit.tasks.vae.build import build
