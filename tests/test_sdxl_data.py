@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from helpers.tiny_sdxl import write_folder
+from PIL import Image
 
 from hyperlit.data import FolderDataModule
 from hyperlit.models import load_components
@@ -122,3 +123,27 @@ def test_sdxl_shards_carry_pooled_and_sizes(comps, tmp_path):
     torch.testing.assert_close(batch["context"], fresh.context)
     # square 64x64 center crops: (200, 64) -> cropped 68 px from the left; (64, 300) -> 118 px from the top
     assert sorted(batch["sizes"].tolist()) == [[64, 200, 0, 68, 64, 64], [300, 64, 118, 0, 64, 64]]
+
+
+def test_make_shards_cli_with_an_sdxl_model(comps, tmp_path):
+    """`hyperlit make-shards --model <sdxl family>` stores the pooled embedding next to latents and context."""
+    import tarfile
+
+    from helpers.tiny_sdxl import write_folder as write_model
+
+    from hyperlit import cli
+
+    model = write_model(tmp_path / "model")
+    data = tmp_path / "data"
+    data.mkdir()
+    coded_image(data / "a.png", (64, 96))
+    argv = ["make-shards", str(data), str(tmp_path / "shards"), "--model", "tiny_sdxl", "--model-path", str(model),
+            "--resolution", "64", "--template", "none"]  # fmt: skip
+    assert cli.main(argv) == 0
+    with tarfile.open(tmp_path / "shards" / "shard-000000.tar") as tar:
+        names = sorted(n.split(".", 1)[1] for n in tar.getnames())
+        pooled = np.load(
+            io.BytesIO(tar.extractfile(next(n for n in tar.getnames() if n.endswith(".pooled.npy"))).read())
+        )
+    assert names == ["context.npy", "json", "latent.npy", "png", "pooled.npy", "txt"]
+    torch.testing.assert_close(torch.from_numpy(pooled), comps.encode_prompts(["picture"]).pooled[0])

@@ -14,8 +14,8 @@ import pytest
 import safetensors.torch
 import torch
 from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
-from test_models import assert_same_weights, open_clip_to_ldm, unet_to_ldm, vae_to_ldm
 from helpers.tiny_sdxl import build_parts, write_folder, write_tokenizers
+from test_models import assert_same_weights, open_clip_to_ldm, unet_to_ldm, vae_to_ldm
 
 from hyperlit.attention import unet_attention_widths
 from hyperlit.hypernetwork import HypernetworkConfig

@@ -8,10 +8,10 @@ import logging
 import lightning.pytorch as pl
 import torch
 from diffusers import AutoencoderKL
+from helpers.tiny_sdxl import SDXL_FAMILY, build_parts, write_folder
 from hydra.utils import instantiate
 from safetensors.torch import load_file
 from test_vae_config import vae_cfg
-from helpers.tiny_sdxl import SDXL_FAMILY, build_parts, write_folder
 
 from hyperlit.callbacks.fp16 import FP16Check
 from hyperlit.tasks.vae.build import build
