@@ -6,19 +6,29 @@ context's last-dim width before `to_k` / `to_v`; q is untouched; several network
 
 The hypernetworks are held by a plain-object processor, never as sub-modules of the UNet, so the UNet's
 `state_dict` is unchanged while they are attached (A1111 issue #2676).
+
+Text context computed once: a forward pre-hook on the UNet computes the K/V inputs for `encoder_hidden_states`
+before any block runs and hands them to every attention layer through `cross_attention_kwargs` (diffusers passes
+those down to each processor). Riding on the call's own arguments, they cannot outlive that forward; computed
+outside every block, they are not recomputed when a gradient-checkpointed block re-runs its forward in backward
+(that re-run receives the same kwargs object, hence the same tensors).
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
-from collections.abc import Iterator, Sequence
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Protocol, runtime_checkable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 from torch import Tensor, nn
+
+from hyperlit.kv_inputs import SharedContextKV, SupportsForwardKV, apply_hypernetworks, share_context_kv
 
 log = logging.getLogger(__name__)
 
@@ -29,57 +39,12 @@ __all__ = [
     "attach_hypernetworks",
     "detach_hypernetworks",
     "hypernetworks_attached",
+    "sharing_text_context",
     "unet_attention_widths",
 ]
 
-
-@runtime_checkable
-class SupportsForwardKV(Protocol):
-    """What the processor needs from a hypernetwork (hyperlit.hypernetwork.Hypernetwork satisfies it)."""
-
-    multiplier: float
-
-    def forward_kv(self, context: Tensor) -> tuple[Tensor, Tensor]: ...
-
-
-def _param_dtype(hypernetwork: object) -> torch.dtype | None:
-    if isinstance(hypernetwork, nn.Module):
-        for p in hypernetwork.parameters():
-            if p.is_floating_point():
-                return p.dtype
-    return None
-
-
-def _has_modules_for(hypernetwork: object, width: int) -> bool:
-    # Fast path: skip casts and calls for widths the network has no modules for. Without a usable `sizes`
-    # attribute we call forward_kv, which passes unknown widths through by contract.
-    sizes = getattr(hypernetwork, "sizes", None)
-    if isinstance(sizes, (list, tuple)) and all(isinstance(s, int) for s in sizes):
-        return width in sizes
-    return True
-
-
-def apply_hypernetworks(hypernetworks: Sequence[SupportsForwardKV], context: Tensor) -> tuple[Tensor, Tensor]:
-    """Return (k_input, v_input) = (HNn_k(...HN1_k(ctx)), HNn_v(...HN1_v(ctx))), in `context`'s dtype.
-
-    Each network applies its own multiplier. The K path of a later network sees the K output of the earlier
-    one and the V path the V output; as K and V are separate MLPs fed the same input, `forward_kv(k)[0]` and
-    `forward_kv(v)[1]` are exactly the per-path calls.
-    """
-    width = context.shape[-1]
-    k = v = context
-    for hn in hypernetworks:
-        if not _has_modules_for(hn, width):
-            continue
-        # Hypernetwork weights may be fp32 under an fp16/bf16 UNet: run them in their own dtype.
-        dtype = _param_dtype(hn)
-        if k is v:  # paths not yet split: one call serves both
-            x = k if dtype is None else k.to(dtype)
-            k, v = hn.forward_kv(x)
-        else:
-            k = hn.forward_kv(k if dtype is None else k.to(dtype))[0]
-            v = hn.forward_kv(v if dtype is None else v.to(dtype))[1]
-    return k.to(context.dtype), v.to(context.dtype)
+# The cross_attention_kwargs key (and processor argument) carrying the per-forward SharedContextKV.
+SHARED_KV_KWARG = "hypernetwork_kv"
 
 
 def _split_heads(x: Tensor, heads: int) -> Tensor:
@@ -109,6 +74,7 @@ class HypernetworkAttnProcessor:
         encoder_hidden_states: Tensor | None = None,
         attention_mask: Tensor | None = None,
         temb: Tensor | None = None,
+        hypernetwork_kv: SharedContextKV | None = None,
     ) -> Tensor:
         residual = hidden_states
         if attn.spatial_norm is not None:
@@ -132,7 +98,10 @@ class HypernetworkAttnProcessor:
 
         query = attn.to_q(hidden_states)
         # The hypernetworks see exactly what to_k / to_v would have seen.
-        k_input, v_input = apply_hypernetworks(self.hypernetworks, context)
+        if hypernetwork_kv is not None and hypernetwork_kv.serves(context, self.hypernetworks):
+            k_input, v_input = hypernetwork_kv.k, hypernetwork_kv.v
+        else:
+            k_input, v_input = apply_hypernetworks(self.hypernetworks, context)
         key = attn.to_k(k_input)
         value = attn.to_v(v_input)
 
@@ -173,23 +142,24 @@ def _unsupported_reason(attn: Attention) -> str | None:
     return None
 
 
-def _attention_modules(unet: nn.Module) -> Iterator[tuple[str, Attention]]:
-    """The diffusers Attention modules this processor can drive; warns about the others."""
-    found = False
-    for name, module in unet.named_modules():
-        if not isinstance(module, Attention):
-            continue
-        found = True
-        reason = _unsupported_reason(module)
-        if reason is not None:
-            log.warning("hypernetworks are not applied to attention layer %s: %s", name, reason)
-            continue
-        yield name, module
+def _all_attention(unet: nn.Module) -> list[tuple[str, Attention]]:
+    found = [(name, m) for name, m in unet.named_modules() if isinstance(m, Attention)]
     if not found:
         raise ValueError(
             f"no diffusers Attention modules found in {type(unet).__name__}; "
             "hypernetworks attach to a UNet (e.g. UNet2DConditionModel)"
         )
+    return found
+
+
+def _attention_modules(unet: nn.Module) -> Iterator[tuple[str, Attention]]:
+    """The diffusers Attention modules this processor can drive; warns about the others."""
+    for name, module in _all_attention(unet):
+        reason = _unsupported_reason(module)
+        if reason is not None:
+            log.warning("hypernetworks are not applied to attention layer %s: %s", name, reason)
+            continue
+        yield name, module
 
 
 def _check_hypernetworks(hypernetworks: Sequence[SupportsForwardKV]) -> tuple[SupportsForwardKV, ...]:
@@ -211,36 +181,111 @@ def _check_hypernetworks(hypernetworks: Sequence[SupportsForwardKV]) -> tuple[Su
     return result
 
 
-def attach_hypernetworks(unet: nn.Module, hypernetworks: Sequence[SupportsForwardKV]) -> None:
+class _ShareTextContext:
+    """UNet forward pre-hook: K/V inputs of the text context, once, passed down in cross_attention_kwargs."""
+
+    def __init__(self, hypernetworks: tuple[SupportsForwardKV, ...], context_index: int, kwargs_index: int):
+        self.hypernetworks = hypernetworks  # the networks the processors hold, in order: SharedContextKV.serves checks
+        self.context_index = context_index
+        self.kwargs_index = kwargs_index
+
+    def __call__(self, unet: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        if "encoder_hidden_states" in kwargs:
+            context = kwargs["encoder_hidden_states"]
+        elif len(args) > self.context_index:
+            context = args[self.context_index]
+        else:
+            return args, kwargs
+        if not isinstance(context, Tensor):
+            return args, kwargs
+        shared = share_context_kv(self.hypernetworks, context)
+        if shared is None:
+            return args, kwargs
+        if len(args) > self.kwargs_index:  # cross_attention_kwargs given positionally
+            args = (
+                *args[: self.kwargs_index],
+                {**(args[self.kwargs_index] or {}), SHARED_KV_KWARG: shared},
+                *args[self.kwargs_index + 1 :],
+            )
+        else:
+            kwargs = {
+                **kwargs,
+                "cross_attention_kwargs": {**(kwargs.get("cross_attention_kwargs") or {}), SHARED_KV_KWARG: shared},
+            }
+        return args, kwargs
+
+
+# unet -> (hook, handle): at most one sharing hook per UNet; weak so a dropped UNet is not kept alive.
+_SHARING: weakref.WeakKeyDictionary[nn.Module, tuple[_ShareTextContext, Any]] = weakref.WeakKeyDictionary()
+
+
+def _positions(forward: Callable) -> tuple[int, int] | None:
+    names = list(inspect.signature(forward).parameters)
+    if "encoder_hidden_states" not in names or "cross_attention_kwargs" not in names:
+        return None
+    return names.index("encoder_hidden_states"), names.index("cross_attention_kwargs")
+
+
+def _set_sharing(unet: nn.Module, hook: _ShareTextContext | None) -> None:
+    previous = _SHARING.pop(unet, None)
+    if previous is not None:
+        previous[1].remove()
+    if hook is not None:
+        _SHARING[unet] = (hook, unet.register_forward_pre_hook(hook, with_kwargs=True))
+
+
+def sharing_text_context(unet: nn.Module) -> bool:
+    """Whether the UNet computes the text context's K/V inputs once per forward (else once per layer)."""
+    return unet in _SHARING
+
+
+def attach_hypernetworks(
+    unet: nn.Module, hypernetworks: Sequence[SupportsForwardKV], share_text_context: bool = True
+) -> None:
     """Install a HypernetworkAttnProcessor applying `hypernetworks` (in order) on every UNet attention layer.
 
     Attaching again replaces the hypernetworks but keeps the processors from before the first attach, so
     `detach_hypernetworks` always restores those. An empty list still installs the processor (plain SDPA).
+    `share_text_context=False` computes the text context's K/V inputs in every cross-attention layer, as A1111
+    does (same result, more work); otherwise once per UNet forward when that is exact (see hyperlit.kv_inputs).
     """
     hypernetworks = _check_hypernetworks(hypernetworks)
-    for _, attn in _attention_modules(unet):
+    attention = _all_attention(unet)
+    supported = list(_attention_modules(unet))
+    for _, attn in supported:
         current = attn.processor
         original = current.original if isinstance(current, HypernetworkAttnProcessor) else current
         attn.set_processor(HypernetworkAttnProcessor(hypernetworks, original))
+    positions = _positions(unet.forward)
+    # Layers left with their own processor would warn about the unknown cross_attention_kwargs key on every call.
+    if share_text_context and hypernetworks and positions is not None and len(supported) == len(attention):
+        _set_sharing(unet, _ShareTextContext(hypernetworks, *positions))
+    else:
+        _set_sharing(unet, None)
 
 
 def detach_hypernetworks(unet: nn.Module) -> None:
     """Put back the exact processor objects that were installed before `attach_hypernetworks`."""
+    _set_sharing(unet, None)
     for module in unet.modules():
         if isinstance(module, Attention) and isinstance(module.processor, HypernetworkAttnProcessor):
             module.set_processor(module.processor.original)
 
 
 @contextmanager
-def hypernetworks_attached(unet: nn.Module, hypernetworks: Sequence[SupportsForwardKV]) -> Iterator[nn.Module]:
+def hypernetworks_attached(
+    unet: nn.Module, hypernetworks: Sequence[SupportsForwardKV], share_text_context: bool = True
+) -> Iterator[nn.Module]:
     """Attach for the duration of a `with` block, then restore the processors found on entry (nests)."""
     before = {m: m.processor for m in unet.modules() if isinstance(m, Attention)}
-    attach_hypernetworks(unet, hypernetworks)
+    hook_before = _SHARING.get(unet, (None, None))[0]
+    attach_hypernetworks(unet, hypernetworks, share_text_context)
     try:
         yield unet
     finally:
         for module, processor in before.items():
             module.set_processor(processor)
+        _set_sharing(unet, hook_before)
 
 
 def unet_attention_widths(unet: nn.Module) -> dict[str, list[int]]:

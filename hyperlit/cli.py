@@ -75,6 +75,13 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def native_or_512(components: object | None) -> int:
+    """The model's native size for precomputed latents; 512 (SD1's) when no model encodes them."""
+    if components is None:
+        return 512
+    return components.family.native_resolution(components.prediction_type)
+
+
 def _make_shards(args: argparse.Namespace) -> int:
     import logging
     import os
@@ -92,7 +99,7 @@ def _make_shards(args: argparse.Namespace) -> int:
         args.src,
         args.dst,
         encoder=encoder,
-        resolution=args.resolution,
+        resolution=args.resolution or native_or_512(encoder),
         resize=args.resize,
         template=args.template,
         name=args.name,
@@ -101,6 +108,41 @@ def _make_shards(args: argparse.Namespace) -> int:
     )
     print(f"wrote {len(paths)} shard(s): {paths[0]} ... {paths[-1]}")
     return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import logging
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from hyperlit.generate import GenerateOptions, generate
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    options = vars(args).copy()
+    for key in ("command", "run"):
+        options.pop(key)
+    paths = generate(GenerateOptions(**options))
+    print(f"wrote {len(paths)} image(s) to {args.out}: {', '.join(p.name for p in paths)}")
+    return 0
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    gen = sub.add_parser("generate", help="text to image; <hypernet:NAME:MULT> tags in the prompt apply hypernetworks")
+    gen.add_argument("prompt", help="the prompt, with A1111 tags <hypernet:NAME> or <hypernet:NAME:MULTIPLIER>")
+    gen.add_argument("--hypernetwork-dir", default=None, help="folder with NAME.pt / NAME.safetensors files")
+    gen.add_argument("--out", required=True, help="output folder for <seed>-<index>.png")
+    gen.add_argument("--model", default="tiny", help="model family: tiny (embedded, the default), sd15, sd21")
+    gen.add_argument("--model-path", default=None, help="checkpoint file or diffusers folder for sd15/sd21")
+    gen.add_argument("--tokenizer-path", default=None, help="tokenizer folder for a single file (SDXL: tokenizer/ + tokenizer_2/)")
+    gen.add_argument("--negative-prompt", default="")
+    gen.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    gen.add_argument("--n", type=int, default=4, help="number of images")
+    gen.add_argument("--steps", type=int, default=20)
+    gen.add_argument("--cfg", type=float, default=7.0, help="classifier-free guidance scale")
+    gen.add_argument("--sampler", default="euler_a", help="euler_a | euler | dpmpp_2m | ddim")
+    gen.add_argument("--width", type=int, default=None, help="default: the model's native size")
+    gen.add_argument("--height", type=int, default=None, help="default: the model's native size")
+    gen.set_defaults(run=_generate)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,18 +169,19 @@ def build_parser() -> argparse.ArgumentParser:
     shards.add_argument("dst", help="output directory for <prefix>-000000.tar ...")
     shards.add_argument("--samples-per-shard", type=int, default=1000)
     shards.add_argument("--prefix", default="shard")
-    shards.add_argument("--model", default=None,
-                        help="model family (tiny, sd15, sd21, sdxl) to precompute latents and context "
-                        "(and SDXL's pooled embedding) with")
+    shards.add_argument(
+        "--model", default=None, help="model family (tiny, sd15, sd21, sdxl) to precompute latents, context (and SDXL's pooled) with"
+    )
     shards.add_argument("--model-path", default=None, help="checkpoint or diffusers folder for sd15/sd21/sdxl")
-    shards.add_argument("--tokenizer-path", default=None,
-                        help="tokenizer folder for a single-file checkpoint (SDXL: a folder with tokenizer/ and "
-                        "tokenizer_2/)")
-    shards.add_argument("--resolution", type=int, default=512)
+    shards.add_argument("--tokenizer-path", default=None, help="tokenizer folder for a single file (SDXL: tokenizer/ + tokenizer_2/)")
+    shards.add_argument(
+        "--resolution", type=int, default=None, help="default: the --model's native size (512 without --model)"
+    )
     shards.add_argument("--resize", default="crop", choices=("crop", "stretch"))
     shards.add_argument("--template", default="style_filewords")
     shards.add_argument("--name", default="hypernetwork", help="the [name] in template lines")
     shards.set_defaults(run=_make_shards)
+    _add_generate(sub)
     return parser
 
 

@@ -90,7 +90,12 @@ def fit(run: Run, cfg: DictConfig) -> float | None:
         log.warning("data: skipped or repaired samples by kind: %s", dict(skipped))
     if run.parts.report(run.module) is not None:
         return None  # the task says the result is unusable (e.g. it diverged); it has logged why
-    metric = run.trainer.callback_metrics.get(str(cfg.get("optimized_metric") or "train/loss"))
+    name = str(cfg.get("optimized_metric") or "train/loss")
+    metric = run.trainer.callback_metrics.get(name)
+    if metric is None and name == "val/loss":
+        # No held-out data (data.val_count=0, or the validation callback is off): sweeps get the training loss.
+        log.info("optimized_metric: val/loss was not computed in this run; returning train/loss")
+        metric = run.trainer.callback_metrics.get("train/loss")
     return float(metric) if metric is not None and math.isfinite(float(metric)) else None
 
 

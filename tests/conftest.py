@@ -1,4 +1,6 @@
-"""Shared test set-up: offline, no wandb server, and Hydra configs composed from conf/."""
+"""Shared test set-up: offline, no wandb server, and the fixtures many test files use (composed configs, tiny
+models, image folders). Helpers that are not fixtures live in tests/helpers/ (on sys.path via pyproject's
+pytest `pythonpath`), and no test module imports this file."""
 
 from __future__ import annotations
 
@@ -7,21 +9,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from diffusers import AutoencoderKL
+from helpers.config import QUIET_RUN, compose_config
+from helpers.images import make_folder
+from helpers.models import make_tiny_vae
+
+from hyperlit.models import SDComponents, load_components
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CONF_DIR = REPO_ROOT / "conf"
-
-
-def compose_config(config_name: str = "train", overrides: list[str] | None = None):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name=config_name, overrides=overrides or [])
 
 
 @pytest.fixture
@@ -31,13 +27,47 @@ def train_cfg(tmp_path: Path) -> Callable:
     def make(*overrides: str, steps: int = 4):
         base = [
             f"paths.output_dir={tmp_path / 'run'}",
-            "logger=none",
+            *QUIET_RUN,
             f"data.cache_dir={tmp_path / 'cache'}",
             f"train.max_steps={steps}",
-            "~callbacks.progress",
-            "trainer.enable_progress_bar=false",
             "callbacks.preview.steps=2",
         ]
         return compose_config("train", base + list(overrides))
+
+    return make
+
+
+@pytest.fixture
+def vae_cfg(tmp_path: Path) -> Callable:
+    """Compose conf/vae.yaml for a short CPU run writing into tmp_path."""
+
+    def make(*overrides: str, steps: int = 3):
+        base = [f"paths.output_dir={tmp_path / 'run'}", *QUIET_RUN, f"train.max_steps={steps}"]
+        return compose_config("vae", base + list(overrides))
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_components() -> SDComponents:
+    """The embedded tiny SD model (conf/model/tiny.yaml defaults), built once: tests must not change it."""
+    return load_components(family="tiny")
+
+
+@pytest.fixture
+def tiny_vae() -> AutoencoderKL:
+    """A fresh tiny AutoencoderKL (helpers.models.TINY_VAE, seed 0) that a test may train or modify."""
+    return make_tiny_vae()
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Callable[..., Path]:
+    """image_folder(n, size): a new folder under tmp_path of n solid-colour PNGs with captions (helpers.images)."""
+    count = 0
+
+    def make(n: int = 6, size: tuple[int, int] = (64, 64)) -> Path:
+        nonlocal count
+        count += 1
+        return make_folder(tmp_path / f"images{count}", n=n, size=size)
 
     return make

@@ -13,9 +13,10 @@ import zipfile
 from collections import OrderedDict
 from pathlib import Path
 
-import a1111_reference as ref
 import pytest
 import torch
+from helpers import a1111_reference as ref
+from helpers.hypernetworks import randomised
 from torch import nn
 
 from hyperlit.files import (
@@ -35,16 +36,6 @@ METADATA_KEYS = {
     "sd_checkpoint_name", "activate_output", "use_dropout", "dropout_structure", "last_layer_dropout",
     "optional_info",
 }
-
-
-def randomised(config: HypernetworkConfig, sizes: list[int], seed: int = 0) -> Hypernetwork:
-    """A hypernetwork with O(1) weights, so that any difference in the computed function shows."""
-    hn = Hypernetwork(config, sizes=sizes)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in hn.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
-    return hn
 
 
 def assert_same_function(hn: Hypernetwork, pairs: ref.Pairs, widths: list[int], atol: float = 1e-6) -> None:

@@ -8,6 +8,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
+from helpers.attention_models import CROSS_WIDTH, SELF_WIDTHS, ToyHypernetwork, make_unet
 from torch import Tensor, nn
 
 from hyperlit.attention import (
@@ -20,54 +21,6 @@ from hyperlit.attention import (
 )
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-SELF_WIDTHS = [32, 64]
-CROSS_WIDTH = 48
-
-
-class ToyHypernetwork(nn.Module):
-    """Stand-in with the Hypernetwork contract: per width a K and a V module, `x + tanh(W x + b) * m`."""
-
-    def __init__(self, sizes: list[int], multiplier: float = 1.0, seed: int = 0, scale: float = 0.5):
-        super().__init__()
-        gen = torch.Generator().manual_seed(seed)
-        self.multiplier = multiplier
-        self.sizes = list(sizes)
-        self.k = nn.ModuleDict({str(s): nn.Linear(s, s) for s in sizes})
-        self.v = nn.ModuleDict({str(s): nn.Linear(s, s) for s in sizes})
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=gen) * scale)
-
-    def path(self, which: str, x: Tensor) -> Tensor:
-        """Reference computation of one path, written independently of forward_kv's call structure."""
-        lin = (self.k if which == "k" else self.v)[str(x.shape[-1])]
-        return x + torch.tanh(x @ lin.weight.T + lin.bias) * self.multiplier
-
-    def forward_kv(self, context: Tensor) -> tuple[Tensor, Tensor]:
-        key = str(context.shape[-1])
-        if key not in self.k:
-            return context, context
-        m = self.multiplier
-        return context + torch.tanh(self.k[key](context)) * m, context + torch.tanh(self.v[key](context)) * m
-
-
-def make_unet() -> UNet2DConditionModel:
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=CROSS_WIDTH,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    )
-    unet.requires_grad_(False)
-    return unet.eval()
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,8 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO_ROOT, compose_config
+from helpers.config import QUIET_RUN, compose_config
+from helpers.paths import REPO_ROOT
 from safetensors.torch import save_file
 
 from hyperlit import files, models
@@ -25,8 +26,8 @@ from hyperlit.tasks.vae import build as vae_build  # the module, whose loaders a
 UNSAFE_ADVICE = re.compile(r"weights_only\W*(=|set to)\W*False", re.IGNORECASE)
 
 BASE = {
-    "train": ["logger=none", "~callbacks.progress", "trainer.enable_progress_bar=false"],
-    "vae": ["logger=none", "~callbacks.progress", "trainer.enable_progress_bar=false"],
+    "train": QUIET_RUN,
+    "vae": QUIET_RUN,
 }
 
 # (config, overrides, the key or file the message must name first)
@@ -40,6 +41,8 @@ CASES = [
     ("train", ["+hypernet.actvation=relu"], "hypernet.actvation"),
     ("train", ["train.max_steps=0"], "train.max_steps"),
     ("train", ["train.prediction_type=x0"], "train.prediction_type"),
+    ("train", ["train.gradient_checkpointing=yes"], "train.gradient_checkpointing"),
+    ("train", ["train.compile=1"], "train.compile"),
     ("train", ["train.optimizer._target_=torch.optim.NoSuchOptimizer"], "train.optimizer._target_"),
     ("train", ["data=folder", "data.path=/nonexistent/images"], "data.path"),
     ("train", ["ckpt_path=/nonexistent/last.ckpt"], "ckpt_path"),

@@ -7,8 +7,9 @@ import io
 import numpy as np
 import pytest
 import torch
+from helpers.fakes import FakeEncoder
+from helpers.images import png_bytes
 from PIL import Image
-from test_data_fakes import FakeEncoder, make_folder, png_bytes
 
 from hyperlit.data import FolderDataModule
 
@@ -29,8 +30,8 @@ def encoded(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
 
 
 @pytest.fixture
-def folder(tmp_path):
-    return make_folder(tmp_path / "d", n=3)  # three good images so loading can continue
+def folder(image_folder):
+    return image_folder(n=3)  # three good images so loading can continue
 
 
 def assert_skipped(dm, batches, kind, good=3):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-from test_data_fakes import FakeEncoder, write_image
+from helpers.fakes import FakeEncoder
+from helpers.images import write_image
 
 from hyperlit.data import FolderDataModule
 from hyperlit.data.buckets import bucket_resolutions, nearest_bucket, plan_batches

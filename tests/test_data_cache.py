@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 
 import torch
-from test_data_fakes import FakeEncoder, make_folder
+from helpers.fakes import FakeEncoder
+from helpers.images import write_image
 
 from hyperlit.data import FolderDataModule
 
@@ -24,8 +25,8 @@ def entries(cache, kind):
     return sorted((cache / kind).rglob("*.safetensors"))
 
 
-def test_second_run_calls_no_encoder_and_gives_identical_batches(tmp_path):
-    folder, cache = make_folder(tmp_path / "d", n=6), tmp_path / "cache"
+def test_second_run_calls_no_encoder_and_gives_identical_batches(tmp_path, image_folder):
+    folder, cache = image_folder(n=6), tmp_path / "cache"
     first = FakeEncoder()
     _, b1 = run(folder, cache, first)
     assert first.images_encoded == 6 and first.text_calls >= 1
@@ -39,15 +40,15 @@ def test_second_run_calls_no_encoder_and_gives_identical_batches(tmp_path):
     assert not list(cache.rglob("*.tmp")) and not list(cache.rglob(".*"))  # atomic writes leave no temp files
 
 
-def test_setup_alone_encodes_once_when_prepare_data_cached(tmp_path):
-    folder, cache = make_folder(tmp_path / "d", n=4), tmp_path / "cache"
+def test_setup_alone_encodes_once_when_prepare_data_cached(tmp_path, image_folder):
+    folder, cache = image_folder(n=4), tmp_path / "cache"
     enc = FakeEncoder()
     run(folder, cache, enc)  # prepare_data encodes, setup must only read
     assert enc.images_encoded == 4
 
 
-def test_resolution_change_invalidates_latents_not_text(tmp_path):
-    folder, cache = make_folder(tmp_path / "d", n=4, size=(128, 128)), tmp_path / "cache"
+def test_resolution_change_invalidates_latents_not_text(tmp_path, image_folder):
+    folder, cache = image_folder(n=4, size=(128, 128)), tmp_path / "cache"
     run(folder, cache, FakeEncoder())
     enc = FakeEncoder()
     _, b = run(folder, cache, enc, resolution=128, batch_size=4)
@@ -56,8 +57,8 @@ def test_resolution_change_invalidates_latents_not_text(tmp_path):
     assert len(entries(cache, "latents")) == 8
 
 
-def test_model_change_and_resize_mode_invalidate(tmp_path):
-    folder, cache = make_folder(tmp_path / "d", n=3, size=(96, 64)), tmp_path / "cache"
+def test_model_change_and_resize_mode_invalidate(tmp_path, image_folder):
+    folder, cache = image_folder(n=3, size=(96, 64)), tmp_path / "cache"
     run(folder, cache, FakeEncoder())
     other_vae = FakeEncoder(vae_version="v2")
     run(folder, cache, other_vae)
@@ -70,10 +71,9 @@ def test_model_change_and_resize_mode_invalidate(tmp_path):
     assert stretch.images_encoded == 3
 
 
-def test_changed_image_bytes_miss(tmp_path):
-    folder, cache = make_folder(tmp_path / "d", n=3), tmp_path / "cache"
+def test_changed_image_bytes_miss(tmp_path, image_folder):
+    folder, cache = image_folder(n=3), tmp_path / "cache"
     run(folder, cache, FakeEncoder())
-    from test_data_fakes import write_image
 
     write_image(folder, "00-img0", "tag0, colour 0, shape", colour=(1, 2, 3))  # same name, new content
     enc = FakeEncoder()
@@ -81,8 +81,8 @@ def test_changed_image_bytes_miss(tmp_path):
     assert enc.images_encoded == 1
 
 
-def test_corrupt_entry_is_recomputed_with_warning(tmp_path, caplog):
-    folder, cache = make_folder(tmp_path / "d", n=3), tmp_path / "cache"
+def test_corrupt_entry_is_recomputed_with_warning(tmp_path, image_folder, caplog):
+    folder, cache = image_folder(n=3), tmp_path / "cache"
     _, ref = run(folder, cache, FakeEncoder())
     victim = entries(cache, "latents")[0]
     victim.write_bytes(victim.read_bytes()[:40])  # truncated file
@@ -100,16 +100,16 @@ def test_corrupt_entry_is_recomputed_with_warning(tmp_path, caplog):
     assert enc3.image_calls == 0 and enc3.text_calls == 0
 
 
-def test_varying_captions_cache_only_latents(tmp_path):
-    folder, cache = make_folder(tmp_path / "d", n=3), tmp_path / "cache"
+def test_varying_captions_cache_only_latents(tmp_path, image_folder):
+    folder, cache = image_folder(n=3), tmp_path / "cache"
     enc = FakeEncoder()
     run(folder, cache, enc, tag_dropout=0.3)
     assert enc.text_calls == 0 and not (cache / "text").exists()
     assert len(entries(cache, "latents")) == 3
 
 
-def test_no_cache_dir_encodes_in_memory_each_run(tmp_path):
-    folder = make_folder(tmp_path / "d", n=2)
+def test_no_cache_dir_encodes_in_memory_each_run(tmp_path, image_folder):
+    folder = image_folder(n=2)
     enc = FakeEncoder()
     dm = FolderDataModule(path=str(folder), encoder=enc, cache_dir=None, resolution=64)
     dm.prepare_data()

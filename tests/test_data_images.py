@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import io
-import struct
 import zlib
 
 import numpy as np
 import pytest
+from helpers.images import hand_png
 from PIL import Image
 
 from hyperlit.data.images import BadImage, decode_image, image_size
@@ -17,12 +17,7 @@ def png16_rgb(arr: np.ndarray) -> bytes:
     """A 16-bit-per-channel RGB PNG written by hand (PIL cannot write one)."""
     h, w, _ = arr.shape
     raw = b"".join(b"\x00" + arr[y].astype(">u2").tobytes() for y in range(h))
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-    ihdr = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    return hand_png(w, h, 16, 2, zlib.compress(raw))
 
 
 def to8(v: np.ndarray) -> np.ndarray:

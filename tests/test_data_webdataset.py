@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import tarfile
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from helpers.config import compose_config
+from helpers.fakes import FakeEncoder
+from helpers.images import make_folder, png_bytes
+from helpers.paths import SAMPLE_DIR
 from hydra.utils import instantiate
-from test_data_fakes import FakeEncoder, make_folder, png_bytes
 
 from hyperlit.data import FolderDataModule, WebDataModule, make_shards
-from hyperlit.data.paths import repo_root
 
 
 def wdm(urls, enc, **kw):
@@ -30,7 +32,7 @@ def finished(dm):
 
 
 def test_shards_with_precomputed_latents_match_folder_and_skip_encoders(tmp_path):
-    folder = repo_root() / "datasets" / "sample"
+    folder = SAMPLE_DIR
     maker = FakeEncoder()
     shards = make_shards(folder, tmp_path / "shards", encoder=maker, resolution=64, name="shapes", samples_per_shard=5)
     assert [p.name for p in shards] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
@@ -117,6 +119,18 @@ def test_epoch_length_and_ranks_take_equal_steps(tmp_path):
         seen.append({c for b in batches for c in b["caption"]})
     assert counts == [4, 4]
     assert len(seen[0] | seen[1]) == 8  # repeated passes: every sample reached one of the ranks
+    # epoch_length = the sample count: one pass, the ranks' samples are disjoint and cover the set
+    shas = []
+    for rank in range(2):
+        dm = WebDataModule(urls=urls, encoder=FakeEncoder(), resolution=64, batch_size=2, epoch_length=8,
+                           num_workers=0, shuffle_buffer=0)  # fmt: skip
+        dm.trainer = type("T", (), {"global_rank": rank, "world_size": 2, "current_epoch": 0})()
+        dm.setup("fit")
+        shas.append([sha for b in dm.train_dataloader() for sha in b["sha"]])
+    assert len(shas[0]) == len(shas[1]) == 4 and not set(shas[0]) & set(shas[1])
+    assert set(shas[0]) | set(shas[1]) == {
+        hashlib.sha256(p.read_bytes()).hexdigest() for p in (tmp_path / "d").glob("*.png")
+    }
 
 
 def test_resampled_needs_epoch_length_and_yields_exactly(tmp_path):
@@ -130,8 +144,9 @@ def test_resampled_needs_epoch_length_and_yields_exactly(tmp_path):
 
 def test_workers_split_shards_and_count_is_exact(tmp_path):
     make_shards(make_folder(tmp_path / "d", n=8), tmp_path / "s", samples_per_shard=2)
+    urls = str(tmp_path / "s" / "shard-{000000..000003}.tar")
     dm = wdm(
-        str(tmp_path / "s" / "shard-{000000..000003}.tar"),
+        urls,
         FakeEncoder(),
         batch_size=2,
         num_workers=2,
@@ -140,6 +155,10 @@ def test_workers_split_shards_and_count_is_exact(tmp_path):
     )
     batches = list(dm.train_dataloader())
     assert len(batches) == 5
+    # one pass (epoch_length = the sample count): with 2 workers each sample comes exactly once
+    dm = wdm(urls, FakeEncoder(), batch_size=2, num_workers=2, epoch_length=8, shuffle_buffer=4)
+    got = sorted(sha for b in dm.train_dataloader() for sha in b["sha"])
+    assert got == sorted(hashlib.sha256(p.read_bytes()).hexdigest() for p in (tmp_path / "d").glob("*.png"))
 
 
 def test_worker_skip_counts_reach_the_main_process(tmp_path):
@@ -148,10 +167,12 @@ def test_worker_skip_counts_reach_the_main_process(tmp_path):
     make_shards(folder, tmp_path / "s", samples_per_shard=2)
     extra = tmp_path / "s" / "shard-000004.tar"
     _tar(extra, [("e.png", b""), ("e.txt", b"x"), ("f.png", png_bytes()), ("f.txt", b"\xff\xfe bad")])
-    dm = wdm(str(tmp_path / "s" / "shard-{000000..000004}.tar"), FakeEncoder(), batch_size=3, num_workers=2)
+    urls = str(tmp_path / "s" / "shard-{000000..000004}.tar")
+    dm = wdm(urls, FakeEncoder(), batch_size=3, num_workers=2, shuffle=False)
     batches = list(dm.train_dataloader())
     assert all("_skipped" not in b for b in batches)
-    assert sum(len(b["caption"]) for b in batches) <= 9
+    # worker 0 reads shards 0, 2, 4 (2 + 2 + 1 usable: one full batch), worker 1 shards 1, 3 (4: one batch)
+    assert sum(len(b["caption"]) for b in batches) == 6
     assert dm.skipped["zero_byte"] == 1 and dm.skipped["caption_not_utf8"] == 1
 
 
@@ -230,15 +251,15 @@ def test_nothing_usable_in_shards_is_an_error_with_reasons(tmp_path):
 
 def test_webdataset_config_composes(tmp_path):
     make_shards(make_folder(tmp_path / "d", n=2), tmp_path / "s", samples_per_shard=2)
-    with initialize_config_dir(config_dir=str(repo_root() / "conf"), version_base="1.3"):
-        cfg = compose(
-            overrides=[
-                "+data=webdataset",
-                f"data.urls={tmp_path / 's' / 'shard-000000.tar'}",
-                "data.num_workers=0",
-                "data.resolution=64",
-            ]
-        )
+    cfg = compose_config(
+        None,
+        [
+            "+data=webdataset",
+            f"data.urls={tmp_path / 's' / 'shard-000000.tar'}",
+            "data.num_workers=0",
+            "data.resolution=64",
+        ],
+    )
     dm = instantiate(cfg.data, encoder=FakeEncoder(), name="n", seed=1)
     assert isinstance(dm, WebDataModule)
     dm.setup("fit")

@@ -1,12 +1,13 @@
 """DDP on the CPU with real processes (gloo), launch checks, and webdataset coverage across ranks.
 
 The two end-to-end tests run `train.py trainer=ddp_cpu` as a subprocess; Lightning's ddp launcher starts rank 1
-by re-running the command. A test-only callback (tests/ddp_probe.py) writes, per rank, the hypernetwork digest
+by re-running the command. A test-only callback (tests/helpers/ddp_probe.py) writes, per rank, the hypernetwork digest
 after every optimizer step and the captions of every batch.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import socket
@@ -16,19 +17,21 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT
-from ddp_probe import state_digest
+import torch
+from helpers.config import compose_config
+from helpers.ddp_probe import state_digest
+from helpers.paths import REPO_ROOT, SAMPLE_DIR
 
 from hyperlit import distributed, files
-
-SAMPLE = REPO_ROOT / "datasets" / "sample"
+from hyperlit.hypernetwork import Hypernetwork
+from hyperlit.tasks.hypernetwork.build import hypernetwork_config
 
 
 def _sample_captions() -> list[str]:
     """One caption per sample image: its .txt, or A1111's rule for images without one (the file name without
     the leading number)."""
     captions = []
-    for image in sorted(SAMPLE.glob("*.png")):
+    for image in sorted(SAMPLE_DIR.glob("*.png")):
         txt = image.with_suffix(".txt")
         captions.append(txt.read_text().strip() if txt.is_file() else image.stem.split("-", 1)[1])
     return captions
@@ -57,7 +60,7 @@ def _env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-def _train(tmp_path: Path, *overrides: str, timeout: int = 240) -> subprocess.CompletedProcess:
+def _train(tmp_path: Path, *overrides: str, timeout: int = 240, val_count: int = 0) -> subprocess.CompletedProcess:
     work = tmp_path / "work"
     work.mkdir(exist_ok=True)
     command = [
@@ -65,8 +68,8 @@ def _train(tmp_path: Path, *overrides: str, timeout: int = 240) -> subprocess.Co
         "trainer=ddp_cpu", "hypernet=linear_121", "logger=csv", "train.max_steps=6",
         f"hydra.run.dir={tmp_path / 'out'}", f"data.cache_dir={tmp_path / 'cache'}",
         "~callbacks.progress", "trainer.enable_progress_bar=false", "callbacks.preview.steps=2",
-        "data.batch_size=2",
-        "+callbacks.probe._target_=ddp_probe.DDPProbe", f"+callbacks.probe.dirpath={tmp_path / 'probe'}",
+        "data.batch_size=2", f"data.val_count={val_count}",  # 0: the tests below count every sample image
+        "+callbacks.probe._target_=helpers.ddp_probe.DDPProbe", f"+callbacks.probe.dirpath={tmp_path / 'probe'}",
         *overrides,
     ]
     result = subprocess.run(command, cwd=work, env=_env(tmp_path), capture_output=True, text=True, timeout=timeout)
@@ -146,7 +149,7 @@ def test_two_processes_on_folder_data(tmp_path):
 def test_two_processes_on_webdataset_shards(tmp_path):
     from hyperlit.data import make_shards
 
-    shards = make_shards(SAMPLE, tmp_path / "shards", resolution=64, samples_per_shard=3, name="linear_121")
+    shards = make_shards(SAMPLE_DIR, tmp_path / "shards", resolution=64, samples_per_shard=3, name="linear_121")
     assert len(shards) == 4
     urls = str(tmp_path / "shards" / "shard-{000000..000003}.tar")
     _train(
@@ -162,11 +165,40 @@ def test_two_processes_on_webdataset_shards(tmp_path):
     assert [p.parent.name for p in tmp_path.rglob(".hydra")] == ["out"]
 
 
+def _val_losses(run_dir: Path) -> dict[int, str]:
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        return {int(row["step"]): row["val/loss"] for row in csv.DictReader(f) if row.get("val/loss")}
+
+
+@pytest.mark.slow
+def test_val_loss_is_the_same_with_one_and_two_processes(tmp_path):
+    start = tmp_path / "start.pt"
+    config = hypernetwork_config(compose_config("train", ["hypernet=linear_121"]).hypernet)
+    network = Hypernetwork(config, sizes=[48, 32, 64])  # every width of the tiny model
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in network.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
+    files.save_hypernetwork(network, start)
+    common = (
+        f"hypernet.init_from={start}", "train.max_steps=2", "callbacks.preview.every=0",
+        "callbacks.preview.at_end=false", "callbacks.export.save_every=0", "callbacks.validation.every=1",
+    )  # fmt: skip
+    for name in ("one", "two"):
+        (tmp_path / name).mkdir()
+    _train(tmp_path / "one", *common, "trainer.devices=1", val_count=2)
+    _train(tmp_path / "two", *common, val_count=2)
+    one, two = _val_losses(tmp_path / "one" / "out"), _val_losses(tmp_path / "two" / "out")
+    assert sorted(one) == sorted(two) == [0, 1, 2]
+    # The same start weights score the same whatever the world size: every rank scores every held-out image.
+    assert one[0] == two[0]
+
+
 # --- webdataset splitting without processes: the DataModule told its rank as Lightning would ---
 
 
 def _rank_batches(urls: str, rank: int, epoch: int = 0, **options) -> list[dict]:
-    from test_data_fakes import FakeEncoder
+    from helpers.fakes import FakeEncoder
 
     from hyperlit.data import WebDataModule
 
@@ -178,7 +210,7 @@ def _rank_batches(urls: str, rank: int, epoch: int = 0, **options) -> list[dict]
 
 
 def _shards(tmp_path: Path, n: int, per_shard: int) -> str:
-    from test_data_fakes import make_folder
+    from helpers.images import make_folder
 
     from hyperlit.data import make_shards
 
@@ -333,14 +365,8 @@ def test_rank_helpers_follow_the_launchers(monkeypatch):
 
 
 def test_only_global_rank_zero_writes_the_hydra_folder(monkeypatch):
-    from conftest import CONF_DIR
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
     def output_subdir() -> str | None:
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return compose("train", return_hydra_config=True).hydra.output_subdir
+        return compose_config("train", return_hydra_config=True).hydra.output_subdir
 
     for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
         monkeypatch.delenv(key, raising=False)
@@ -364,7 +390,7 @@ def test_torchrun_processes_share_one_run_dir(tmp_path):
          "hypernet=linear_121", "logger=none", "train.max_steps=3", f"hydra.run.dir={tmp_path / 'out'}",
          f"data.cache_dir={tmp_path / 'cache'}", "callbacks.preview.every=0", "callbacks.preview.at_end=false",
          "data.batch_size=2", "~callbacks.progress", "trainer.enable_progress_bar=false",
-         "+callbacks.probe._target_=ddp_probe.DDPProbe", f"+callbacks.probe.dirpath={tmp_path / 'probe'}"],
+         "+callbacks.probe._target_=helpers.ddp_probe.DDPProbe", f"+callbacks.probe.dirpath={tmp_path / 'probe'}"],
         cwd=work, env=_env(tmp_path), capture_output=True, text=True, timeout=240,
     )
     assert result.returncode == 0, result.stderr[-4000:]

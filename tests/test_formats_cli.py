@@ -8,9 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import a1111_reference as ref
 import pytest
 import torch
+from helpers import a1111_reference as ref
+from helpers import hypernetworks
 
 from hyperlit import cli, files
 from hyperlit.files import a1111, load_hypernetwork, save_hypernetwork
@@ -25,11 +26,7 @@ CONFIG = dict(layer_structure=[1, 2, 2, 1], activation="relu", activate_output=T
 
 
 def randomised(config: HypernetworkConfig, sizes: list[int], seed: int = 0) -> Hypernetwork:
-    hn = Hypernetwork(config, sizes=sizes, name="original-name")
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in hn.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    hn = hypernetworks.randomised(config, sizes, seed, name="original-name")
     hn.step = 1234
     hn.sd_checkpoint = "0123abcdef"
     hn.sd_checkpoint_name = "v1-5-pruned-emaonly"

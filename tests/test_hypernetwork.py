@@ -6,7 +6,8 @@ import math
 
 import pytest
 import torch
-from a1111_reference import ReferenceModule, a1111_sequential
+from helpers.a1111_reference import ReferenceModule, a1111_sequential
+from helpers.hypernetworks import randomised
 from torch import nn
 
 from hyperlit.hypernetwork import ACTIVATIONS, Hypernetwork, HypernetworkConfig, HypernetworkModule
@@ -160,17 +161,8 @@ def test_xavier_and_kaiming_statistics(weight_init: str, activation: str) -> Non
 
 # --- forward (residual; multiplier 1 in training mode) ---
 
-def _randomised(config: HypernetworkConfig, sizes: list[int], seed: int = 0) -> Hypernetwork:
-    hn = Hypernetwork(config, sizes=sizes)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in hn.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
-    return hn
-
-
 def test_forward_is_residual_times_multiplier_in_eval() -> None:
-    hn = _randomised(HypernetworkConfig(layer_structure=[1, 2, 1], activation="tanh"), sizes=[8]).eval()
+    hn = randomised(HypernetworkConfig(layer_structure=[1, 2, 1], activation="tanh"), sizes=[8]).eval()
     x = torch.randn(2, 5, 8)
     k_module = hn.pairs["8"][0]
     w1, b1 = k_module.linear[0].weight, k_module.linear[0].bias
@@ -187,7 +179,7 @@ def test_forward_is_residual_times_multiplier_in_eval() -> None:
 
 def test_multiplier_is_one_in_train_mode() -> None:
     config = HypernetworkConfig(layer_structure=[1, 2, 1], activation="relu", multiplier=0.25)
-    hn = _randomised(config, sizes=[8])
+    hn = randomised(config, sizes=[8])
     x = torch.randn(3, 8)
     hn.eval()
     k_eval, v_eval = hn.forward_kv(x)
@@ -200,7 +192,7 @@ def test_multiplier_is_one_in_train_mode() -> None:
 
 
 def test_forward_kv_routes_by_last_dim_and_passes_other_widths_through() -> None:
-    hn = _randomised(HypernetworkConfig(layer_structure=[1, 2, 1], activation="elu"), sizes=[8, 12]).eval()
+    hn = randomised(HypernetworkConfig(layer_structure=[1, 2, 1], activation="elu"), sizes=[8, 12]).eval()
     for width in (8, 12):
         x = torch.randn(2, 4, width)
         k, v = hn.forward_kv(x)

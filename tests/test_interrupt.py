@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO_ROOT
+from helpers.paths import REPO_ROOT
 
 from hyperlit import files
 

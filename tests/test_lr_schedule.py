@@ -8,10 +8,6 @@ import torch
 from hyperlit.lr_schedule import A1111Schedule, base_learning_rate, build_scheduler
 
 
-def rates(schedule: A1111Schedule, steps: range) -> list[float | None]:
-    return [schedule.rate_at(step) for step in steps]
-
-
 def test_spec_example_trains_1500_steps_then_stops():
     schedule = A1111Schedule.parse("5e-5:100, 5e-6:1500", max_steps=100000)
     assert schedule.segments == ((5e-5, 100), (5e-6, 1500))

@@ -15,14 +15,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import safetensors.torch
 import torch
+from helpers.paths import CONF_DIR
 from omegaconf import OmegaConf
 
 from hyperlit.models import FAMILIES, SDComponents, get_family, load_components, validate_model_config
 from hyperlit.models.family import CONFIGS_DIR
 from hyperlit.models.single_file import load_single_file
 from hyperlit.models.tiny import byte_level_vocab
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -396,7 +395,7 @@ def test_hydra_model_configs_instantiate_load_components():
     from hydra.utils import instantiate
 
     for name in ("tiny", "sd15", "sd21"):
-        cfg = OmegaConf.load(REPO / "conf" / "model" / f"{name}.yaml")
+        cfg = OmegaConf.load(CONF_DIR / "model" / f"{name}.yaml")
         assert cfg._target_ == "hyperlit.models.load_components" and cfg.family == name
         args = {k: v for k, v in OmegaConf.to_container(cfg).items() if k != "_target_"}
         if name == "tiny":

@@ -6,15 +6,10 @@ import functools
 
 import pytest
 import torch
+from helpers.audit_oracles import sd1_context
 
 from hyperlit.hypernetwork import Hypernetwork, HypernetworkConfig
-from hyperlit.models import load_components
 from hyperlit.tasks.hypernetwork.module import HypernetworkTask, min_snr_weights
-
-
-@pytest.fixture(scope="module")
-def components():
-    return load_components(family="tiny")
 
 
 def _task(components, **kwargs) -> HypernetworkTask:
@@ -55,12 +50,12 @@ def _hand_loss(components, batch, seed, prediction_type="epsilon", offset=0.0, g
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize(("offset", "gamma", "weight"), [(0.0, None, False), (0.1, 5.0, True)])
-def test_loss_matches_the_hand_computation(components, prediction_type, offset, gamma, weight):
-    task = _task(components, prediction_type=prediction_type, noise_offset=offset, min_snr_gamma=gamma)
-    batch = _batch(components, weight=weight)
+def test_loss_matches_the_hand_computation(tiny_components, prediction_type, offset, gamma, weight):
+    task = _task(tiny_components, prediction_type=prediction_type, noise_offset=offset, min_snr_gamma=gamma)
+    batch = _batch(tiny_components, weight=weight)
     with torch.no_grad():
         ours = task.compute_loss(batch, generator=torch.Generator().manual_seed(7))
-    expected = _hand_loss(components, batch, 7, prediction_type, offset, gamma)
+    expected = _hand_loss(tiny_components, batch, 7, prediction_type, offset, gamma)
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -74,10 +69,11 @@ def test_min_snr_weights_formula():
     torch.testing.assert_close(v, torch.stack([5 / (snr[0] + 1), snr[1] / (snr[1] + 1), snr[2] / (snr[2] + 1)]))
 
 
-def test_captions_are_encoded_when_no_context_is_cached(components):
-    task = _task(components)
+def test_captions_are_encoded_when_no_context_is_cached(tiny_components):
+    task = _task(tiny_components)
     batch = {"latents": torch.randn(2, 4, 8, 8), "caption": ["a red circle", "a blue square"]}
-    torch.testing.assert_close(task.context_for(batch), components.encode_text(batch["caption"]))
+    expected = sd1_context(tiny_components.tokenizer, tiny_components.text_encoder, batch["caption"])  # independent
+    torch.testing.assert_close(task.context_for(batch), expected)
 
 
 @pytest.mark.parametrize(
@@ -88,6 +84,6 @@ def test_captions_are_encoded_when_no_context_is_cached(components):
         ({"noise_offset": -0.1}, "train.noise_offset"),
     ],
 )
-def test_invalid_objective_options_name_the_key(components, kwargs, fragment):
+def test_invalid_objective_options_name_the_key(tiny_components, kwargs, fragment):
     with pytest.raises(ValueError, match=fragment):
-        _task(components, **kwargs)
+        _task(tiny_components, **kwargs)

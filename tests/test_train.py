@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from a1111_reference import a1111_load, a1111_safe_check, apply_pairs
-from conftest import REPO_ROOT
+from helpers.a1111_reference import a1111_load, a1111_safe_check, apply_pairs
+from helpers.paths import REPO_ROOT
 
 from hyperlit import files
+from hyperlit.callbacks.validation import ValidationLoss
 from hyperlit.models import load_components
 from hyperlit.runner import build_run, fit, run
 
@@ -49,6 +50,9 @@ def test_run_writes_a1111_files_and_keeps_the_base_model_frozen(train_cfg, tmp_p
 
     assert loss is not None and torch.isfinite(torch.tensor(loss))
     assert built.trainer.global_step == 4
+    # what run(cfg) returns is val/loss (optimized_metric) of the final weights; it was also scored at step 0
+    validation = next(cb for cb in built.trainer.callbacks if isinstance(cb, ValidationLoss))
+    assert sorted(validation.scores) == [0, 4] and loss == validation.scores[4]
     for name in ("swish_121-2.pt", "swish_121-4.pt", "swish_121.pt", "swish_121.hyperlit.safetensors"):
         assert (out / "hypernetworks" / name).is_file(), name
     assert sorted(p.name for p in (out / "images").glob("*.png")) == ["swish_121-2.png", "swish_121-4.png"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import tarfile
 
 import pytest
-from conftest import REPO_ROOT
+from helpers.paths import SAMPLE_DIR
 
 from hyperlit import files
 from hyperlit.cli import main
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 def test_make_shards_then_train(train_cfg, tmp_path, monkeypatch):
     shards = tmp_path / "shards"
-    assert main(["make-shards", str(REPO_ROOT / "datasets" / "sample"), str(shards), "--model", "tiny",
+    assert main(["make-shards", str(SAMPLE_DIR), str(shards), "--model", "tiny",
                  "--resolution", "64", "--samples-per-shard", "5"]) == 0
     tars = sorted(shards.glob("*.tar"))
     assert [t.name for t in tars] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]

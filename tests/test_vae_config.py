@@ -5,48 +5,43 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import AutoencoderKL
-from hydra import compose, initialize_config_dir
+from helpers.config import compose_config
+from helpers.models import make_tiny_vae
 from hydra.utils import instantiate
 from safetensors.torch import load_file, save_file
 
-from hyperlit.data.paths import repo_root
 from hyperlit.tasks.vae.build import build, load_task_vae
 from hyperlit.vae.export import diffusers_to_ldm, save_diffusers_folder
 
-CONF = str(repo_root() / "conf")
 
-
-def vae_cfg(*overrides: str):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose("vae", overrides=list(overrides))
+def compose_vae(*overrides: str):
+    return compose_config("vae", list(overrides))
 
 
 def small_vae(latent_channels: int = 4, **kw) -> AutoencoderKL:
-    torch.manual_seed(1)
-    return AutoencoderKL(
-        block_out_channels=[8, 16], down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2, norm_num_groups=4, latent_channels=latent_channels, **kw,
-    )  # fmt: skip
+    return make_tiny_vae(seed=1, latent_channels=latent_channels, **kw)
 
 
 def test_presets_and_tiny_overlay_compose():
-    cfg = vae_cfg()
+    cfg = compose_vae()
     assert cfg.task == "vae" and cfg.model.family == "tiny"
     assert cfg.loss.reconstruction == "l1" and cfg.loss.perceptual.weight == 1.0  # ft_ema
     assert cfg.data.resolution == 64 and cfg.train.max_steps == 40  # conf/vae_model/tiny.yaml
     assert cfg.trainer.max_steps == -1 and cfg.trainer.gradient_clip_val is None
-    cfg = vae_cfg("vae_loss=ft_mse", "model=sd15")
+    cfg = compose_vae("vae_loss=ft_mse", "model=sd15")
     assert cfg.loss.reconstruction == "mse" and cfg.loss.perceptual.weight == 0.1
     assert cfg.data.resolution == 256 and cfg.train.optimizer.betas == [0.5, 0.9]  # no overlay for real models
 
 
 def test_real_model_needs_path_and_perceptual_weights(tmp_path):
     with pytest.raises(ValueError, match="model.path is required for model.family=sd15"):
-        load_task_vae(vae_cfg("model=sd15"))
+        load_task_vae(compose_vae("model=sd15"))
     vae = small_vae()
     path = tmp_path / "my.vae.safetensors"
     save_file({k: v.contiguous() for k, v in diffusers_to_ldm(vae.state_dict(), 2).items()}, path)
-    cfg = vae_cfg("model=sd15", f"model.path={path}", "vae.norm_num_groups=4", f"callbacks.export.dirpath={tmp_path}/x")
+    cfg = compose_vae(
+        "model=sd15", f"model.path={path}", "vae.norm_num_groups=4", f"callbacks.export.dirpath={tmp_path}/x"
+    )
     with pytest.raises(ValueError, match="loss.perceptual.weights is not set"):
         build(cfg)
     loaded, source, embedded = load_task_vae(cfg)
@@ -55,14 +50,14 @@ def test_real_model_needs_path_and_perceptual_weights(tmp_path):
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in vae.state_dict().items())
     with pytest.raises(ValueError, match="has 4 latent channels but the config expects 16"):
         load_task_vae(
-            vae_cfg("model=sd15", f"model.path={path}", "vae.norm_num_groups=4", "vae.latent_channels=16"),
+            compose_vae("model=sd15", f"model.path={path}", "vae.norm_num_groups=4", "vae.latent_channels=16"),
         )
 
 
 def test_sixteen_channel_diffusers_folder_trains_and_exports(tmp_path):
     vae = small_vae(16, use_quant_conv=False, use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159)
     save_diffusers_folder(vae, tmp_path / "flux-vae")
-    cfg = vae_cfg(
+    cfg = compose_vae(
         "model=sd15", f"model.path={tmp_path}/flux-vae", "vae.latent_channels=16", "vae.use_quant_conv=false",
         "loss.perceptual.weight=0", "data.resolution=32", "data.num_workers=0", "data.batch_size=2",
         "data.val_count=2", "train.max_steps=2", f"callbacks.export.dirpath={tmp_path}/out",
@@ -96,7 +91,7 @@ def test_sixteen_channel_diffusers_folder_trains_and_exports(tmp_path):
 def test_train_py_run_on_the_embedded_default(tmp_path):
     from hyperlit.runner import build_run, fit
 
-    cfg = vae_cfg(
+    cfg = compose_vae(
         f"paths.output_dir={tmp_path}", "logger=none", "train.max_steps=3", "data.resolution=32",
         "trainer.val_check_interval=3", "trainer.limit_val_batches=1", "callbacks.export.save_every=0",
         "optimized_metric=train/rec",
@@ -114,8 +109,10 @@ def test_train_py_run_on_the_embedded_default(tmp_path):
 def test_ddp_overrides_for_separate_g_and_d_backward():
     from hyperlit.tasks.vae.build import ddp_overrides
 
-    assert ddp_overrides(vae_cfg()) == {}
-    assert ddp_overrides(vae_cfg("trainer=ddp_cpu")) == {"strategy": "ddp_find_unused_parameters_true"}
-    gpu = ddp_overrides(vae_cfg("trainer=ddp"))
+    assert ddp_overrides(compose_vae()) == {}
+    assert ddp_overrides(compose_vae("trainer=ddp_cpu")) == {"strategy": "ddp_find_unused_parameters_true"}
+    gpu = ddp_overrides(compose_vae("trainer=ddp"))
     assert gpu == {"strategy": "ddp_find_unused_parameters_true", "sync_batchnorm": True}
-    assert ddp_overrides(vae_cfg("trainer=ddp", "disc.norm=group")) == {"strategy": "ddp_find_unused_parameters_true"}
+    assert ddp_overrides(compose_vae("trainer=ddp", "disc.norm=group")) == {
+        "strategy": "ddp_find_unused_parameters_true"
+    }

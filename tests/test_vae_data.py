@@ -5,30 +5,25 @@ from __future__ import annotations
 import io
 import logging
 import re
-import struct
 import zlib
 from collections import Counter
 
 import numpy as np
 import pytest
 import torch
+from helpers.images import hand_png
 from PIL import Image
 
-from hyperlit.data.paths import repo_root
 from hyperlit.data.pixeldatamodule import PixelDataModule
 from hyperlit.data.pixels import ImageCrops, scan_images
 from hyperlit.data.skips import SkipLog
-
-
-def png_chunk(tag: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+from hyperlit.runner import run
+from hyperlit.tasks.vae.module import VAEDecoderTask
 
 
 def huge_header_png(width: int = 30000, height: int = 30000) -> bytes:
     """A few hundred bytes whose IHDR claims width x height 8-bit RGB pixels (PIL refuses it on open)."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    idat = zlib.compress(b"\x00" * 64)
-    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
+    return hand_png(width, height, 8, 2, zlib.compress(b"\x00" * 64))
 
 
 def gradient16(size: int = 32) -> np.ndarray:
@@ -69,16 +64,11 @@ EXPECTED = Counter(
 )
 
 
-# ------------------------------------------------------------------ the whole run, through train.run
+# ------------------------------------------------------------------ the whole run, through runner.run
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_vae_run_over_bad_files_finishes_and_reports_each_kind(tmp_path, monkeypatch, caplog, workers):
-    from hydra import compose, initialize_config_dir
-    from hyperlit.train import run
-
-    from hyperlit.tasks.vae import VAEDecoderTask
-
+def test_vae_run_over_bad_files_finishes_and_reports_each_kind(tmp_path, monkeypatch, caplog, workers, vae_cfg):
     folder = bad_folder(tmp_path)
     seen: list[dict] = []
     modules: list[PixelDataModule] = []
@@ -95,13 +85,11 @@ def test_vae_run_over_bad_files_finishes_and_reports_each_kind(tmp_path, monkeyp
 
     monkeypatch.setattr(VAEDecoderTask, "training_step", recording_step)
     monkeypatch.setattr(PixelDataModule, "setup", recording_setup)
-    with initialize_config_dir(config_dir=str(repo_root() / "conf"), version_base="1.3"):
-        cfg = compose("vae", overrides=[
-            f"paths.output_dir={tmp_path / 'run'}", "logger=none", f"data.path={folder}", "data.resolution=32",
-            "data.batch_size=2", "data.val_count=2", f"data.num_workers={workers}", "++data.max_image_pixels=2000",
-            "train.max_steps=3", "trainer.val_check_interval=3", "trainer.limit_val_batches=1",
-            "export.save_every=0", "~callbacks.progress", "trainer.enable_progress_bar=false",
-        ])  # fmt: skip
+    cfg = vae_cfg(
+        f"data.path={folder}", "data.resolution=32", "data.batch_size=2", "data.val_count=2",
+        f"data.num_workers={workers}", "++data.max_image_pixels=2000", "trainer.val_check_interval=3",
+        "trainer.limit_val_batches=1", "callbacks.export.save_every=0", steps=3,
+    )  # fmt: skip
     with caplog.at_level(logging.INFO):
         run(cfg)
 

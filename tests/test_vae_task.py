@@ -11,6 +11,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+from helpers.models import make_tiny_vae
 from helpers.vae_reference import generator_loss as reference_generator_loss
 from PIL import Image
 from safetensors.torch import load_file
@@ -25,20 +26,6 @@ from hyperlit.vae.config import DiscConfig, LossConfig, PerceptualConfig, Poster
 from hyperlit.vae.fp16 import fp16_decode_report
 from hyperlit.vae.lpips import LPIPS
 
-TINY = dict(
-    block_out_channels=[8, 16],
-    down_block_types=["DownEncoderBlock2D"] * 2,
-    up_block_types=["UpDecoderBlock2D"] * 2,
-    layers_per_block=1,
-    norm_num_groups=4,
-    latent_channels=4,
-)
-
-
-def tiny_vae(seed: int = 0) -> AutoencoderKL:
-    torch.manual_seed(seed)
-    return AutoencoderKL(**TINY)
-
 
 def make_task(seed: int = 0, vae_seed: int | None = None, **overrides) -> VAEDecoderTask:
     cfg = VAETaskConfig(
@@ -49,7 +36,7 @@ def make_task(seed: int = 0, vae_seed: int | None = None, **overrides) -> VAEDec
         **overrides,
     )
     torch.manual_seed(seed + 100)
-    vae = tiny_vae(seed if vae_seed is None else vae_seed)
+    vae = make_tiny_vae(seed if vae_seed is None else vae_seed)
     return VAEDecoderTask(vae, cfg, LPIPS(random_backbone=True), perceptual_is_random=True)
 
 
@@ -172,7 +159,7 @@ def test_posterior_is_cached_once_per_image():
 
 def test_missing_perceptual_model_is_a_clear_error():
     with pytest.raises(ValueError, match="loss.perceptual.weight=1.0 needs an LPIPS model"):
-        VAEDecoderTask(tiny_vae(), VAETaskConfig(), None)
+        VAEDecoderTask(make_tiny_vae(), VAETaskConfig(), None)
 
 
 # ---------------------------------------------------------------- end to end
@@ -315,8 +302,8 @@ def test_nan_losses_are_skipped_then_training_stops(tmp_path, caplog):
 # ---------------------------------------------------------------- fp16 check
 
 
-def test_fp16_report_flags_overflowing_blocks():
-    vae = tiny_vae()
+def test_fp16_report_flags_overflowing_blocks(tiny_vae):
+    vae = tiny_vae
     z = torch.randn(1, 4, 8, 8)
     ok = fp16_decode_report(vae, z)
     assert [s.name for s in ok][:3] == ["post_quant_conv", "decoder.conv_in", "decoder.mid_block"]
@@ -324,5 +311,5 @@ def test_fp16_report_flags_overflowing_blocks():
     with torch.no_grad():
         vae.decoder.conv_in.weight.mul_(1e5)  # activations far beyond fp16's 65504
     bad = {s.name: s for s in fp16_decode_report(vae, z)}
-    assert not bad["decoder.conv_in"].safe or bad["decoder.conv_in"].max_abs > 6e4
+    assert not bad["decoder.conv_in"].safe and bad["decoder.conv_in"].nonfinite > 0
     assert vae.decoder.conv_in.weight.dtype == torch.float32  # the check used a copy

@@ -37,7 +37,6 @@ class TensorCache:
 
     def __init__(self, root: str | Path, kind: str) -> None:
         self.root = Path(root).expanduser() / kind
-        self.corrupt = 0
 
     def path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.safetensors"
@@ -54,7 +53,6 @@ class TensorCache:
                 raise ValueError("entry key does not match its file name")
             return tensors, meta
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            self.corrupt += 1
             log.warning("cache: corrupt entry %s (%s); recomputing it", p, e)
             p.unlink(missing_ok=True)
             return None

@@ -18,6 +18,7 @@ import torch
 from hyperlit.data.captions import load_template, varies_per_step
 from hyperlit.data.device import encoders_on
 from hyperlit.data.folder import SourceItem, scan_folder
+from hyperlit.data.heldout import HeldOut, held_out_prompt, split_held_out
 from hyperlit.data.options import DataOptions
 from hyperlit.data.paths import resolve_path
 from hyperlit.data.records import Encoded, encode_items, encode_prompts
@@ -41,6 +42,7 @@ class FolderDataModule(TrainerEpochs, L.LightningDataModule):
         self.skip_log = SkipLog()
         self.stream: BatchStream | None = None
         self.last_encoded: Encoded | None = None
+        self.held_out: list[HeldOut] = []  # filled by setup(); every rank holds all of them
 
     @property
     def skipped(self) -> Counter[str]:
@@ -91,6 +93,16 @@ class FolderDataModule(TrainerEpochs, L.LightningDataModule):
         """Errors at the door (before the model loads): the folder exists and holds image files."""
         self._items(SkipLog(verbose=False))
 
+    def _held_out_count(self, usable: int) -> int:
+        """data.val_count, but never more than a quarter of the usable images: a small folder trains on all."""
+        count = min(self.opts.val_count, usable // 4)
+        if count < self.opts.val_count:
+            log.warning(
+                "data.val_count=%d: holding out %d of the %d usable images of %s (at most a quarter)",
+                self.opts.val_count, count, usable, self.path_value,
+            )  # fmt: skip
+        return count
+
     def _encode(self, skips: SkipLog, write: bool) -> Encoded:
         encoder = self._require_encoder()
         with encoders_on(encoder, getattr(self, "trainer", None)):
@@ -108,7 +120,9 @@ class FolderDataModule(TrainerEpochs, L.LightningDataModule):
         self.skip_log = SkipLog()
         enc = self._encode(self.skip_log, write=self._is_global_zero())
         self.last_encoded = enc
-        samples = [self._finalize(r) for r in enc.records]
+        train, held = split_held_out(enc.records, self._held_out_count(len(enc.records)))
+        self.held_out = [self._held_out(r) for r in held]
+        samples = [self._finalize(r) for r in train]
         trainer = getattr(self, "trainer", None)
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         self.stream = BatchStream(
@@ -128,13 +142,20 @@ class FolderDataModule(TrainerEpochs, L.LightningDataModule):
             world_size=world,
         )
         log.info(
-            "data: %d images from %s, %d batches per epoch, captions %s; bad input: %s",
+            "data: %d images from %s (%d held out for validation), %d batches per epoch, captions %s; bad input: %s",
             len(samples),
             self.path_value,
+            len(self.held_out),
             len(self.stream),
             "vary per step" if varies_per_step(self.opts.shuffle_tags, self.opts.tag_dropout) else "fixed",
             self.skip_log.summary(),
         )
+
+    def _held_out(self, rec: Any) -> HeldOut:
+        with torch.no_grad():
+            latents = self.encoder.scale_latents(rec.mean.unsqueeze(0))[0].float().cpu()
+        prompt = held_out_prompt(self.template_lines, rec.caption, self.opts.name, rec.sha)
+        return HeldOut(rec.sha, latents, rec.caption, prompt)
 
     def _finalize(self, rec: Any) -> Sample:
         """Scale into the model's latent space once, applying A1111's latent_sampling meaning."""

@@ -36,6 +36,7 @@ class DataOptions:
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     seed: int = 0
     name: str = "hypernetwork"
+    val_count: int = 0  # images held out for validation (the configs default to a few)
 
     def __post_init__(self) -> None:
         if not isinstance(self.resolution, int) or self.resolution < 8 or self.resolution % 8:
@@ -67,3 +68,5 @@ class DataOptions:
         if self.bucket_max_area < self.bucket_min_size**2:
             _fail("bucket_max_area", self.bucket_max_area, f">= data.bucket_min_size**2 ({self.bucket_min_size**2})")
         self.tag_dropout = float(self.tag_dropout)
+        if isinstance(self.val_count, bool) or not isinstance(self.val_count, int) or self.val_count < 0:
+            _fail("val_count", self.val_count, "an integer >= 0 (0: no validation)")

@@ -130,5 +130,9 @@ class PixelDataModule(TrainerEpochs, pl.LightningDataModule):
         # Persistent workers are fine here (validation does not follow the epoch); the training EpochLoader
         # starts fresh workers each epoch so they see the new epoch's plan.
         return CountingLoader(
-            self.val_set, skips=self.skip_log, num_workers=self.num_workers, persistent_workers=self.num_workers > 0
+            self.val_set,
+            skips=self.skip_log,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=self._on_cuda(),
         )

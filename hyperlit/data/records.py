@@ -49,7 +49,6 @@ class Encoded:
         self.contexts: torch.Tensor | None = None
         self.pooled: torch.Tensor | None = None
         self.vae_calls = 0
-        self.corrupt_entries = 0
         self.text_calls = 0
 
 
@@ -142,7 +141,6 @@ def encode_items(
             flush(target)
     for target in list(pending):
         flush(target)
-    out.corrupt_entries = latent_cache.corrupt if latent_cache is not None else 0
     return out
 
 

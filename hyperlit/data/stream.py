@@ -212,7 +212,13 @@ class TrainerEpochs:
             progress_fn=self._batches_done,
             skips=skips,
             num_workers=num_workers,
+            pin_memory=self._on_cuda(),
         )
+
+    def _on_cuda(self) -> bool:
+        # Pinned batches let Lightning's non_blocking copy to the GPU overlap the step; on CPU pinning only costs.
+        trainer = getattr(self, "trainer", None)
+        return trainer is not None and trainer.strategy.root_device.type == "cuda"
 
     def _batches_done(self) -> int:
         trainer = getattr(self, "trainer", None)

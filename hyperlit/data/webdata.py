@@ -71,8 +71,10 @@ class ShardStream(IterableDataset):
         vae_fingerprint: str,
         text_fingerprint: str,
         max_image_pixels: int,
+        exclude: frozenset[str] = frozenset(),
     ) -> None:
         self.urls = urls
+        self.exclude = exclude  # content keys of held-out images, never trained on
         self.batch_size = batch_size
         self.seed = seed
         self.rank = rank
@@ -172,7 +174,9 @@ class ShardStream(IterableDataset):
         caption = read_caption(where, sample.get("txt"), "", self._skips)
         meta = self._json(sample, where)
         sha = sha256_bytes(data)
-        item: dict[str, Any] = {"sha": sha}
+        if sha in self.exclude:
+            return None
+        item: dict[str, Any] = {"sha": sha, "filewords": caption}
         latent = self._precomputed_latent(sample, meta, where)
         header = _header_size(data)
         if header is not None:  # placement is a function of the sizes alone: the model's size conditioning
@@ -249,6 +253,19 @@ class ShardStream(IterableDataset):
             return t, torch.zeros_like(t)
         self._skips.add("corrupt_tar_member", where, f"latent.npy has shape {tuple(t.shape)}")
         return None
+
+    def first_samples(self, url: str, count: int) -> list[dict[str, Any]]:
+        """The first `count` usable samples of shard `url` in stored order, decoded as for training (the
+        held-out set: every rank reads the same ones)."""
+        self._skips = SkipLog(verbose=False)
+        found: list[dict[str, Any]] = []
+        for sample in wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples(handler=self._tar_handler)):
+            item = self._decode_one(sample, f"{url}:{sample.get('__key__', '?')}")
+            if item is not None and all(item["sha"] != other["sha"] for other in found):
+                found.append(item)
+            if len(found) == count:
+                break
+        return found
 
     # ---- batches ------------------------------------------------------------------------------------
     def _batch(self, src: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:

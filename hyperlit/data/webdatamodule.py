@@ -19,6 +19,8 @@ import torch.nn.functional as F
 import webdataset as wds
 
 from hyperlit.data.captions import load_template
+from hyperlit.data.device import encoders_on
+from hyperlit.data.heldout import HeldOut, held_out_prompt
 from hyperlit.data.options import DataOptions
 from hyperlit.data.skips import SkipLog
 from hyperlit.data.stream import EpochLoader, TrainerEpochs
@@ -75,6 +77,7 @@ class WebDataModule(TrainerEpochs, L.LightningDataModule):
         self.template_lines = load_template(self.opts.template)
         self.skip_log = SkipLog()
         self.stream: ShardStream | None = None
+        self.held_out: list[HeldOut] = []  # filled by setup(); every rank holds all of them
 
     @property
     def skipped(self) -> Counter[str]:
@@ -127,13 +130,42 @@ class WebDataModule(TrainerEpochs, L.LightningDataModule):
             text_fingerprint=self.encoder.fingerprint("text_encoder"),
             max_image_pixels=self.opts.max_image_pixels,
         )
+        if self.opts.val_count:
+            self.held_out = self._read_held_out(urls[0])
+            self.stream.exclude = frozenset(h.key for h in self.held_out)
         log.info(
-            "data: %d shard(s), rank %d/%d, %s batches per epoch",
+            "data: %d shard(s) (%d images of the first held out for validation), rank %d/%d, %s batches per epoch",
             len(urls),
+            len(self.held_out),
             rank,
             world,
             epoch_batches if epoch_batches is not None else "one pass of",
         )
+
+    def _read_held_out(self, url: str) -> list[HeldOut]:
+        """The first data.val_count usable samples of the first shard, at their posterior mean."""
+        assert self.stream is not None
+        # Never more than a quarter of the first shard, so a tiny set still trains (reads at most 4 x val_count).
+        found = self.stream.first_samples(url, 4 * self.opts.val_count)
+        items = found[: min(self.opts.val_count, len(found) // 4)]
+        if len(items) < self.opts.val_count:
+            log.warning(
+                "data.val_count=%d: holding out %d image(s); the first shard %s has %s usable distinct images "
+                "(at most a quarter is held out)",
+                self.opts.val_count, len(items), url, len(found) if len(found) < 4 * self.opts.val_count else "more",
+            )  # fmt: skip
+        enc = self.encoder
+        held = []
+        with encoders_on(enc, getattr(self, "trainer", None)), torch.no_grad():
+            for item in items:
+                if "pixels" in item:
+                    mean = enc.encode_images(item["pixels"].unsqueeze(0))[0]
+                else:
+                    mean = item["mean"].unsqueeze(0)
+                latents = enc.scale_latents(mean.float().cpu())[0].float()
+                prompt = held_out_prompt(self.template_lines, item["filewords"], self.opts.name, item["sha"])
+                held.append(HeldOut(item["sha"], latents, item["filewords"], prompt))
+        return held
 
     def train_dataloader(self) -> EpochLoader:
         if self.stream is None:

@@ -22,7 +22,8 @@ class ModelFamily:
     # Transformer layers whose output is the context. None = all layers (SD1's last hidden state). SD2 uses the
     # penultimate layer (23) of OpenCLIP ViT-H's 24, then the final layer norm.
     text_layers_used: int | None
-    default_resolution: int
+    default_resolution: int  # native image side of the family's models (for its default prediction type)
+    other_prediction_resolution: int | None = None  # native side of the models with the other prediction type
     loadable: bool = True  # False: facts are listed for other modules but this package cannot load it yet
     # Text encoders whose (B, 77, width) outputs are concatenated into the context (SDXL: CLIP-L then OpenCLIP bigG).
     text_encoders: tuple[str, ...] = ("text_encoder",)
@@ -41,6 +42,16 @@ class ModelFamily:
     def config_dir(self) -> Path:
         """diffusers-layout folder of shipped configs (unet/, vae/, text_encoder/, scheduler/)."""
         return CONFIGS_DIR / self.name
+
+    def native_resolution(self, prediction_type: str | None = None) -> int:
+        """The image side the family's models were trained at, for a model of `prediction_type` (None = default).
+
+        SD 2.x is the one family whose two kinds differ: the 768-v models are v-prediction, the 512 "base"
+        models epsilon.
+        """
+        if prediction_type not in (None, self.prediction_type) and self.other_prediction_resolution:
+            return self.other_prediction_resolution
+        return self.default_resolution
 
 
 FAMILIES: dict[str, ModelFamily] = {
@@ -84,6 +95,7 @@ FAMILIES: dict[str, ModelFamily] = {
             text_layer="penultimate",
             text_layers_used=23,
             default_resolution=768,
+            other_prediction_resolution=512,  # SD 2.x 512 "base" (epsilon)
         ),
         ModelFamily(
             name="sdxl",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel
 
 from .family import FAMILIES
 
@@ -30,10 +30,6 @@ def byte_level_vocab() -> dict[str, int]:
     alphabet = byte_level_alphabet()
     tokens = alphabet + [c + "</w>" for c in alphabet] + [BOS, EOS]
     return {t: i for i, t in enumerate(tokens)}
-
-
-def load_tiny_tokenizer() -> CLIPTokenizer:
-    return CLIPTokenizer.from_pretrained(str(FAMILIES["tiny"].config_dir / "tokenizer"))
 
 
 def build_tiny(seed: int = 0) -> tuple[UNet2DConditionModel, AutoencoderKL, CLIPTextModel]:

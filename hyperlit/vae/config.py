@@ -86,7 +86,6 @@ class VAETaskConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     posterior: PosteriorConfig = field(default_factory=PosteriorConfig)
     max_bad_steps: int = 10  # consecutive NaN/inf steps before training stops
-    log_images_every_val: bool = True
     latent_channels: int | None = None  # expected latent channels; None = take the family's / the VAE's
 
     def __post_init__(self) -> None:

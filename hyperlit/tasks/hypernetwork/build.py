@@ -15,7 +15,7 @@ from hyperlit import files
 from hyperlit.attention import unet_attention_widths
 from hyperlit.hypernetwork import Hypernetwork, HypernetworkConfig
 from hyperlit.lr_schedule import A1111Schedule, base_learning_rate, is_a1111_schedule
-from hyperlit.models import validate_model_config
+from hyperlit.models import ModelSpec, validate_model_config
 from hyperlit.options import build_options, not_allowed
 from hyperlit.tasks.base import TaskParts
 from hyperlit.tasks.hypernetwork.module import PREDICTION_TYPES, HypernetworkTask
@@ -112,12 +112,24 @@ def check_train_options(train: DictConfig) -> None:
         raise not_allowed("train.min_snr_gamma", train.min_snr_gamma, "use null or a number > 0")
     if float(train.noise_offset) < 0:
         raise not_allowed("train.noise_offset", train.noise_offset, "use 0 or more")
+    for key in ("gradient_checkpointing", "compile"):
+        if not isinstance(train.get(key, False), bool):
+            raise not_allowed(f"train.{key}", train.get(key), "use true or false")
+
+
+def native_size(data_cfg: DictConfig, spec: ModelSpec) -> dict[str, int]:
+    """``data.resolution: null`` -> the model's native size, decided from the config before any weights load."""
+    if data_cfg.get("resolution", 0) is not None:
+        return {}
+    resolution = spec.family.native_resolution(spec.prediction_type)
+    log.info("data.resolution: %d, the native size of model.family=%s", resolution, spec.family.name)
+    return {"resolution": resolution}
 
 
 def build(cfg: DictConfig) -> TaskParts:
     """Everything up to ``instantiate(cfg.model)`` reads only config and small files (errors at the door)."""
     config = hypernetwork_config(cfg.hypernet)
-    validate_model_config(**model_kwargs(cfg.model))
+    spec = validate_model_config(**model_kwargs(cfg.model))
     max_steps = max_steps_for(cfg)
     base_learning_rate(cfg.train.learning_rate, max_steps)
     check_train_options(cfg.train)
@@ -125,7 +137,7 @@ def build(cfg: DictConfig) -> TaskParts:
     if init_from and not Path(init_from).is_file():
         raise FileNotFoundError(f"hypernet.init_from={init_from}: no such file")
     name = str(cfg.hypernet.get("name") or "hypernetwork")
-    datamodule = instantiate(cfg.data, name=name, seed=cfg.seed)
+    datamodule = instantiate(cfg.data, name=name, seed=cfg.seed, **native_size(cfg.data, spec))
     if hasattr(datamodule, "validate"):
         datamodule.validate()
     optimizer = instantiate(cfg.train.optimizer)
@@ -153,6 +165,8 @@ def build(cfg: DictConfig) -> TaskParts:
             noise_offset=float(cfg.train.noise_offset),
             prediction_type=cfg.train.prediction_type,
             initial_step=hypernetwork.step,
+            gradient_checkpointing=bool(cfg.train.get("gradient_checkpointing", False)),
+            compile=bool(cfg.train.get("compile", False)),
         )
         return module
 

@@ -13,13 +13,13 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import grad_norm
 from torch import Tensor
 
 from hyperlit.attention import attach_hypernetworks, detach_hypernetworks
 from hyperlit.hypernetwork import Hypernetwork
 from hyperlit.lr_schedule import base_learning_rate, build_scheduler
 from hyperlit.models.components import Conditioning, TextEmbedding
+from hyperlit.speed import FirstCallTimer, compile_unet, enable_gradient_checkpointing, use_channels_last
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
@@ -46,6 +46,8 @@ class HypernetworkTask(L.LightningModule):
         noise_offset: float = 0.0,
         prediction_type: str | None = None,
         initial_step: int = 0,
+        gradient_checkpointing: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.hypernetwork = hypernetwork
@@ -69,16 +71,32 @@ class HypernetworkTask(L.LightningModule):
             raise ValueError(f"train.noise_offset: {noise_offset} is not allowed; use 0 or more")
         # Steps already in an init_from file; A1111 metadata counts from there.
         self.initial_step = initial_step
+        self.gradient_checkpointing = gradient_checkpointing
+        self.use_compile = compile
+        self._compile_timer = FirstCallTimer("training step (forward, backward, optimizer)") if compile else None
         self._last_batch_time: float | None = None
 
     # --- set-up ---
 
     def on_fit_start(self) -> None:
         self.components.to(self.device)
-        attach_hypernetworks(self.components.unet, [self.hypernetwork])
+        unet = self.components.unet
+        use_channels_last(unet, self.device)
+        attach_hypernetworks(unet, [self.hypernetwork])
+        if self.gradient_checkpointing:
+            enable_gradient_checkpointing(unet)
+        if self.use_compile:
+            compile_unet(unet)
 
     def on_fit_end(self) -> None:
         detach_hypernetworks(self.components.unet)
+        if self.gradient_checkpointing:
+            self.components.unet.disable_gradient_checkpointing()
+
+    # torch.compile compiles lazily, in the first step: time that step once and log it.
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._compile_timer is not None:
+            self._compile_timer.__enter__()
 
     def configure_optimizers(self) -> dict:
         lr = base_learning_rate(self.learning_rate, self.max_steps)
@@ -101,6 +119,27 @@ class HypernetworkTask(L.LightningModule):
     def context_for(self, batch: dict) -> Tensor:
         return self.condition_for(batch).context
 
+    def loss_at(
+        self,
+        latents: Tensor,
+        noise: Tensor,
+        timesteps: Tensor,
+        cond: Conditioning | Tensor,
+        weight: Tensor | None = None,
+    ) -> Tensor:
+        """Per-sample MSE of the UNet's prediction to the target (eps or v) at the given noise and timesteps.
+        `cond`: from `components.condition` (a bare context tensor is enough for SD1/SD2)."""
+        scheduler = self.components.noise_scheduler
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        target = noise if self.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+        unet = self.components.unet
+        cond = (cond if isinstance(cond, Conditioning) else Conditioning(cond)).to(latents.device, unet.dtype)
+        prediction = unet(noisy.to(unet.dtype), timesteps, cond.context, **cond.unet_kwargs).sample.float()
+        error = F.mse_loss(prediction, target, reduction="none")
+        if weight is not None:
+            error = error * weight
+        return error.mean(dim=(1, 2, 3))
+
     def compute_loss(self, batch: dict, generator: torch.Generator | None = None) -> Tensor:
         """Per-sample diffusion loss: noise a latent at a uniform timestep, MSE of the UNet's prediction."""
         latents = batch["latents"].float()
@@ -115,14 +154,7 @@ class HypernetworkTask(L.LightningModule):
         timesteps = torch.randint(
             0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator, device=latents.device
         )
-        noisy = scheduler.add_noise(latents, noise, timesteps)
-        target = noise if self.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
-        unet = self.components.unet
-        prediction = unet(noisy.to(unet.dtype), timesteps, cond.context, **cond.unet_kwargs).sample.float()
-        error = F.mse_loss(prediction, target, reduction="none")
-        if "weight" in batch:
-            error = error * batch["weight"]
-        per_sample = error.mean(dim=(1, 2, 3))
+        per_sample = self.loss_at(latents, noise, timesteps, cond, batch.get("weight"))
         if self.min_snr_gamma is not None:
             per_sample = per_sample * min_snr_weights(
                 scheduler.alphas_cumprod, timesteps, self.min_snr_gamma, self.prediction_type
@@ -141,6 +173,8 @@ class HypernetworkTask(L.LightningModule):
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._compile_timer is not None:
+            self._compile_timer.__exit__(None, None, None)
         self.hypernetwork.step = self.initial_step + self.global_step
         lr = self.trainer.optimizers[0].param_groups[0]["lr"]
         self.log("train/lr", lr, prog_bar=True)
@@ -165,6 +199,7 @@ class HypernetworkTask(L.LightningModule):
             self._rng_to_restore = None
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        norms = grad_norm(self.hypernetwork, norm_type=2)
-        if "grad_2.0_norm_total" in norms:
-            self.log("train/grad_norm", norms["grad_2.0_norm_total"])
+        grads = [p.grad for p in self.hypernetwork.parameters() if p.grad is not None]
+        if grads:
+            # On the device: Lightning's grad_norm builds the total from a host list, one GPU sync per parameter.
+            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads, norm_type=2.0))

@@ -1,14 +1,11 @@
-"""Shared helpers for the data tests: a counting fake encoder and image/dataset builders."""
+"""A counting fake encoder for the data tests: SDComponents' encode calls without a model."""
 
 from __future__ import annotations
 
 import hashlib
-import io
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from hyperlit.models.components import TextEmbedding
 
@@ -56,25 +53,3 @@ class FakeEncoder:
 def text_vector(caption: str) -> torch.Tensor:
     seed = int(hashlib.sha256(caption.encode()).hexdigest()[:15], 16)
     return torch.randn(77, FakeEncoder.context_dim, generator=torch.Generator().manual_seed(seed))
-
-
-def png_bytes(size: tuple[int, int] = (64, 64), colour=(200, 30, 30), mode: str = "RGB") -> bytes:
-    img = Image.new(mode, size, colour)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def write_image(folder: Path, stem: str, caption: str | None, size=(64, 64), colour=(200, 30, 30)) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{stem}.png"
-    path.write_bytes(png_bytes(size, colour))
-    if caption is not None:
-        (folder / f"{stem}.txt").write_text(caption, encoding="utf-8")
-    return path
-
-
-def make_folder(folder: Path, n: int = 6, size=(64, 64)) -> Path:
-    for i in range(n):
-        write_image(folder, f"{i:02d}-img{i}", f"tag{i}, colour {i}, shape", size, (20 * i, 255 - 20 * i, 90))
-    return folder

@@ -320,10 +320,6 @@ def a1111_safe_check(path: str | Path, relaxed_zip_names: bool = False) -> list[
         return [unpickler.load() for _ in range(5)]
 
 
-def is_zip(path: str | Path) -> bool:
-    return zipfile.is_zipfile(path)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Hand-built files in each historical layout (raw dicts, written by the tests with torch.save)
 

@@ -1,6 +1,6 @@
 """Test-only callback for multi-process runs: each rank records what it trained on and the hypernetwork after
 every optimizer step. Enabled from the command line with
-``+callbacks.probe._target_=ddp_probe.DDPProbe +callbacks.probe.dirpath=DIR`` and ``PYTHONPATH=tests``.
+``+callbacks.probe._target_=helpers.ddp_probe.DDPProbe +callbacks.probe.dirpath=DIR`` and ``PYTHONPATH=tests``.
 
 It writes one file per rank on purpose (that is what the test compares); nothing in hyperlit does that.
 """

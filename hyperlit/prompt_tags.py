@@ -1,0 +1,72 @@
+"""A1111's extra-network prompt syntax: ``<hypernet:NAME>`` / ``<hypernet:NAME:MULT>`` tags in a prompt.
+
+A1111 matches ``<TYPE:ARGS>`` anywhere in the prompt, splits ARGS on ``:`` (the first is the name, the second the
+multiplier, 1.0 when missing, negatives allowed) and removes every tag from the text the text encoder sees.
+Tags of other types (``<lora:...>``) are removed too and reported, as A1111 skips networks it does not know.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+# A tag is <type:args>; the type is a word and args run to the next '>' (A1111's extra-network pattern).
+TAG = re.compile(r"<(\w+):([^>]+)>")
+HYPERNET = "hypernet"
+
+
+@dataclass(frozen=True)
+class HypernetTag:
+    """One ``<hypernet:name:multiplier>`` tag, in prompt order."""
+
+    name: str
+    multiplier: float = 1.0
+
+
+@dataclass(frozen=True)
+class ParsedPrompt:
+    """A prompt split into the text for the text encoder and the networks its tags ask for."""
+
+    text: str
+    hypernetworks: tuple[HypernetTag, ...]
+    other_tags: tuple[str, ...] = ()  # tags of other extra-network types, removed and not applied
+
+
+def _multiplier(value: str, tag: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"prompt tag {tag}: multiplier {value.strip()!r} is not a number") from None
+    if not math.isfinite(number):
+        raise ValueError(f"prompt tag {tag}: multiplier {value.strip()!r} is not allowed; use a finite number")
+    return number
+
+
+def parse_prompt(prompt: str) -> ParsedPrompt:
+    """Remove the extra-network tags from ``prompt`` and return the hypernetwork ones in order.
+
+    Spaces around the name and the multiplier are ignored; the text keeps single spaces where tags were removed.
+    """
+    hypernetworks: list[HypernetTag] = []
+    others: list[str] = []
+
+    def take(match: re.Match) -> str:
+        kind, args = match.group(1), match.group(2)
+        if kind != HYPERNET:
+            others.append(match.group(0))
+            return " "
+        parts = [part.strip() for part in args.split(":")]
+        if not parts[0]:
+            raise ValueError(f"prompt tag {match.group(0)}: the hypernetwork name is empty")
+        if len(parts) > 2:
+            raise ValueError(f"prompt tag {match.group(0)}: expected <hypernet:NAME> or <hypernet:NAME:MULTIPLIER>")
+        multiplier = _multiplier(parts[1], match.group(0)) if len(parts) == 2 else 1.0
+        hypernetworks.append(HypernetTag(parts[0], multiplier))
+        return " "
+
+    text = TAG.sub(take, prompt)
+    # Removing a tag leaves its surrounding spaces (and a stray ", ,"): collapse runs of blanks only, since the
+    # CLIP tokenizer ignores them anyway and the rest of the text must reach the encoder unchanged.
+    text = re.sub(r"[ \t]{2,}", " ", text).strip()
+    return ParsedPrompt(text, tuple(hypernetworks), tuple(others))

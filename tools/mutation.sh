@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# Mutation testing of one critical module with mutmut 3 (pip install -e ".[dev]"); prints killed/total.
+#
+#   tools/mutation.sh MODULE [MAX_CHILDREN]     e.g. tools/mutation.sh lr_schedule
+#   tools/mutation.sh list                      the modules and their source and test files
+#
+# Runs in a fresh scratch copy of the working tree (HYPERLIT_MUTATION_DIR, default /tmp/hyperlit-mutation/MODULE),
+# so the checkout is never touched and changed tests always count (mutmut caches by source only). Only the tests
+# mapped to MODULE below run (fast tests only: -m "not slow", set in pyproject's [tool.mutmut]). Too slow for .ci/run.
+# Survivors: `cd $HYPERLIT_MUTATION_DIR && mutmut show NAME`; the last scores and their review are in docs/testing.md.
+set -euo pipefail
+
+main() {
+declare -A SOURCES TESTS
+# module           files to mutate (globs relative to the repo)             tests that guard them
+SOURCES[lr_schedule]="hyperlit/lr_schedule.py"
+TESTS[lr_schedule]="tests/test_lr_schedule.py tests/test_audit_schedule.py"
+SOURCES[hypernetwork]="hyperlit/hypernetwork.py"
+TESTS[hypernetwork]="tests/test_hypernetwork.py tests/test_a1111.py tests/test_attention.py"
+SOURCES[attention]="hyperlit/attention.py"
+TESTS[attention]="tests/test_attention.py"
+SOURCES[loss]="hyperlit/tasks/hypernetwork/module.py"
+TESTS[loss]="tests/test_task.py tests/test_audit_checkpoint.py tests/test_audit_task.py"
+SOURCES[formats]="hyperlit/files/a1111.py hyperlit/files/safetensors.py hyperlit/files/content.py hyperlit/files/torch_file.py"
+TESTS[formats]="tests/test_a1111.py tests/test_formats_cli.py tests/test_torch_file.py"
+SOURCES[caches]="hyperlit/data/cache.py hyperlit/data/records.py"
+TESTS[caches]="tests/test_data_cache.py tests/test_audit_data.py tests/test_data_module.py tests/test_data_bad_input.py"
+SOURCES[skips]="hyperlit/data/skips.py hyperlit/data/images.py hyperlit/data/pixels.py"
+TESTS[skips]="tests/test_data_bad_input.py tests/test_audit_data.py tests/test_data_images.py
+  tests/test_vae_data.py::test_counts_from_two_workers_reach_the_main_process_exactly
+  tests/test_vae_data.py::test_a_file_failing_at_load_time_is_replaced_by_the_next_one
+  tests/test_vae_data.py::test_scan_counts_small_and_bad_files tests/test_vae_data.py::test_crops_are_in_range_and_fixed_crops_repeat"
+SOURCES[splits]="hyperlit/data/buckets.py hyperlit/data/webdata.py"
+TESTS[splits]="tests/test_data_buckets.py tests/test_data_webdataset.py tests/test_audit_webdata.py"
+SOURCES[vae_losses]="hyperlit/vae/losses.py"
+TESTS[vae_losses]="tests/test_vae_losses.py tests/test_audit_vae.py tests/test_vae_task.py::test_each_generator_term_moves_the_decoder_only
+  tests/test_vae_task.py::test_full_generator_loss_has_adaptive_gan_term_and_no_d_grads
+  tests/test_vae_task.py::test_no_adversarial_term_before_warmup_ends
+  tests/test_vae_task.py::test_discriminator_step_does_not_touch_the_decoder"  # not the end-to-end fits: minutes each
+SOURCES[ema]="hyperlit/callbacks/ema.py"
+TESTS[ema]="tests/test_vae_ema.py tests/test_audit_ema.py"
+SOURCES[fp16]="hyperlit/vae/fp16.py hyperlit/callbacks/fp16.py"
+TESTS[fp16]="tests/test_audit_vae.py tests/test_vae_task.py::test_fp16_report_flags_overflowing_blocks"
+
+usage() { echo "usage: $0 MODULE [MAX_CHILDREN] | list; modules: ${!SOURCES[*]}" >&2; exit 2; }
+[[ $# -ge 1 ]] || usage
+if [[ $1 == list ]]; then
+    for m in "${!SOURCES[@]}"; do printf '%-13s %s\n%-13s   tests: %s\n' "$m" "${SOURCES[$m]}" "" "${TESTS[$m]}"; done
+    exit 0
+fi
+module=$1
+[[ -n ${SOURCES[$module]:-} ]] || usage
+children=${2:-1}  # machines running this are often shared: one pytest at a time unless told otherwise
+repo=$(cd "$(dirname "$0")/.." && pwd)
+work=${HYPERLIT_MUTATION_DIR:-/tmp/hyperlit-mutation/$module}
+command -v mutmut >/dev/null || { echo "mutmut is not installed: pip install -e '.[dev]'" >&2; exit 2; }
+
+# A fresh copy of the working tree (tracked and new files, not ignored ones).
+rm -rf "$work"
+mkdir -p "$work"
+(cd "$repo" && git ls-files -z --cached --others --exclude-standard) \
+    | (cd "$repo" && xargs -0 tar -cf - --ignore-failed-read 2>/dev/null) | tar -xf - -C "$work"
+python - "$work/pyproject.toml" "${SOURCES[$module]}" "${TESTS[$module]}" <<'PY'
+import json, re, sys
+path, sources, tests = sys.argv[1], sys.argv[2].split(), sys.argv[3].split()
+text = open(path, encoding="utf-8").read()
+text = re.sub(r"(?m)^only_mutate = .*$", "only_mutate = " + json.dumps(sources), text)
+text = re.sub(r"(?m)^pytest_add_cli_args_test_selection = .*$",
+              "pytest_add_cli_args_test_selection = " + json.dumps(tests), text)
+open(path, "w", encoding="utf-8").write(text)
+PY
+
+cd "$work"
+# The tests must import the mutated copy, not this checkout (mutmut puts mutants/ first on sys.path).
+unset PYTHONPATH
+export WANDB_MODE=disabled HF_HUB_OFFLINE=1
+# mutmut forks each mutant's pytest from a process that already ran torch: a multi-threaded OpenMP pool does not
+# survive fork (the child hangs), so torch runs single-threaded here.
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+started=$(date -u +%FT%TZ)
+mutmut run --max-children "$children" >mutmut-run.log 2>&1 || { tail -40 mutmut-run.log; exit 1; }
+mutmut export-cicd-stats >/dev/null
+python - "$module" "$started" "${SOURCES[$module]}" <<'PY'
+import json, sys
+module, started, sources = sys.argv[1], sys.argv[2], sys.argv[3]
+s = json.load(open("mutants/mutmut-cicd-stats.json"))
+killed = s["killed"] + s["timeout"]  # a mutant that hangs the tests is caught too
+total = s["total"] - s["skipped"]
+score = 100.0 * killed / total if total else 0.0
+print(f"{module}: {killed}/{total} killed ({score:.1f}%)  survived={s['survived']} no_tests={s['no_tests']} "
+      f"timeout={s['timeout']} suspicious={s['suspicious']}  [{sources}; started {started}]")
+PY
+echo "survivors (mutmut show NAME in $work):"
+mutmut results | grep -v ": killed" || true
+}
+
+# Bash reads a script as it runs; the whole body is one function, so it is parsed before anything runs and
+# editing this file during a (long) run cannot change that run.
+main "$@"
