@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from hyperlit import files
+from hyperlit.cli_vae import add_eval_vae_parser, is_vae_file, run_inspect_vae
 from hyperlit.files import HypernetworkFile, clients
 
 
@@ -49,6 +50,8 @@ def _read_checked(path: str | Path) -> HypernetworkFile:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    if is_vae_file(args.file):  # dispatch by content: VAE keys or a diffusers folder
+        return run_inspect_vae(args)
     info = describe(_read_checked(args.file), args.file)
     if args.json:
         print(json.dumps(info, indent=2))
@@ -149,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hyperlit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    inspect = sub.add_parser("inspect", help="show what a hypernetwork file (.pt or .safetensors) holds")
+    inspect = sub.add_parser("inspect", help="show what a hypernetwork or VAE file (or diffusers VAE folder) holds")
     inspect.add_argument("file")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
     inspect.set_defaults(run=_inspect)
@@ -182,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     shards.add_argument("--name", default="hypernetwork", help="the [name] in template lines")
     shards.set_defaults(run=_make_shards)
     _add_generate(sub)
+    add_eval_vae_parser(sub)
     return parser
 
 

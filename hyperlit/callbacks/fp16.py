@@ -8,7 +8,7 @@ from contextlib import nullcontext
 import lightning.pytorch as pl
 
 from hyperlit.callbacks.ema import EMA
-from hyperlit.vae.fp16 import FP16_MAX, BlockStat, format_report, fp16_decode_report
+from hyperlit.vae.fp16 import FP16_MAX, BlockStat, format_report, fp16_decode_report, fp16_verdict
 
 log = logging.getLogger(__name__)
 
@@ -41,4 +41,9 @@ class FP16Check(pl.Callback):
                 report,
             )
         else:
-            log.info("fp16 decode check passed (fp16 max %.0f):\n%s", FP16_MAX, report)
+            verdict = fp16_verdict(self.stats)
+            log.info(
+                "fp16 decode check passed (fp16 max %.0f; peak %.4g in %s: %s):\n%s",
+                FP16_MAX, verdict.peak, verdict.peak_block,
+                "well below the fp16 range" if verdict.well_below else "less than 8x headroom", report,
+            )  # fmt: skip

@@ -25,12 +25,32 @@ class PerceptualConfig:
 
 
 @dataclass
+class Fp16FixConfig:
+    """``loss.kind=fp16_fix`` (sdxl-vae-fp16-fix method): reproduce the starting decoder, shrink activations."""
+
+    penalty_weight: float = 1.0  # weight of the activation-magnitude penalty against the teacher term
+    target: float = 4094.0  # activation peak the penalty pushes below (fp16 max / 8 headroom / 2)
+    gain_lr: float = 0.03  # Adam lr of the per-layer log gains (relative weight/bias scaling per step)
+
+    def __post_init__(self) -> None:
+        check_min("loss.fp16_fix.penalty_weight", self.penalty_weight, 0)
+        check_min("loss.fp16_fix.target", self.target, 0, strict=True)
+        check_min("loss.fp16_fix.gain_lr", self.gain_lr, 0, strict=True)
+
+
+LOSS_KINDS = ("reconstruction", "fp16_fix")
+
+
+@dataclass
 class LossConfig:
     reconstruction: str = "l1"
     reconstruction_weight: float = 1.0
     perceptual: PerceptualConfig = field(default_factory=PerceptualConfig)
+    kind: str = "reconstruction"  # reconstruction (+ LPIPS + GAN) | fp16_fix (teacher + activation penalty, no GAN)
+    fp16_fix: Fp16FixConfig = field(default_factory=Fp16FixConfig)
 
     def __post_init__(self) -> None:
+        check_choice("loss.kind", self.kind, LOSS_KINDS)
         check_choice("loss.reconstruction", self.reconstruction, RECONSTRUCTION)
         check_min("loss.reconstruction_weight", self.reconstruction_weight, 0)
 

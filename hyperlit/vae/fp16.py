@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -43,12 +44,19 @@ def decoder_blocks(vae: nn.Module) -> list[tuple[str, nn.Module]]:
 @torch.no_grad()
 def fp16_decode_report(vae: nn.Module, latents: Tensor) -> list[BlockStat]:
     """Decode ``latents`` (raw, unscaled) with an fp16 copy of ``vae``; one BlockStat per decoder block."""
+    return decode_report(vae, latents, torch.float16)
+
+
+@torch.no_grad()
+def decode_report(vae: nn.Module, latents: Tensor, dtype: torch.dtype) -> list[BlockStat]:
+    """Decode ``latents`` with a ``dtype`` copy of ``vae``; one BlockStat per decoder block (fp32: the magnitudes
+    an fp16 decode would have to hold)."""
     from diffusers.utils import logging as diffusers_logging
 
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # casting a copy on purpose: no "keep in float32" advice
     try:
-        half = copy.deepcopy(vae).to(dtype=torch.float16).eval()
+        half = copy.deepcopy(vae).to(dtype=dtype).eval()
     finally:
         diffusers_logging.set_verbosity(verbosity)
     stats: dict[str, BlockStat] = {}
@@ -63,11 +71,37 @@ def fp16_decode_report(vae: nn.Module, latents: Tensor) -> list[BlockStat]:
 
         hooks.append(module.register_forward_hook(hook))
     try:
-        half.decode(latents.to(device=next(half.parameters()).device, dtype=torch.float16))
+        half.decode(latents.to(device=next(half.parameters()).device, dtype=dtype))
     finally:
         for h in hooks:
             h.remove()
     return [stats[n] for n, _ in decoder_blocks(half) if n in stats]
+
+
+@dataclass(frozen=True)
+class Fp16Verdict:
+    """Whether an fp16 decode stays finite and *well below* the fp16 range: every block's largest activation
+    times ``headroom`` still fits under 65 504 (so inputs somewhat unlike the checked ones stay safe too)."""
+
+    finite: bool
+    peak: float  # largest |activation| over all blocks
+    peak_block: str
+    headroom: float
+
+    @property
+    def well_below(self) -> bool:
+        return self.finite and self.peak * self.headroom <= FP16_MAX
+
+
+HEADROOM = 8.0  # "well below": peak activation at most FP16_MAX / 8 (about 8 190)
+
+
+def fp16_verdict(stats: list[BlockStat], headroom: float = HEADROOM) -> Fp16Verdict:
+    def size(s: BlockStat) -> float:
+        return 0.0 if math.isnan(s.max_abs) else s.max_abs  # NaN: a block whose every value overflowed
+
+    worst = max(stats, key=lambda s: (not s.safe, size(s)))
+    return Fp16Verdict(all(s.safe for s in stats), max(size(s) for s in stats), worst.name, headroom)
 
 
 def format_report(stats: list[BlockStat]) -> str:

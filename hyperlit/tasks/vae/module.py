@@ -8,6 +8,7 @@ the module's own ``step`` (one per generator update) drives D start, warm-up and
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import logging
@@ -21,15 +22,17 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
+from hyperlit.vae.colour import ColourAccumulator, ColourCheck, compare_colours
 from hyperlit.vae.config import VAETaskConfig
 from hyperlit.vae.discriminator import PatchDiscriminator
+from hyperlit.vae.fp16_fix import ActivationMonitor, Fp16FixLoss, LayerGains
 from hyperlit.vae.losses import adversarial_factor, discriminator_loss, generator_loss, reconstruction_loss
 from hyperlit.vae.lpips import LPIPS
 from hyperlit.vae.panels import image_panel, log_image_panel
 
 log = logging.getLogger(__name__)
 
-TRAINABLE_PREFIXES = ("vae.decoder.", "vae.post_quant_conv.", "disc.")
+TRAINABLE_PREFIXES = ("vae.decoder.", "vae.post_quant_conv.", "disc.", "gains.")
 
 
 @contextmanager
@@ -85,9 +88,17 @@ class VAEDecoderTask(pl.LightningModule):
         for m in self.trainable_modules():
             m.requires_grad_(True)
         self.frozen_checksum = frozen_checksum(self.vae)
+        self.fp16_fix = cfg.loss.kind == "fp16_fix"
+        # The starting decoder, frozen: validation scores it beside the trained one, and fp16_fix's teacher.
+        # Not in checkpoints (TRAINABLE_PREFIXES) and never in an optimizer.
+        self.start_decoder = nn.ModuleDict(
+            {"decoder": copy.deepcopy(self.vae.decoder)}
+            | ({"post_quant_conv": copy.deepcopy(self.vae.post_quant_conv)} if self.vae.post_quant_conv else {})
+        ).requires_grad_(False)
+        self.gains = LayerGains(self.vae) if self.fp16_fix else None
         self.disc = (
             PatchDiscriminator(int(vae.config.out_channels), cfg.disc.ndf, cfg.disc.n_layers, cfg.disc.norm)
-            if cfg.disc.enabled
+            if cfg.disc.enabled and not self.fp16_fix
             else None
         )
         self.lpips = perceptual
@@ -101,6 +112,12 @@ class VAEDecoderTask(pl.LightningModule):
         self.val_psnr = PeakSignalNoiseRatio(data_range=1.0)
         self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
         self.val_lpips = MeanMetric()
+        self.start_psnr = PeakSignalNoiseRatio(data_range=1.0)
+        self.start_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
+        self.start_lpips = MeanMetric()
+        self._colour_in = ColourAccumulator()
+        self._colour_out = ColourAccumulator()
+        self.colour_check: ColourCheck | None = None
         self._panel: tuple[Tensor, Tensor] | None = None
         self._fp16_latents: Tensor | None = None
 
@@ -158,6 +175,15 @@ class VAEDecoderTask(pl.LightningModule):
             return self.vae.decode(z).sample
         finally:
             handle.remove()
+
+    @torch.no_grad()
+    def start_decode(self, z: Tensor) -> Tensor:
+        """The starting decoder's output (fp32, no autocast): the reference of validation and fp16_fix's teacher."""
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            z = z.float()
+            if "post_quant_conv" in self.start_decoder:
+                z = self.start_decoder["post_quant_conv"](z)
+            return self.start_decoder["decoder"](z)
 
     def _keep_conv_out_input(self, _m: nn.Module, inputs: tuple[Tensor, ...], _out: Tensor) -> None:
         self._conv_out_input = inputs[0]
@@ -235,6 +261,11 @@ class VAEDecoderTask(pl.LightningModule):
     # ------------------------------------------------------------------ training
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         g_params = [p for m in self.trainable_modules() for p in m.parameters()]
+        if self.gains is not None:
+            # the log gains take relative steps at their own lr (Adam's default betas: they are not GAN-trained)
+            lr = self.config.loss.fp16_fix.gain_lr
+            groups = [{"params": g_params}, {"params": list(self.gains.parameters()), "lr": lr, "betas": (0.9, 0.999)}]
+            return [self.optimizer_factory(groups)]
         opts = [self.optimizer_factory(g_params)]
         if self.disc is not None:
             disc_lr = self.config.optimizer.disc_lr
@@ -285,6 +316,9 @@ class VAEDecoderTask(pl.LightningModule):
         opt_g, opt_d = self._opts()
         x = batch["pixels"]
         mean, logvar = self.posterior(x, batch.get("index"))
+        if self.gains is not None:
+            self.fp16_fix_step(opt_g, self.latents(mean, logvar), x.shape[0])
+            return
         x_hat = self.decode(self.latents(mean, logvar))  # one forward, reused (detached) by the D step
 
         g_grad, logs = self.generator_output_grad(x, x_hat)
@@ -314,6 +348,33 @@ class VAEDecoderTask(pl.LightningModule):
         self.log("train/step", float(self.step), on_step=True, batch_size=bs)
         self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, batch_size=bs)
 
+    def fp16_fix_step(self, opt: Any, z: Tensor, bs: int) -> None:
+        """Teacher reproduction + activation penalty; the gains are folded into the weights after each update,
+        so the VAE always holds the current function (EMA, exports and checkpoints see plain weights)."""
+        cfg = self.config.loss.fp16_fix
+        teacher = self.start_decode(z)
+        monitor = ActivationMonitor(self.vae)
+        try:
+            with self.gains.applied():
+                x_hat = self.vae.decode(z).sample
+            loss, logs = Fp16FixLoss(cfg.penalty_weight, cfg.target)(x_hat, teacher, monitor.peaks)
+            logs["peak"] = max(p.detach().max() for p in monitor.peaks.values())
+        finally:
+            monitor.remove()
+        if not torch.isfinite(loss):
+            self._bad_step("the fp16_fix loss", loss)
+            return
+        self._update(opt, loss)
+        self.gains.fold()
+        self.bad_in_a_row = 0
+        self.ema_should_update = True
+        self.step += 1
+        if self.step >= self.config.max_steps:
+            self.trainer.should_stop = True
+        self.log_dict({f"train/{k}": v.float() for k, v in logs.items()}, on_step=True, batch_size=bs)
+        self.log("train/total", loss.detach().float(), on_step=True, batch_size=bs)
+        self.log("train/step", float(self.step), on_step=True, batch_size=bs)
+
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
         x = batch["pixels"]
@@ -328,14 +389,43 @@ class VAEDecoderTask(pl.LightningModule):
         if self.lpips is not None and not self.perceptual_is_random:
             self.val_lpips.update(self.lpips(x, x_hat))
             self.log("val/lpips_vgg", self.val_lpips, batch_size=bs)
+        # the same metrics for the starting decoder on the same images: is the trained one better?
+        start = self.start_decode(mean).clamp(-1.0, 1.0)
+        self.start_psnr.update((start + 1) / 2, a)
+        self.start_ssim.update((start + 1) / 2, a)
+        self.log("val/start_psnr", self.start_psnr, batch_size=bs)
+        self.log("val/start_ssim", self.start_ssim, batch_size=bs)
+        if self.lpips is not None and not self.perceptual_is_random:
+            self.start_lpips.update(self.lpips(x, start))
+            self.log("val/start_lpips_vgg", self.start_lpips, batch_size=bs)
+        self._colour_in.update(a.detach().cpu())
+        self._colour_out.update(b.detach().cpu())
         if batch_idx == 0:
             self._panel = (x[:4].detach().cpu(), x_hat[:4].detach().cpu())
             self._fp16_latents = mean.detach().cpu()
 
     def on_validation_epoch_end(self) -> None:
+        if self._colour_in.pixels:
+            self.colour_check = compare_colours(self._colour_in.result(), self._colour_out.result())
+            self.log("val/saturation_ratio", self.colour_check.saturation_ratio)
+            self.log("val/contrast_ratio", self.colour_check.contrast_ratio)
+            self.log("val/colour_shift", max(abs(v) for v in self.colour_check.mean_shift))
+        self._colour_in, self._colour_out = ColourAccumulator(), ColourAccumulator()
         if self._panel is not None and not self.trainer.sanity_checking and self.trainer.is_global_zero:
             log_image_panel(self.loggers, "val/reconstruction", image_panel(*self._panel), self.step)
         self._panel = None
+
+    def on_train_end(self) -> None:
+        check = self.colour_check
+        if check is None or not self.trainer.is_global_zero:
+            return
+        for warning in check.warnings:
+            log.warning("colour check of the last validation: the decoder %s", warning)
+        if not check.warnings:
+            log.info(
+                "colour check passed: saturation x%.2f, contrast x%.2f of the inputs'",
+                check.saturation_ratio, check.contrast_ratio,
+            )  # fmt: skip
 
     # ------------------------------------------------------------------ fp16 check
     @torch.no_grad()

@@ -1,0 +1,182 @@
+"""The VAE subcommands of the ``hyperlit`` console script: ``eval-vae`` and ``inspect`` of VAE files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from torch import nn
+
+from hyperlit.vae.colour import ColourLimits
+from hyperlit.vae.evaluate import (
+    LPIPS_TOLERANCE,
+    PSNR_TOLERANCE,
+    evaluate,
+    format_table,
+    load_eval_images,
+    save_png,
+    worse_than,
+    worst_panel,
+)
+
+
+def add_eval_vae_parser(sub: argparse._SubParsersAction) -> None:
+    limits = ColourLimits()
+    p = sub.add_parser(
+        "eval-vae",
+        help="PSNR / SSIM / LPIPS / rFID and colour checks of several VAEs on the same images",
+        description=(
+            "Scores every model on the same images and prints one table. Colour warnings: saturation ratio "
+            f"outside [{limits.min_saturation_ratio}, {limits.max_saturation_ratio}], contrast ratio below "
+            f"{limits.min_contrast_ratio}, or a channel mean shifted by more than {limits.max_mean_shift}."
+        ),
+    )
+    p.add_argument("--data", required=True, help="folder of images (recursive)")
+    p.add_argument("--model", action="append", default=[], choices=["tiny"], help="the embedded tiny VAE")
+    p.add_argument(
+        "--model-path",
+        action="append",
+        default=[],
+        help="diffusers VAE folder, single-file VAE (.safetensors/.pt/.ckpt) or full SD checkpoint; repeatable",
+    )
+    p.add_argument("--resolution", type=int, default=256, help="short side resize + centre crop (cards: 256)")
+    p.add_argument("--norm-num-groups", type=int, default=32, help="GroupNorm groups of single-file VAEs")
+    p.add_argument("--lpips-weights", default=None, help="torchvision VGG16 state dict (.pth/.safetensors)")
+    p.add_argument("--lpips-lin-weights", default=None, help="lpips vgg.pth heads (default: torchmetrics' copy)")
+    p.add_argument("--inception-weights", default=None, help="pt_inception-2015-12-05-6726825d.pth for rFID")
+    p.add_argument("--limit", type=int, default=None, help="use at most N images (sorted by path)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--panel", default=None, help="PNG of each model's worst reconstructions, side by side")
+    p.add_argument("--panel-count", type=int, default=4, help="worst images per model in the panel")
+    p.add_argument(
+        "--fail-if-worse",
+        default=None,
+        metavar="REF",
+        help="exit 1 when a model is worse than REF (a --model/--model-path as given) on PSNR or LPIPS",
+    )
+    p.add_argument("--psnr-tolerance", type=float, default=PSNR_TOLERANCE, help="dB below REF still accepted")
+    p.add_argument("--lpips-tolerance", type=float, default=LPIPS_TOLERANCE, help="LPIPS above REF still accepted")
+    p.set_defaults(run=run_eval_vae)
+
+
+def _check_args(args: argparse.Namespace) -> list[str]:
+    """Everything checkable before a weight loads; returns the model labels."""
+    labels = list(args.model) + list(args.model_path)
+    if not labels:
+        raise ValueError("eval-vae: no model given; use --model tiny and/or --model-path P (repeatable)")
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"eval-vae: a model is given twice ({labels}); each must be different")
+    for key, value in (("--limit", args.limit), ("--batch-size", args.batch_size), ("--panel-count", args.panel_count)):
+        if value is not None and value < 1:
+            raise ValueError(f"{key}: {value} is not allowed; at least 1")
+    for path in args.model_path:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"--model-path={path!r}: no such file or folder")
+    for key in ("lpips_weights", "lpips_lin_weights", "inception_weights"):
+        value = getattr(args, key)
+        if value is not None and not Path(value).is_file():
+            raise FileNotFoundError(f"--{key.replace('_', '-')}={value!r}: file not found")
+    if args.fail_if_worse is not None and args.fail_if_worse not in labels:
+        raise ValueError(f"--fail-if-worse: {args.fail_if_worse!r} is not one of the models ({', '.join(labels)})")
+    return labels
+
+
+def _load_models(args: argparse.Namespace) -> list[tuple[str, str, nn.Module]]:
+    from hyperlit.models.tiny import build_tiny
+    from hyperlit.vae.load import load_vae
+
+    models: list[tuple[str, str, nn.Module]] = []
+    for _ in args.model:
+        models.append(("tiny", "the embedded tiny VAE (seed 0)", build_tiny(0)[1]))
+    for path in args.model_path:
+        models.append(
+            (path, str(Path(path).resolve()), load_vae(path, norm_num_groups=args.norm_num_groups, key="--model-path"))
+        )
+    return models
+
+
+def run_eval_vae(args: argparse.Namespace) -> int:
+    _check_args(args)
+    images = load_eval_images(args.data, args.resolution, args.limit)
+    lpips = rfid = None
+    if args.lpips_weights is not None:
+        from hyperlit.vae.lpips import LPIPS
+
+        lpips = LPIPS(weights=args.lpips_weights, lin_weights=args.lpips_lin_weights)
+    if args.inception_weights is not None:
+        from hyperlit.vae.inception import load_inception
+        from hyperlit.vae.metrics import RFID
+
+        rfid = RFID(load_inception(args.inception_weights))
+    models = _load_models(args)
+    scores = evaluate(models, images, batch_size=args.batch_size, lpips=lpips, rfid=rfid)
+    failures = (
+        worse_than(scores, args.fail_if_worse, args.psnr_tolerance, args.lpips_tolerance)
+        if args.fail_if_worse is not None
+        else []
+    )
+    panel_rows: list[str] = []
+    if args.panel:
+        grid, rows = worst_panel(models, scores, images, args.panel_count)
+        save_png(grid, args.panel)
+        panel_rows = [images.names[i] for i in rows]
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "protocol": images.protocol(),
+                    "resolution": images.resolution,
+                    "images": len(images.names),
+                    "bad_input": dict(images.skips.counts),
+                    "lpips_backbone": "vgg16" if lpips is not None else None,
+                    "models": [s.to_dict(images.names) for s in scores],
+                    "panel": {"path": args.panel, "rows": panel_rows} if args.panel else None,
+                    "fail_if_worse": {"reference": args.fail_if_worse, "failures": failures}
+                    if args.fail_if_worse
+                    else None,
+                },
+                indent=2,
+            )
+        )
+    else:
+        print(f"protocol: {images.protocol()}")
+        if lpips is not None:
+            print("LPIPS: VGG16 backbone, lpips v0.1 heads, inputs in [-1, 1]")
+        print(format_table(scores))
+        for s in scores:
+            for w in s.colour.warnings:
+                print(f"warning: {s.label} {w}")
+        if args.panel:
+            columns = " | ".join(["input"] + [s.label for s in scores])
+            print(f"wrote {args.panel}: rows {', '.join(panel_rows)}; columns {columns}")
+        for f in failures:
+            print(f"worse than {args.fail_if_worse}: {f}")
+    return 1 if failures else 0
+
+
+def is_vae_file(path: str) -> bool:
+    from hyperlit.vae.describe import is_vae_path
+
+    return is_vae_path(path)
+
+
+def run_inspect_vae(args: argparse.Namespace) -> int:
+    from hyperlit.vae.describe import describe_vae
+
+    info = describe_vae(args.file)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    width = max(len(key) for key in info)
+    for key, value in info.items():
+        if value is None:
+            value = "not carried" if key in ("scaling_factor", "shift_factor", "force_upcast") else None
+        if value is None:
+            continue
+        if key == "parameters":
+            value = f"{value:,}"
+        print(f"{key.replace('_', ' '):<{width}}  {value}")
+    return 0
