@@ -136,7 +136,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--out", required=True, help="output folder for <seed>-<index>.png")
     gen.add_argument("--model", default="tiny", help="model family: tiny (embedded, the default), sd15, sd21")
     gen.add_argument("--model-path", default=None, help="checkpoint file or diffusers folder for sd15/sd21")
-    gen.add_argument("--tokenizer-path", default=None, help="tokenizer folder for a single file (SDXL: tokenizer/ + tokenizer_2/)")
+    gen.add_argument(
+        "--tokenizer-path", default=None, help="tokenizer folder for a single file (SDXL: tokenizer/ + tokenizer_2/)"
+    )
     gen.add_argument("--negative-prompt", default="")
     gen.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     gen.add_argument("--n", type=int, default=4, help="number of images")
@@ -173,10 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
     shards.add_argument("--samples-per-shard", type=int, default=1000)
     shards.add_argument("--prefix", default="shard")
     shards.add_argument(
-        "--model", default=None, help="model family (tiny, sd15, sd21, sdxl) to precompute latents, context (and SDXL's pooled) with"
+        "--model",
+        default=None,
+        help="model family (tiny, sd15, sd21, sdxl) to precompute latents, context (and SDXL's pooled) with",
     )
     shards.add_argument("--model-path", default=None, help="checkpoint or diffusers folder for sd15/sd21/sdxl")
-    shards.add_argument("--tokenizer-path", default=None, help="tokenizer folder for a single file (SDXL: tokenizer/ + tokenizer_2/)")
+    shards.add_argument(
+        "--tokenizer-path", default=None, help="tokenizer folder for a single file (SDXL: tokenizer/ + tokenizer_2/)"
+    )
     shards.add_argument(
         "--resolution", type=int, default=None, help="default: the --model's native size (512 without --model)"
     )

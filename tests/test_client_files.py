@@ -8,7 +8,7 @@ import zipfile
 
 import pytest
 import torch
-from a1111_reference import a1111_load, a1111_safe_check, apply_pairs, comfyui_load
+from helpers.a1111_reference import a1111_load, a1111_safe_check, apply_pairs, comfyui_load
 
 from hyperlit import cli, files
 from hyperlit.runner import build_run, fit
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def dropout_run(tmp_path_factory):
-    from conftest import compose_config
+    from helpers.config import compose_config
 
     tmp = tmp_path_factory.mktemp("dropout_run")
     cfg = compose_config("train", [

@@ -8,7 +8,7 @@ import hashlib
 import numpy as np
 import pytest
 import torch
-from a1111_reference import a1111_load, a1111_safe_check, apply_pairs
+from helpers.a1111_reference import a1111_load, a1111_safe_check, apply_pairs
 from helpers.tiny_sdxl import SDXL_FAMILY, build_parts, write_folder
 from PIL import Image
 

@@ -11,7 +11,6 @@ from diffusers import AutoencoderKL
 from helpers.tiny_sdxl import SDXL_FAMILY, build_parts, write_folder
 from hydra.utils import instantiate
 from safetensors.torch import load_file
-from test_vae_config import vae_cfg
 
 from hyperlit.callbacks.fp16 import FP16Check
 from hyperlit.tasks.vae.build import build
@@ -27,7 +26,7 @@ def test_sdxl_vae_config_is_the_sd_layout_with_sdxl_factors():
     ]  # fmt: skip
 
 
-def test_vae_task_on_an_sdxl_vae_trains_exports_and_flags_fp16_overflow(tmp_path, caplog):
+def test_vae_task_on_an_sdxl_vae_trains_exports_and_flags_fp16_overflow(tmp_path, caplog, vae_cfg):
     folder = write_folder(tmp_path / "tiny_sdxl")
     vae = AutoencoderKL.from_pretrained(folder / "vae", local_files_only=True)
     with torch.no_grad():  # SDXL's decoder activations exceed fp16's 65504 inside up block 0; fp32 is fine
@@ -35,8 +34,9 @@ def test_vae_task_on_an_sdxl_vae_trains_exports_and_flags_fp16_overflow(tmp_path
     vae.save_pretrained(folder / "vae")
     cfg = vae_cfg(
         "model=sdxl", f"model.path={folder}", "loss.perceptual.weight=0", "data.resolution=32",
-        "data.num_workers=0", "data.batch_size=2", "data.val_count=2", "train.max_steps=2",
+        "data.num_workers=0", "data.batch_size=2", "data.val_count=2",
         f"callbacks.export.dirpath={tmp_path}/out",
+        steps=2,
     )  # fmt: skip
     parts = build(cfg)
     module, dm = parts.load_module(), parts.datamodule
@@ -61,7 +61,7 @@ def test_vae_task_on_an_sdxl_vae_trains_exports_and_flags_fp16_overflow(tmp_path
     assert "NOT fp16-safe" in caplog.text
 
 
-def test_vae_task_fine_tunes_model_vae_path_when_given(tmp_path):
+def test_vae_task_fine_tunes_model_vae_path_when_given(tmp_path, vae_cfg):
     """With model.vae_path (e.g. sdxl-vae-fp16-fix) the model runs that VAE, so the VAE task trains that one."""
     from hyperlit.tasks.vae.build import load_task_vae
 
