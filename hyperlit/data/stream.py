@@ -217,8 +217,8 @@ class TrainerEpochs:
 
     def _on_cuda(self) -> bool:
         # Pinned batches let Lightning's non_blocking copy to the GPU overlap the step; on CPU pinning only costs.
-        trainer = getattr(self, "trainer", None)
-        return trainer is not None and trainer.strategy.root_device.type == "cuda"
+        device = getattr(getattr(getattr(self, "trainer", None), "strategy", None), "root_device", None)
+        return device is not None and device.type == "cuda"
 
     def _batches_done(self) -> int:
         trainer = getattr(self, "trainer", None)
