@@ -11,14 +11,16 @@ from pathlib import Path
 
 from hyperlit import files
 from hyperlit.cli_vae import add_eval_vae_parser, is_vae_file, run_inspect_vae
-from hyperlit.files import HypernetworkFile
+from hyperlit.files import HypernetworkFile, clients
 
 
-def describe(content: HypernetworkFile) -> dict:
+def describe(content: HypernetworkFile, path: str | Path | None = None) -> dict:
     """Everything `hyperlit inspect` reports, as plain data."""
     config = content.config
     parameters = sum(t.numel() for pair in content.layers.values() for state in pair for t in state.values())
     comfy_ok, comfy_reason = config.comfyui_compatible()
+    if comfy_reason:
+        comfy_reason += clients.comfyui_advice(content.name, config.comfyui_dropout_layers() > 0)
     return {
         "name": content.name,
         "layout": content.layout,
@@ -36,6 +38,7 @@ def describe(content: HypernetworkFile) -> dict:
         "optional_info": content.optional_info,
         "comfyui_same_function": comfy_ok,
         "comfyui_note": comfy_reason or None,
+        "clients": clients.readers(path) if path is not None else None,
     }
 
 
@@ -49,7 +52,7 @@ def _read_checked(path: str | Path) -> HypernetworkFile:
 def _inspect(args: argparse.Namespace) -> int:
     if is_vae_file(args.file):  # dispatch by content: VAE keys or a diffusers folder
         return run_inspect_vae(args)
-    info = describe(_read_checked(args.file))
+    info = describe(_read_checked(args.file), args.file)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -70,7 +73,7 @@ def _convert(args: argparse.Namespace) -> int:
     content = _read_checked(src)
     if args.strip_dropout:
         content = files.strip_dropout(content)
-    files.write_file(dst, replace(content))
+    files.write_file(dst, replace(content))  # named after the output file, without a client tag
     print(f"wrote {dst} ({files.read_file(dst).layout})")
     return 0
 
@@ -133,7 +136,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--out", required=True, help="output folder for <seed>-<index>.png")
     gen.add_argument("--model", default="tiny", help="model family: tiny (embedded, the default), sd15, sd21")
     gen.add_argument("--model-path", default=None, help="checkpoint file or diffusers folder for sd15/sd21")
-    gen.add_argument("--tokenizer-path", default=None, help="tokenizer folder, for a single-file checkpoint")
+    gen.add_argument(
+        "--tokenizer-path", default=None, help="tokenizer folder for a single file (SDXL: tokenizer/ + tokenizer_2/)"
+    )
     gen.add_argument("--negative-prompt", default="")
     gen.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     gen.add_argument("--n", type=int, default=4, help="number of images")
@@ -170,10 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
     shards.add_argument("--samples-per-shard", type=int, default=1000)
     shards.add_argument("--prefix", default="shard")
     shards.add_argument(
-        "--model", default=None, help="model family (tiny, sd15, sd21) to precompute latents and context with"
+        "--model",
+        default=None,
+        help="model family (tiny, sd15, sd21, sdxl) to precompute latents, context (and SDXL's pooled) with",
     )
-    shards.add_argument("--model-path", default=None, help="checkpoint or diffusers folder for sd15/sd21")
-    shards.add_argument("--tokenizer-path", default=None, help="tokenizer folder, for a single-file checkpoint")
+    shards.add_argument("--model-path", default=None, help="checkpoint or diffusers folder for sd15/sd21/sdxl")
+    shards.add_argument(
+        "--tokenizer-path", default=None, help="tokenizer folder for a single file (SDXL: tokenizer/ + tokenizer_2/)"
+    )
     shards.add_argument(
         "--resolution", type=int, default=None, help="default: the --model's native size (512 without --model)"
     )

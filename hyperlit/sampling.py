@@ -21,6 +21,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from PIL import Image
 
 from hyperlit.models import SDComponents
+from hyperlit.models.sampling import SampleRequest, build_pipeline, embedding_kwargs
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,8 @@ class SampleSettings:
 def make_pipeline(components: SDComponents, sampler: str) -> StableDiffusionPipeline:
     """A pipeline over the components (nothing copied) with the sampler built from the model's scheduler config."""
     scheduler = check_sampler(sampler).scheduler.from_config(components.noise_scheduler.config)
+    if components.text_encoder_2 is not None:  # SDXL: StableDiffusionXLPipeline over the same parts
+        return build_pipeline(components, scheduler)
     pipe = StableDiffusionPipeline(
         vae=components.vae,
         text_encoder=components.text_encoder,
@@ -94,6 +97,22 @@ def sample_image(
     factor = components.family.vae_scale_factor
     shape = (1, components.unet.config.in_channels, settings.height // factor, settings.width // factor)
     latents = torch.randn(shape, generator=generator).to(device, dtype)
+    if components.text_encoder_2 is not None:
+        # SDXL: conditioned through components.condition (pooled + time_ids); the VAE decodes in its own dtype
+        request = SampleRequest(
+            prompt, negative_prompt, settings.height, settings.width, settings.steps, settings.guidance_scale, latents
+        )
+        out = pipe(
+            **embedding_kwargs(components, request, device),
+            height=settings.height,
+            width=settings.width,
+            num_inference_steps=settings.steps,
+            guidance_scale=settings.guidance_scale,
+            latents=latents,
+            generator=generator,
+            output_type="latent",
+        ).images
+        return pipe.image_processor.postprocess(components.decode_latents(out), output_type="pil")[0]
     return pipe(
         prompt_embeds=prompt_embeds,
         negative_prompt_embeds=negative_embeds,

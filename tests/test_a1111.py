@@ -24,6 +24,7 @@ from hyperlit.files import (
     a1111,
     load_hypernetwork,
     save_hypernetwork,
+    strip_dropout,
     to_file_content,
     write_file,
 )
@@ -108,19 +109,27 @@ def test_linear_activation_is_written_as_string(tmp_path: Path) -> None:
     assert raw["activation_func"] == "linear"
 
 
-def test_written_pt_is_legacy_and_passes_a1111_restricted_unpickler(tmp_path: Path) -> None:
+def test_written_pt_is_a_zip_every_a1111_accepts_and_mmap_reads(tmp_path: Path) -> None:
     config = HypernetworkConfig(layer_structure=[1, 2, 2, 1], activation="relu", layer_norm=True,
                                 activate_output=True, dropout_structure=[0, 0.1, 0.2, 0])
-    path = save_hypernetwork(randomised(config, sizes=[8, 12]), tmp_path / "safe.pt")
-    assert not zipfile.is_zipfile(path)  # so no `<dir>/byteorder` member that A1111 < 07cf95c refuses
-    assert b"byteorder" not in path.read_bytes()[:4096]
-    objects = ref.a1111_safe_check(path)
-    assert len(objects) == 5
-    body = objects[3]  # magic number, protocol, sys info, the object, storage keys
+    hn = randomised(config, sizes=[8, 12])
+    path = save_hypernetwork(hn, tmp_path / "safe.pt")
+    assert zipfile.is_zipfile(path)
+    with zipfile.ZipFile(path) as archive:  # no byteorder / serialization id that A1111 < 07cf95c refuses
+        assert sorted(n.split("/", 1)[1] for n in archive.namelist()) == [
+            "data.pkl", *sorted(f"data/{i}" for i in range(len(archive.namelist()) - 2)), "version"
+        ]
+    (body,) = ref.a1111_safe_check(path)  # the oldest member-name check, then the restricted unpickler
+    ref.a1111_safe_check(path, relaxed_zip_names=True)
     assert type(body) is dict and [k for k in body if type(k) is int] == [8, 12]
     assert body["activation_func"] == "relu" and body["dropout_structure"] == [0.0, 0.1, 0.2, 0.0]
-    # A1111 and ComfyUI's weights-only torch.load read it too.
-    torch.load(path, map_location="cpu", weights_only=True)
+    # A1111 / ComfyUI's weights-only torch.load read it, and so does ComfyUI's --mmap-torch-files (mmap=True).
+    mapped = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    for width, (k_state, _) in hn.layer_state_dicts().items():
+        assert all(torch.equal(mapped[width][0][key], t) for key, t in k_state.items())
+    # the same content gives the same bytes (no random serialization id, fixed timestamps)
+    again = save_hypernetwork(hn, tmp_path / "again.pt", name="safe")
+    assert again.read_bytes() == path.read_bytes()
 
 
 def test_restricted_unpickler_refuses_disallowed_globals(tmp_path: Path) -> None:
@@ -287,19 +296,31 @@ AGREEING_CONFIGS = [
          dropout_structure=[0, 0.3, 0]),
     dict(layer_structure=[1, 2, 2, 1], activation="sigmoid", activate_output=True),
     dict(layer_structure=[1, 2, 1], activation="leakyrelu", layer_norm=False),
+    dict(layer_structure=[1, 2, 4, 2, 1], activation="relu", dropout_structure=[0, 0.3, 0.3, 0, 0]),
+    dict(layer_structure=[1, 2, 2, 1], activation="linear", layer_norm=True, dropout_structure=[0, 0.1, 0, 0]),
 ]
 
 
 @pytest.mark.parametrize("options", AGREEING_CONFIGS, ids=lambda o: "-".join(f"{v}" for v in o.values()))
 def test_written_files_load_the_same_in_a1111_and_comfyui(tmp_path: Path, options: dict) -> None:
     config = HypernetworkConfig(**options)
-    assert config.comfyui_compatible() == (True, "")
     hn = randomised(config, sizes=[8, 12])
     path = save_hypernetwork(hn, tmp_path / "agree.pt")
     widths = [8, 12]
     assert_same_function(hn, ref.a1111_load(path), widths)
-    assert_same_function(hn, ref.comfyui_load(path), widths)
     assert_same_function(load_hypernetwork(path), ref.a1111_load(path), widths)
+    comfy_dropout = [m for pair in ref.comfyui_load(path).values() for mod in pair for m in mod.modules()
+                     if isinstance(m, nn.Dropout)]  # fmt: skip
+    assert config.comfyui_dropout_layers() * 2 * len(widths) == len(comfy_dropout)  # the rule, against the reference
+    if not comfy_dropout:
+        assert config.comfyui_compatible() == (True, "")
+        assert_same_function(hn, ref.comfyui_load(path), widths)
+        return
+    # ComfyUI keeps its Dropout layers active at inference: flagged, and the inference copy computes A1111's function
+    ok, reason = config.comfyui_compatible()
+    assert not ok and "Dropout" in reason and "eval" in reason
+    copy = write_file(tmp_path / "agree.comfyui.pt", strip_dropout(to_file_content(hn)))
+    assert_same_function(hn, ref.comfyui_load(copy), widths)
 
 
 def test_layer_norm_without_activate_output_differs_in_comfyui(tmp_path: Path) -> None:
@@ -486,7 +507,7 @@ def test_failed_write_leaves_existing_file_untouched(
         raise OSError("disk full")
 
     if suffix == ".pt":
-        monkeypatch.setattr(torch, "save", half_written)
+        monkeypatch.setattr(a1111, "save_a1111_zip", half_written)
     else:
         monkeypatch.setattr(
             safetensors_codec, "save_file", lambda tensors, path, metadata=None: half_written(None, path)

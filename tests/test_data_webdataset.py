@@ -63,13 +63,17 @@ def test_shards_with_precomputed_latents_match_folder_and_skip_encoders(tmp_path
     )
     ref_dm.setup("fit")
     (ref,) = list(ref_dm.train_dataloader())
-    by_caption = {c: (lat, ctx) for c, lat, ctx in zip(ref["caption"], ref["latents"], ref["context"], strict=True)}
+    by_caption = {
+        c: (lat, ctx, sz)
+        for c, lat, ctx, sz in zip(ref["caption"], ref["latents"], ref["context"], ref["sizes"], strict=True)
+    }
     seen = 0
     for b in got:
-        for c, lat, ctx in zip(b["caption"], b["latents"], b["context"], strict=True):
+        for c, lat, ctx, sz in zip(b["caption"], b["latents"], b["context"], b["sizes"], strict=True):
             assert torch.allclose(lat, by_caption[c][0], atol=1e-6) and torch.equal(ctx, by_caption[c][1])
+            assert torch.equal(sz, by_caption[c][2])  # the same size conditioning (SDXL time_ids) as the folder
             seen += 1
-    assert seen == 12 and set(got[0]) == {"caption", "latents", "context"}
+    assert seen == 12 and set(got[0]) == {"caption", "latents", "context", "sizes"}
 
 
 def test_shards_without_latents_encode_on_device(tmp_path):

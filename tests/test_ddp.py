@@ -137,7 +137,7 @@ def test_two_processes_on_folder_data(tmp_path):
 
     # One set of outputs, in the one run dir both ranks share; previews ran mid-training without a deadlock.
     assert sorted(p.name for p in (out / "hypernetworks").iterdir()) == [
-        "linear_121-3.pt", "linear_121-6.pt", "linear_121.pt", "linear_121.safetensors"]
+        "linear_121-3.pt", "linear_121-6.pt", "linear_121.hyperlit.safetensors", "linear_121.pt"]
     assert sorted(p.name for p in (out / "images").iterdir()) == ["linear_121-3.png", "linear_121-6.png"]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last.ckpt"]  # save_top_k=0: last only
     assert [p.parent.name for p in tmp_path.rglob(".hydra")] == ["out"]
@@ -160,7 +160,8 @@ def test_two_processes_on_webdataset_shards(tmp_path):
     _assert_identical_hypernetworks(tmp_path, out / "hypernetworks" / "linear_121.pt")
     # Finite shards, no resampling: split by node, every sample exactly once per epoch across the two ranks.
     _assert_each_sample_once_per_epoch(_probes(tmp_path), epochs=2)
-    assert sorted(p.name for p in (out / "hypernetworks").iterdir()) == ["linear_121.pt", "linear_121.safetensors"]
+    assert sorted(p.name for p in (out / "hypernetworks").iterdir()) == [
+        "linear_121.hyperlit.safetensors", "linear_121.pt"]
     assert [p.parent.name for p in tmp_path.rglob(".hydra")] == ["out"]
 
 
@@ -397,5 +398,5 @@ def test_torchrun_processes_share_one_run_dir(tmp_path):
     assert len(rank0) == 3 and rank0 == rank1
     assert [p["global_rank"] for p in _probes(tmp_path)] == [0, 1]
     assert sorted(p.name for p in (tmp_path / "out" / "hypernetworks").iterdir()) == [
-        "linear_121.pt", "linear_121.safetensors"]
+        "linear_121.hyperlit.safetensors", "linear_121.pt"]
     assert [p.parent.name for p in tmp_path.rglob(".hydra")] == ["out"] and list(work.iterdir()) == []

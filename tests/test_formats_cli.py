@@ -106,8 +106,9 @@ def test_convert_in_process_pt_safetensors_pt(tmp_path: Path, original: Hypernet
         loaded = load_hypernetwork(path)
         assert_identical(original, loaded)
         assert_same_metadata(loaded, original, stem)
-    # ComfyUI rebuilds from the stored key order (here up to linear.10), so that order must survive the trip.
-    for pairs in (ref.a1111_load(back), ref.comfyui_load(back)):
+    # ComfyUI rebuilds from the stored key order (here up to linear.10), so that order must survive the trip
+    # (compared in eval mode: ComfyUI itself keeps this file's Dropout active, see test_client_files.py).
+    for pairs in (ref.a1111_load(back), ref.comfyui_load(back, eval_mode=True)):
         x = torch.randn(2, 12)
         k, v = load_hypernetwork(back).forward_kv(x)
         k_ref, v_ref = ref.apply_pairs(pairs, x)
@@ -215,8 +216,14 @@ def test_inspect_json_reports_everything(tmp_path: Path, original: Hypernetwork,
         "sd_checkpoint": "0123abcdef",
         "sd_checkpoint_name": "v1-5-pruned-emaonly",
         "optional_info": None,
-        "comfyui_same_function": True,
-        "comfyui_note": None,
+        "comfyui_same_function": False,  # trained with dropout: ComfyUI keeps Dropout active at inference
+        "comfyui_note": (
+            "ComfyUI builds Dropout(0.3) layers for this file (use_dropout true) and never switches them to eval "
+            "mode, so they drop activations at every generation: random, different outputs each time (A1111 "
+            "evaluates with dropout off); give ComfyUI the inference copy inspected.comfyui.pt (written next to the "
+            "final .pt, or: hyperlit convert --strip-dropout)"
+        ),
+        "clients": "A1111 (models/hypernetworks, <hypernet:name:1>) and ComfyUI (HypernetworkLoader); hyperlit",
     }
     # The table form shows the same figures.
     assert cli.main(["inspect", str(path)]) == 0
@@ -237,7 +244,7 @@ def test_inspect_json_reports_everything(tmp_path: Path, original: Hypernetwork,
          dict(dropout_structure=[0.0, 0.3, 0.3, 0.0, 0.0], layer_structure=[1, 2, 4, 2, 1])),
         (lambda: ref.current_file(widths=(8,)), a1111.LAYOUT_CURRENT,
          dict(layer_norm=True, dropout_structure=[0.0, 0.1, 0.0], name="current", optional_info="made by hand",
-              weight_init="KaimingNormal", comfyui_same_function=True)),
+              weight_init="KaimingNormal", comfyui_same_function=False)),  # dropout stays active in ComfyUI
         (lambda: ref.kohya_file(widths=(8,)), a1111.LAYOUT_NO_METADATA,
          dict(activation="linear", layer_structure=[1, 2, 1], name="hist")),
         (lambda: ref.numeric_string_file(widths=(8,)), a1111.LAYOUT_NO_METADATA, dict(widths=[8])),

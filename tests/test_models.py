@@ -40,7 +40,8 @@ def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
 _RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
            "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}  # fmt: skip
 _TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-        "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}  # fmt: skip
+        "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+        "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}  # fmt: skip
 
 
 def _ldm_layer(kind: str, rest: str) -> str:
@@ -105,14 +106,16 @@ def clip_to_ldm(text_encoder) -> dict[str, torch.Tensor]:
     return {f"cond_stage_model.transformer.text_model.{k}": v for k, v in text_encoder.state_dict().items()}
 
 
-def open_clip_to_ldm(text_encoder) -> dict[str, torch.Tensor]:
-    """OpenCLIP layout (SD2): fused in_proj, c_fc/c_proj, ln_1/ln_2, resblocks."""
-    sd, out, p = text_encoder.state_dict(), {}, "cond_stage_model.model."
+def open_clip_to_ldm(text_encoder, p: str = "cond_stage_model.model.") -> dict[str, torch.Tensor]:
+    """OpenCLIP layout (SD2, SDXL's second encoder): fused in_proj, c_fc/c_proj, ln_1/ln_2, resblocks; the
+    projection is stored transposed (x @ text_projection)."""
+    sd = {k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()}
+    out = {}
     out[p + "token_embedding.weight"] = sd["embeddings.token_embedding.weight"]
     out[p + "positional_embedding"] = sd["embeddings.position_embedding.weight"]
     out[p + "ln_final.weight"], out[p + "ln_final.bias"] = sd["final_layer_norm.weight"], sd["final_layer_norm.bias"]
     width = text_encoder.config.hidden_size
-    out[p + "text_projection"] = torch.eye(width)
+    out[p + "text_projection"] = sd["text_projection.weight"].T if "text_projection.weight" in sd else torch.eye(width)
     for i in range(text_encoder.config.num_hidden_layers):
         s, d = f"encoder.layers.{i}.", f"{p}transformer.resblocks.{i}."
         pairs = {"attn.out_proj": "self_attn.out_proj", "ln_1": "layer_norm1", "ln_2": "layer_norm2",
@@ -286,7 +289,7 @@ def test_single_file_open_clip_text_encoder(tiny, tmp_path):
     sd = {**unet_to_ldm(tiny.unet), **vae_to_ldm(tiny.vae), **open_clip_to_ldm(tiny.text_encoder)}
     path = tmp_path / "sd2-like.safetensors"
     safetensors.torch.save_file({k: v.contiguous() for k, v in sd.items()}, path)
-    _, _, text_encoder = load_single_file(path, FAMILIES["tiny"], CONFIGS_DIR / "tiny")
+    text_encoder = load_single_file(path, FAMILIES["tiny"], CONFIGS_DIR / "tiny").text_encoder
     assert_same_weights(tiny.text_encoder, text_encoder)
 
 
@@ -357,7 +360,7 @@ def test_bad_values_name_what_is_allowed(tmp_path):
     bad_ext.write_bytes(b"0")
     with pytest.raises(ValueError, match=r"extension '.bin'; allowed: .safetensors, .ckpt"):
         validate_model_config(family="sd15", path=str(bad_ext))
-    with pytest.raises(ValueError, match=r"model.family='sd3' is unknown; allowed: tiny, sd15, sd21"):
+    with pytest.raises(ValueError, match=r"model.family='sd3' is unknown; allowed: tiny, sd15, sd21, sdxl"):
         validate_model_config(family="sd3")
     with pytest.raises(ValueError, match=r"model.dtype='int8' is not allowed; allowed: float32, float16, bfloat16"):
         validate_model_config(dtype="int8")
@@ -365,7 +368,7 @@ def test_bad_values_name_what_is_allowed(tmp_path):
         validate_model_config(clip_skip=0)
     with pytest.raises(ValueError, match=r"model.source='hub' is not allowed"):
         validate_model_config(source="hub")
-    with pytest.raises(ValueError, match=r"model.family=sdxl is not loadable"):
+    with pytest.raises(ValueError, match=r"model.family=sdxl needs model.path"):
         validate_model_config(family="sdxl")
     with pytest.raises(FileNotFoundError, match=r"not a diffusers model: missing unet/config.json"):
         validate_model_config(family="sd15", path=str(tmp_path))

@@ -53,7 +53,7 @@ def test_run_writes_a1111_files_and_keeps_the_base_model_frozen(train_cfg, tmp_p
     # what run(cfg) returns is val/loss (optimized_metric) of the final weights; it was also scored at step 0
     validation = next(cb for cb in built.trainer.callbacks if isinstance(cb, ValidationLoss))
     assert sorted(validation.scores) == [0, 4] and loss == validation.scores[4]
-    for name in ("swish_121-2.pt", "swish_121-4.pt", "swish_121.pt", "swish_121.safetensors"):
+    for name in ("swish_121-2.pt", "swish_121-4.pt", "swish_121.pt", "swish_121.hyperlit.safetensors"):
         assert (out / "hypernetworks" / name).is_file(), name
     assert sorted(p.name for p in (out / "images").glob("*.png")) == ["swish_121-2.png", "swish_121-4.png"]
     assert (out / "checkpoints" / "last.ckpt").is_file()

@@ -137,3 +137,16 @@ def test_the_command_line_prints_the_message_without_a_traceback(tmp_path):
     assert result.returncode == 2
     assert "hyperlit: error: data.path=" in result.stderr and "missing" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_sdxl_single_file_without_both_tokenizers(train_cfg, tmp_path, no_model_loading):
+    ckpt = tmp_path / "sd_xl_base_1.0.safetensors"
+    import safetensors.torch
+    import torch
+
+    safetensors.torch.save_file({"model.diffusion_model.x": torch.zeros(1)}, ckpt)
+    message = _message(train_cfg("model=sdxl", f"model.path={ckpt}"))
+    assert "model.tokenizer_path" in message and "tokenizer/ and tokenizer_2/" in message
+    message = _message(train_cfg("model=sdxl", f"model.path={ckpt}", f"model.tokenizer_path={tmp_path}",
+                                 f"model.vae_path={tmp_path / 'nope'}"))  # fmt: skip
+    assert "model.tokenizer_path" in message  # the first problem found, before any weights load

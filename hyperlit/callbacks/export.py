@@ -1,5 +1,10 @@
 """Write the hypernetwork as A1111 files while training: ``<name>-<step>.pt`` every N steps, ``<name>.pt`` at the end.
 
+Every ``.pt`` stores ``name: <name>`` (the base name, as A1111's trainer does, snapshots included). At the end,
+``<name>.hyperlit.safetensors`` (hyperlit's own pickle-free copy, named so nobody takes it for a client file) and,
+when the network trains with dropout, ``<name>.comfyui.pt``: the inference copy without Dropout slots that ComfyUI
+needs, since ComfyUI runs Dropout layers at inference (see :mod:`hyperlit.files.clients`).
+
 Only global rank 0 writes; every file goes through a temporary name (see :mod:`hyperlit.io`), so an interrupted
 run leaves the last complete files in place. The final files are also written when training is interrupted,
 as A1111 does.
@@ -13,7 +18,8 @@ from typing import Any
 
 import lightning as L
 
-from hyperlit.files import save_hypernetwork
+from hyperlit.files import save_hypernetwork, strip_dropout, to_file_content, write_file
+from hyperlit.files.clients import COMFYUI_COPY, HYPERLIT_SAFETENSORS
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +31,7 @@ class HypernetworkExport(L.Callback):
         save_every: int = 500,
         save_optimizer_state: bool = False,
         safetensors: bool = True,
+        comfyui_copy: bool = True,
         log_artifact: bool = True,
     ) -> None:
         if save_every < 0:
@@ -33,6 +40,7 @@ class HypernetworkExport(L.Callback):
         self.save_every = save_every
         self.save_optimizer_state = save_optimizer_state
         self.safetensors = safetensors
+        self.comfyui_copy = comfyui_copy
         self.log_artifact = log_artifact
         self._last_saved_step = -1
         self.final_path: Path | None = None
@@ -48,6 +56,7 @@ class HypernetworkExport(L.Callback):
             self.dirpath / f"{stem}.pt",
             optimizer_state=optimizer.state_dict() if self.save_optimizer_state and optimizer else None,
             optimizer_name=type(optimizer).__name__ if optimizer else "AdamW",
+            name=hn.name,  # the base name in snapshots too, as A1111's trainer stores it
         )
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
@@ -65,7 +74,10 @@ class HypernetworkExport(L.Callback):
         hn = pl_module.hypernetwork
         self.final_path = self._write(trainer, pl_module, hn.name)
         if self.safetensors:
-            save_hypernetwork(hn, self.dirpath / f"{hn.name}.safetensors")
+            save_hypernetwork(hn, self.dirpath / f"{hn.name}{HYPERLIT_SAFETENSORS}", name=hn.name)
+        if self.comfyui_copy and hn.config.use_dropout:
+            copy = write_file(self.dirpath / f"{hn.name}{COMFYUI_COPY}", strip_dropout(to_file_content(hn)), hn.name)
+            log.info("saved %s (for ComfyUI, which runs Dropout layers at inference)", copy)
         log.info("saved %s", self.final_path)
         if self.log_artifact:
             _log_wandb_artifact(trainer, self.final_path)

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from hyperlit.data.heldout import HeldOut
+from hyperlit.models.components import plain_sizes
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ class ScoresDiffusionLoss(Protocol):
     components: Any
     hypernetwork: torch.nn.Module
 
-    def loss_at(self, latents: Tensor, noise: Tensor, timesteps: Tensor, context: Tensor) -> Tensor: ...
+    def loss_at(self, latents: Tensor, noise: Tensor, timesteps: Tensor, cond: Any) -> Tensor: ...
 
 
 def fixed_timesteps(num_train_timesteps: int, count: int) -> Tensor:
@@ -60,8 +61,9 @@ def validation_loss(module: ScoresDiffusionLoss, held_out: Sequence[HeldOut], ti
         for item in held_out:
             latents = item.latents.to(device).unsqueeze(0).expand(timesteps, *item.latents.shape)
             noise = fixed_noise(item.key, timesteps, item.latents.shape).to(device)
-            context = components.encode_text([item.prompt]).to(device).expand(timesteps, -1, -1)
-            per_sample = module.loss_at(latents, noise, steps, context)
+            h, w = (side * components.family.vae_scale_factor for side in item.latents.shape[-2:])
+            cond = components.condition([item.prompt] * timesteps, plain_sizes(h, w, timesteps))  # SDXL: + pooled
+            per_sample = module.loss_at(latents, noise, steps, cond)
             total += float(per_sample.double().sum())
     finally:
         hn.multiplier = multiplier

@@ -128,6 +128,7 @@ class FolderDataModule(TrainerEpochs, L.LightningDataModule):
         self.stream = BatchStream(
             samples,
             enc.contexts,
+            pooled=enc.pooled,
             batch_size=self.opts.batch_size,
             buckets=self.opts.buckets,
             shuffle=self.opts.shuffle,
@@ -169,7 +170,10 @@ class FolderDataModule(TrainerEpochs, L.LightningDataModule):
             elif self.opts.latent_sampling == "random":
                 # scale_latents is affine, so scale(mean + std*e) = scale(mean) + (scale(mean+std)-scale(mean))*e
                 std = scale((rec.mean + rec.std).unsqueeze(0))[0].float() - mean
-        return Sample(mean, std, rec.caption, rec.prompt, rec.context_index, rec.alpha, rec.sha, rec.placement.target)
+        return Sample(
+            mean, std, rec.caption, rec.prompt, rec.context_index, rec.alpha, rec.sha, rec.placement.target,
+            rec.placement.sizes(),
+        )  # fmt: skip
 
     def train_dataloader(self) -> EpochLoader:
         if self.stream is None:

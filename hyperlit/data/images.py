@@ -129,6 +129,12 @@ class Placement:
     target: tuple[int, int]
     resized: tuple[int, int]
     crop: tuple[int, int]  # (left, top) in resized pixels
+    source: tuple[int, int] = (0, 0)  # (w, h) of the image before resizing
+
+    def sizes(self) -> tuple[int, int, int, int, int, int]:
+        """(original h, original w, crop top, crop left, target h, target w): what the model is told about this
+        placement (SDXL's time_ids; see hyperlit.models.components.SIZE_COLUMNS)."""
+        return (self.source[1], self.source[0], self.crop[1], self.crop[0], self.target[1], self.target[0])
 
 
 def place(source: tuple[int, int], target: tuple[int, int], mode: str) -> Placement:
@@ -136,10 +142,10 @@ def place(source: tuple[int, int], target: tuple[int, int], mode: str) -> Placem
     w, h = source
     tw, th = target
     if mode == "stretch":
-        return Placement(target, (tw, th), (0, 0))
+        return Placement(target, (tw, th), (0, 0), (w, h))
     scale = max(tw / w, th / h)
     rw, rh = max(tw, round(w * scale)), max(th, round(h * scale))
-    return Placement(target, (rw, rh), ((rw - tw) // 2, (rh - th) // 2))
+    return Placement(target, (rw, rh), ((rw - tw) // 2, (rh - th) // 2), (w, h))
 
 
 def _apply(img: Image.Image, p: Placement) -> Image.Image:

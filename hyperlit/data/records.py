@@ -42,11 +42,12 @@ class Record:
 
 
 class Encoded:
-    """Records plus the unique text contexts they point at, ready for `finalize`."""
+    """Records plus the unique text contexts (and pooled embeddings, SDXL) they point at, ready for `finalize`."""
 
     def __init__(self) -> None:
         self.records: list[Record] = []
         self.contexts: torch.Tensor | None = None
+        self.pooled: torch.Tensor | None = None
         self.vae_calls = 0
         self.text_calls = 0
 
@@ -112,6 +113,8 @@ def encode_items(
         target = nearest_bucket(size, buckets) if (buckets and size) else square
         key = make_key("latent", image=sha, vae=vae_fp, target=target, resize=opts.resize)
         hit = latent_cache.get(key) if latent_cache is not None else None
+        if hit is not None and "source" not in hit[1]:
+            hit = None  # written before the source size was kept; re-encode to know the original size
         if hit is not None:
             tensors, meta = hit
             for kind in filter(None, meta.get("repairs", "").split(",")):
@@ -146,6 +149,7 @@ def _placement_meta(p: Placement, repairs: list[str]) -> dict[str, str]:
         "target": f"{p.target[0]}x{p.target[1]}",
         "resized": f"{p.resized[0]}x{p.resized[1]}",
         "crop": f"{p.crop[0]},{p.crop[1]}",
+        "source": f"{p.source[0]}x{p.source[1]}",
         "repairs": ",".join(repairs),
     }
 
@@ -155,7 +159,9 @@ def _placement_from_meta(meta: dict[str, str]) -> Placement:
         a, b = s.split(sep)
         return int(a), int(b)
 
-    return Placement(pair(meta["target"], "x"), pair(meta["resized"], "x"), pair(meta["crop"], ","))
+    return Placement(
+        pair(meta["target"], "x"), pair(meta["resized"], "x"), pair(meta["crop"], ","), pair(meta["source"], "x")
+    )
 
 
 def fixed_prompt_rng(sha: str) -> random.Random:
@@ -176,22 +182,29 @@ def encode_prompts(enc: Encoded, encoder: Any, opts: DataOptions, cache_dir: str
         rec.prompt = make_prompt(lines, rec.caption, opts.name, fixed_prompt_rng(rec.sha), False, 0.0)
         rec.context_index = unique.setdefault(rec.prompt, len(unique))
     prompts = list(unique)
-    contexts: list[torch.Tensor | None] = [None] * len(prompts)
+    # per unique prompt: {"context": 77×D} plus "pooled" (P) for families with a pooled text embedding (SDXL)
+    entries: list[dict[str, torch.Tensor] | None] = [None] * len(prompts)
     missing = []
     for i, prompt in enumerate(prompts):
         key = make_key("text", prompt=prompt, text_encoder=text_fp)
         hit = text_cache.get(key) if text_cache is not None else None
         if hit is not None:
-            contexts[i] = hit[0]["context"]
+            entries[i] = hit[0]
         else:
             missing.append((i, key))
     for start in range(0, len(missing), opts.encode_batch_size):
         chunk = missing[start : start + opts.encode_batch_size]
         with torch.no_grad():
-            ctx = encoder.encode_text([prompts[i] for i, _ in chunk])
+            text = encoder.encode_prompts([prompts[i] for i, _ in chunk])
         enc.text_calls += 1
-        for (i, key), c in zip(chunk, ctx, strict=True):
-            contexts[i] = c.detach().float().cpu()
+        for j, (i, key) in enumerate(chunk):
+            entry = {"context": text.context[j].detach().float().cpu()}
+            if text.pooled is not None:
+                entry["pooled"] = text.pooled[j].detach().float().cpu()
+            entries[i] = entry
             if text_cache is not None and write:
-                text_cache.put(key, {"context": contexts[i]})
-    enc.contexts = torch.stack(contexts) if contexts else None  # type: ignore[arg-type]
+                text_cache.put(key, entry)
+    if entries:
+        enc.contexts = torch.stack([e["context"] for e in entries])  # type: ignore[index]
+        if all("pooled" in e for e in entries):  # type: ignore[operator]
+            enc.pooled = torch.stack([e["pooled"] for e in entries])  # type: ignore[index]

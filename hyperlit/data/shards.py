@@ -2,9 +2,11 @@
 
 Each sample is `<key>.<jpg|png|webp>` (original bytes; other formats re-encoded as PNG), `<key>.txt` (the
 caption), `<key>.json` (source name and, with an encoder, what the precomputed arrays depend on) and
-optionally `<key>.latent.npy` (float32 [2, C, h, w]: raw posterior mean and std, unscaled) and
-`<key>.context.npy` (float32 [77, D]: the fixed prompt encoded). Shards are written to a temporary name and
-renamed into place.
+optionally `<key>.latent.npy` (float32 [2, C, h, w]: raw posterior mean and std, unscaled),
+`<key>.context.npy` (float32 [77, D]: the fixed prompt encoded) and, for families with a pooled text embedding
+(SDXL), `<key>.pooled.npy` (float32 [P]). The json's `sizes` (original h, w, crop top, left, target h, w) are
+SDXL's time_ids; readers recompute them from the image header, target and resize mode, so older shards work too.
+Shards are written to a temporary name and renamed into place.
 """
 
 from __future__ import annotations
@@ -116,10 +118,12 @@ def make_shards(
             return
         with torch.no_grad():
             mean, std = encoder.encode_images(torch.stack([p[1] for p in pending]))
-            context = encoder.encode_text([p[2] for p in pending])
-        for (sample, _, _), m, s, c in zip(pending, mean, std, context, strict=True):
-            sample["latent.npy"] = npy_bytes(torch.stack([m, s]).float().cpu().numpy())
-            sample["context.npy"] = npy_bytes(c.float().cpu().numpy())
+            text = encoder.encode_prompts([p[2] for p in pending])
+        for j, (sample, _, _) in enumerate(pending):
+            sample["latent.npy"] = npy_bytes(torch.stack([mean[j], std[j]]).float().cpu().numpy())
+            sample["context.npy"] = npy_bytes(text.context[j].float().cpu().numpy())
+            if text.pooled is not None:
+                sample["pooled.npy"] = npy_bytes(text.pooled[j].float().cpu().numpy())
             add(sample)
         pending.clear()
 
@@ -146,6 +150,7 @@ def make_shards(
             resize=resize,
             prompt=prompt,
             crop=list(placement.crop),
+            sizes=list(placement.sizes()),
         )
         sample["json"] = json.dumps(meta).encode("utf-8")
         pending.append((sample, to_pixels(decoded.rgb, placement), prompt))

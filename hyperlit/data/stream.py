@@ -35,6 +35,7 @@ class Sample:
     alpha: torch.Tensor | None
     sha: str
     target: tuple[int, int]
+    sizes: tuple[int, ...] = ()  # Placement.sizes(): original h, w, crop top, left, target h, w
 
 
 class BatchStream(IterableDataset):
@@ -44,6 +45,7 @@ class BatchStream(IterableDataset):
         contexts: torch.Tensor | None,
         *,
         batch_size: int,
+        pooled: torch.Tensor | None = None,
         buckets: bool,
         shuffle: bool,
         seed: int,
@@ -57,6 +59,7 @@ class BatchStream(IterableDataset):
     ) -> None:
         self.samples = samples
         self.contexts = contexts
+        self.pooled = pooled
         self.batch_size = min(batch_size, len(samples))  # A1111: batch = min(batch, N)
         self.buckets = buckets
         self.shuffle = shuffle
@@ -118,8 +121,13 @@ class BatchStream(IterableDataset):
             if self.use_weight:
                 weights.append(weight_from_alpha(s.alpha, lat.shape[0], (lat.shape[1], lat.shape[2])))
         batch: dict[str, Any] = {"latents": torch.stack(latents).float(), "caption": captions}
+        if all(self.samples[i].sizes for i in indices):
+            batch["sizes"] = torch.tensor([self.samples[i].sizes for i in indices], dtype=torch.long)
         if not varies and self.contexts is not None:
-            batch["context"] = self.contexts[[self.samples[i].context_index for i in indices]]
+            rows = [self.samples[i].context_index for i in indices]
+            batch["context"] = self.contexts[rows]
+            if self.pooled is not None:
+                batch["pooled"] = self.pooled[rows]
         if self.use_weight:
             batch["weight"] = torch.stack(weights)
         return batch
@@ -209,8 +217,8 @@ class TrainerEpochs:
 
     def _on_cuda(self) -> bool:
         # Pinned batches let Lightning's non_blocking copy to the GPU overlap the step; on CPU pinning only costs.
-        trainer = getattr(self, "trainer", None)
-        return trainer is not None and trainer.strategy.root_device.type == "cuda"
+        device = getattr(getattr(getattr(self, "trainer", None), "strategy", None), "root_device", None)
+        return device is not None and device.type == "cuda"
 
     def _batches_done(self) -> int:
         trainer = getattr(self, "trainer", None)

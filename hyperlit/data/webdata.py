@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 import webdataset as wds
+from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from hyperlit.data.cache import sha256_bytes
@@ -177,6 +178,9 @@ class ShardStream(IterableDataset):
             return None
         item: dict[str, Any] = {"sha": sha, "filewords": caption}
         latent = self._precomputed_latent(sample, meta, where)
+        header = _header_size(data)
+        if header is not None:  # placement is a function of the sizes alone: the model's size conditioning
+            item["sizes"] = place(header, self.target, self.resize).sizes()
         if latent is None or self.use_weight:
             try:
                 decoded = decode_image(data, self.max_image_pixels)
@@ -186,6 +190,7 @@ class ShardStream(IterableDataset):
             for kind in decoded.repairs:
                 self._skips.add(kind, where)
             p = place(decoded.rgb.size, self.target, self.resize)
+            item["sizes"] = p.sizes()
             if latent is None:
                 item["pixels"] = to_pixels(decoded.rgb, p)
             if self.use_weight:
@@ -203,6 +208,9 @@ class ShardStream(IterableDataset):
                     ctx = self._npy(sample["context.npy"], where)
                     if ctx is not None:
                         item["context"] = torch.from_numpy(ctx).float()
+                    pooled = self._npy(sample["pooled.npy"], where) if "pooled.npy" in sample else None
+                    if pooled is not None:
+                        item["pooled"] = torch.from_numpy(pooled).float()
         return item
 
     def _json(self, sample: dict[str, Any], where: str) -> dict[str, Any]:
@@ -286,8 +294,12 @@ class ShardStream(IterableDataset):
             batch["std"] = torch.stack([i["std"] for i in items])
         else:
             batch["pixels"] = torch.stack([i["pixels"] for i in items])
+        if all("sizes" in i for i in items):
+            batch["sizes"] = torch.tensor([i["sizes"] for i in items], dtype=torch.long)
         if not self.varies and all("context" in i for i in items):
             batch["context"] = torch.stack([i["context"] for i in items])
+            if all("pooled" in i for i in items):
+                batch["pooled"] = torch.stack([i["pooled"] for i in items])
         if self.use_weight:
             h, w = self.target[1], self.target[0]
             batch["alpha"] = torch.stack(
@@ -326,6 +338,15 @@ class ShardStream(IterableDataset):
             yield batch
         if produced == 0 and self._usable == 0 and self.epoch_batches is None and nw == 1:
             raise ValueError(self._nothing_usable())
+
+
+def _header_size(data: bytes) -> tuple[int, int] | None:
+    """(w, h) from the image header without decoding pixels; None if unreadable (the full decode reports it)."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.size
+    except Exception:  # noqa: BLE001 - classified by decode_image when it matters
+        return None
 
 
 def batches_per_rank(epoch_length: int, batch_size: int, world_size: int) -> int:

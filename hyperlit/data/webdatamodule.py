@@ -192,8 +192,12 @@ class WebDataModule(TrainerEpochs, L.LightningDataModule):
                 noise = torch.stack([self._noise(sha, mean.shape[1:], mode) for sha in shas]).to(mean.device)
                 raw = mean + std * noise
             batch["latents"] = enc.scale_latents(raw).float()
-            if "context" not in batch and not (self.opts.shuffle_tags or self.opts.tag_dropout != 0):
-                batch["context"] = enc.encode_text(batch["caption"]).to(mean.device).float()
+            fixed = not (self.opts.shuffle_tags or self.opts.tag_dropout != 0)
+            if fixed and "context" not in batch:
+                text = enc.encode_prompts(batch["caption"])
+                batch["context"] = text.context.to(mean.device).float()
+                if text.pooled is not None:
+                    batch["pooled"] = text.pooled.to(mean.device).float()
         if "alpha" in batch:
             batch["weight"] = _alpha_weight(batch.pop("alpha"), batch.pop("has_alpha"), batch["latents"].shape)
         return batch

@@ -45,9 +45,12 @@ def read_file(path: str | Path) -> HypernetworkFile:
     return a1111.read_pt(path) if _extension(path) == ".pt" else safetensors.read_safetensors(path)
 
 
-def write_file(path: str | Path, content: HypernetworkFile) -> Path:
+def write_file(path: str | Path, content: HypernetworkFile, name: str | None = None) -> Path:
+    """Write by extension; the stored ``name`` is ``name`` or the file's base name (``style.comfyui.pt`` -> style)."""
     path = Path(path)
-    return a1111.write_pt(path, content) if _extension(path) == ".pt" else safetensors.write_safetensors(path, content)
+    if _extension(path) == ".pt":
+        return a1111.write_pt(path, content, name)
+    return safetensors.write_safetensors(path, content, name)
 
 
 def to_file_content(hn: Hypernetwork) -> HypernetworkFile:
@@ -87,9 +90,11 @@ def save_hypernetwork(
     path: str | Path,
     optimizer_state: dict | None = None,
     optimizer_name: str = "AdamW",
+    name: str | None = None,
 ) -> Path:
-    """Save by extension; with ``optimizer_state`` a ``.pt`` also gets A1111's ``.pt.optim`` beside it."""
-    path = write_file(path, to_file_content(hn))
+    """Save by extension; with ``optimizer_state`` a ``.pt`` also gets A1111's ``.pt.optim`` beside it. The file
+    stores ``name`` (default: its base name)."""
+    path = write_file(path, to_file_content(hn), name)
     if optimizer_state is not None and path.suffix.lower() == ".pt":
         a1111.write_optim(path, optimizer_state, optimizer_name)
     return path

@@ -17,7 +17,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from hyperlit.files.clients import base_name
 from hyperlit.files.content import HypernetworkFile, HypernetworkFileError, LayerStates
+from hyperlit.files.pt_zip import save_a1111_zip
 from hyperlit.files.torch_file import TorchFileError, load_torch_file
 from hyperlit.hypernetwork import ACTIVATIONS, WEIGHT_INITS, HypernetworkConfig
 from hyperlit.io import atomic_path
@@ -233,13 +235,14 @@ def to_pt_dict(content: HypernetworkFile) -> dict:
     return out
 
 
-def write_pt(path: str | Path, content: HypernetworkFile) -> Path:
-    """Write ``content`` as an A1111 ``.pt``; ``name`` becomes the file stem, as A1111 lists files by stem."""
+def write_pt(path: str | Path, content: HypernetworkFile, name: str | None = None) -> Path:
+    """Write ``content`` as an A1111 ``.pt`` storing ``name`` (default: the file's base name, as A1111 lists files by
+    stem; snapshots ``<name>-<step>.pt`` pass the network's base name, as A1111's trainer stores it)."""
     path = Path(path)
-    content.name = path.stem
+    content.name = name or base_name(path)
     with atomic_path(path, suffix=".pt") as tmp:
-        # The legacy (non-zip) serializer has no `byteorder` member, which A1111 releases before 07cf95c refuse.
-        torch.save(to_pt_dict(content), tmp, _use_new_zipfile_serialization=False)
+        # A zip that every A1111 release accepts and torch.load(mmap=True) reads (see hyperlit.files.pt_zip).
+        save_a1111_zip(to_pt_dict(content), tmp)
     return path
 
 

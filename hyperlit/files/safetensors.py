@@ -13,6 +13,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from hyperlit.files.clients import base_name
 from hyperlit.files.content import HypernetworkFile, HypernetworkFileError
 from hyperlit.hypernetwork import HypernetworkConfig
 from hyperlit.io import atomic_path
@@ -72,7 +73,7 @@ def read_safetensors(path: str | Path) -> HypernetworkFile:
     return HypernetworkFile(
         config=config,
         layers={width: tuple(_in_module_order(state) for state in layers[width]) for width in order},
-        name=meta.get("name") or path.stem,
+        name=meta.get("name") or base_name(path),
         step=int(step) if step.isdigit() else 0,
         sd_checkpoint=meta.get("sd_checkpoint") or None,
         sd_checkpoint_name=meta.get("sd_checkpoint_name") or None,
@@ -81,9 +82,9 @@ def read_safetensors(path: str | Path) -> HypernetworkFile:
     )
 
 
-def write_safetensors(path: str | Path, content: HypernetworkFile) -> Path:
+def write_safetensors(path: str | Path, content: HypernetworkFile, name: str | None = None) -> Path:
     path = Path(path)
-    content.name = path.stem
+    content.name = name or base_name(path)
     tensors = {
         # clone: a .pt may store the same tensors for K and V, and safetensors refuses shared memory
         f"{width}.{index}.{key}": tensor.detach().to("cpu", torch.float32).contiguous().clone()

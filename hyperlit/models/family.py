@@ -25,6 +25,18 @@ class ModelFamily:
     default_resolution: int  # native image side of the family's models (for its default prediction type)
     other_prediction_resolution: int | None = None  # native side of the models with the other prediction type
     loadable: bool = True  # False: facts are listed for other modules but this package cannot load it yet
+    # Text encoders whose (B, 77, width) outputs are concatenated into the context (SDXL: CLIP-L then OpenCLIP bigG).
+    text_encoders: tuple[str, ...] = ("text_encoder",)
+    # Whether the final layer norm is applied when the context comes from an inner layer (SD1 clip skip and SD2:
+    # yes; SDXL feeds hidden_states[-2] raw).
+    text_final_norm: bool = True
+    # Width of the pooled text embedding the UNet also receives (SDXL: text_encoder_2's projected pooled output,
+    # `added_cond_kwargs["text_embeds"]`); None: the UNet sees only the context.
+    pooled_dim: int | None = None
+    # SDXL micro-conditioning: `added_cond_kwargs["time_ids"]` = (original h, w, crop top, left, target h, w).
+    uses_time_ids: bool = False
+    # The VAE overflows in fp16 (NaN / black images): run it in float32 unless the user gives an fp16-safe one.
+    vae_force_upcast: bool = False
 
     @property
     def config_dir(self) -> Path:
@@ -94,15 +106,50 @@ FAMILIES: dict[str, ModelFamily] = {
             scaling_factor=0.13025,
             shift_factor=0.0,
             prediction_type="epsilon",
-            text_layer="penultimate",
-            text_layers_used=None,  # two encoders; not loadable here, so no layer rule is encoded
+            text_layer="penultimate",  # hidden_states[-2] of each encoder, without the final layer norm
+            text_layers_used=None,
             default_resolution=1024,
-            loadable=False,
+            text_encoders=("text_encoder", "text_encoder_2"),
+            text_final_norm=False,
+            pooled_dim=1280,
+            uses_time_ids=True,
+            vae_force_upcast=True,
+        ),
+        # SDXL's shape at toy size, for tests and laptops: two text encoders (32 + 48 = context 80), pooled 48,
+        # time_ids, no attention at the first level, self-attention widths 64/96 (as 640/1280 on SDXL). Weights
+        # come from a diffusers folder (model.path); configs ship in configs/tiny_sdxl.
+        ModelFamily(
+            name="tiny_sdxl",
+            context_dim=80,
+            attention_widths=(64, 96),
+            latent_channels=4,
+            vae_scale_factor=8,
+            scaling_factor=0.13025,
+            shift_factor=0.0,
+            prediction_type="epsilon",
+            text_layer="penultimate",
+            text_layers_used=None,
+            default_resolution=64,
+            text_encoders=("text_encoder", "text_encoder_2"),
+            text_final_norm=False,
+            pooled_dim=48,
+            uses_time_ids=True,
+            vae_force_upcast=True,
         ),
     )
 }
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def text_layer_index(family: ModelFamily, depth: int, clip_skip: int = 1) -> int:
+    """Which hidden state of a `depth`-layer text encoder is the context (hidden_states[k] = output of layer k).
+
+    SD1: the last layer; SD2: layer 23 of OpenCLIP ViT-H (the shipped config has 23 layers); SDXL: the
+    penultimate layer of each encoder. clip_skip (A1111 "stop at last layers") moves clip_skip - 1 layers earlier.
+    """
+    used = family.text_layers_used or (depth - 1 if family.text_layer == "penultimate" else depth)
+    return used - (clip_skip - 1)
 
 
 def get_family(name: str) -> ModelFamily:

@@ -6,6 +6,7 @@ import logging
 import pickle
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import safetensors
@@ -18,7 +19,7 @@ from diffusers.loaders.single_file_utils import (
     convert_ldm_vae_checkpoint,
     convert_open_clip_checkpoint,
 )
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from hyperlit.files.torch_file import load_torch_file
 
@@ -31,6 +32,21 @@ UNET_PREFIX = "model.diffusion_model."
 CLIP_PREFIX = "cond_stage_model.transformer."  # SD1: OpenAI CLIP in transformers layout
 OPEN_CLIP_PREFIX = "cond_stage_model.model."  # SD2: OpenCLIP layout
 SDXL_PREFIX = "conditioner.embedders."
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."  # SDXL: CLIP-L in transformers layout
+SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."  # SDXL: OpenCLIP bigG layout (with text_projection)
+
+
+@dataclass
+class FrozenParts:
+    """The networks of one base model, as loaded (before dtype and freezing)."""
+
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    text_encoder_2: CLIPTextModelWithProjection | None = None
+
+    def modules(self) -> list[torch.nn.Module]:
+        return [m for m in (self.unet, self.vae, self.text_encoder, self.text_encoder_2) if m is not None]
 
 
 def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
@@ -94,19 +110,48 @@ def check_family(shapes: dict[str, tuple[int, ...]], family: ModelFamily, path: 
         )
 
 
-def _text_state_dict(sd: dict[str, torch.Tensor], text_encoder: CLIPTextModel, path: Path) -> dict:
+def _text_state_dicts(
+    sd: dict[str, torch.Tensor], family: ModelFamily, text_encoder: torch.nn.Module, path: Path
+) -> list[dict[str, torch.Tensor]]:
+    """diffusers-layout state dicts of the family's text encoders, in `family.text_encoders` order."""
+    if len(family.text_encoders) > 1:
+        if not any(k.startswith(SDXL_CLIP_PREFIX) for k in sd) or not any(
+            k.startswith(SDXL_OPEN_CLIP_PREFIX) for k in sd
+        ):
+            raise ValueError(
+                f"model.path={path} has no SDXL text encoders under '{SDXL_CLIP_PREFIX}' and '{SDXL_OPEN_CLIP_PREFIX}'"
+            )
+        clip = convert_ldm_clip_checkpoint({k: v for k, v in sd.items() if k.startswith(SDXL_CLIP_PREFIX)})
+        open_clip = convert_open_clip_checkpoint(text_encoder, sd, prefix=SDXL_OPEN_CLIP_PREFIX)
+        return [clip, open_clip]
     if any(k.startswith(CLIP_PREFIX) for k in sd):
-        text_sd = convert_ldm_clip_checkpoint(sd)
-    elif any(k.startswith(OPEN_CLIP_PREFIX) for k in sd):
-        text_sd = convert_open_clip_checkpoint(text_encoder, sd, prefix=OPEN_CLIP_PREFIX)
-    else:
-        raise ValueError(
-            f"model.path={path} has no text encoder under '{CLIP_PREFIX}' (SD1) or '{OPEN_CLIP_PREFIX}' (SD2)"
-        )
-    # transformers >= 5.6 flattened CLIPTextModel (no `text_model.` level); older checkpoints carry
-    # position_ids as a persistent buffer, which is now derived
-    text_sd = {k.removeprefix("text_model."): v for k, v in text_sd.items()}
-    return {k: v for k, v in text_sd.items() if not k.endswith("position_ids")}
+        return [convert_ldm_clip_checkpoint(sd)]
+    if any(k.startswith(OPEN_CLIP_PREFIX) for k in sd):
+        return [convert_open_clip_checkpoint(text_encoder, sd, prefix=OPEN_CLIP_PREFIX)]
+    raise ValueError(f"model.path={path} has no text encoder under '{CLIP_PREFIX}' (SD1) or '{OPEN_CLIP_PREFIX}' (SD2)")
+
+
+def fit_text_keys(text_sd: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
+    """Converted CLIP keys in the layout the built module uses: transformers >= 5.6 flattened CLIPTextModel (no
+    `text_model.` level) but not CLIPTextModelWithProjection; older checkpoints carry position_ids as a persistent
+    buffer, which is now derived."""
+    nested = any(k.startswith("text_model.") for k in expected)
+    out = {}
+    for k, v in text_sd.items():
+        if k.endswith("position_ids"):
+            continue
+        bare = k.removeprefix("text_model.")
+        out[f"text_model.{bare}" if nested and not bare.startswith("text_projection") else bare] = v
+    return out
+
+
+def _fill_position_ids(module: torch.nn.Module) -> None:
+    """CLIP's position_ids is a non-persistent buffer (never in a state dict): a module built on the meta device
+    gets it rebuilt here, so nothing is left on meta."""
+    for sub in module.modules():
+        ids = getattr(sub, "position_ids", None)
+        if isinstance(ids, torch.Tensor) and ids.is_meta:
+            sub.register_buffer("position_ids", torch.arange(ids.shape[-1]).expand(ids.shape), persistent=False)
 
 
 def load_matching(
@@ -140,16 +185,15 @@ def load_matching(
     return module
 
 
-def load_single_file(
-    path: Path, family: ModelFamily, config_dir: Path
-) -> tuple[UNet2DConditionModel, AutoencoderKL, CLIPTextModel]:
-    """UNet, VAE and text encoder from an LDM-layout file, shaped by the diffusers configs in `config_dir`."""
-    sd = read_checkpoint(path)
-    check_family({k: tuple(v.shape) for k, v in sd.items()}, family, path)
+def convert_checkpoint(sd: dict[str, torch.Tensor], family: ModelFamily, config_dir: Path, path: Path) -> FrozenParts:
+    """Build the family's networks on the meta device and assign the converted tensors of `sd` to them.
 
+    Nothing is allocated beyond the tensors of `sd` themselves, so a full-size SDXL file given as meta tensors
+    checks every shape without memory (tests do that), and a real file costs its own size once.
+    """
+    check_family({k: tuple(v.shape) for k, v in sd.items()}, family, path)
     unet_config = UNet2DConditionModel.load_config(config_dir / "unet")
     vae_config = AutoencoderKL.load_config(config_dir / "vae")
-    text_config = CLIPTextConfig.from_pretrained(config_dir / "text_encoder")
     try:
         unet_sd = convert_ldm_unet_checkpoint(sd, unet_config)
         vae_sd = convert_ldm_vae_checkpoint(sd, vae_config)
@@ -157,11 +201,32 @@ def load_single_file(
         raise ValueError(
             f"model.path={path} does not have the block layout of model.family={family.name} ({type(e).__name__}: {e})"
         ) from None
-
     unet = load_matching(lambda: UNet2DConditionModel.from_config(unet_config), unet_sd, "UNet", path, meta=True)
     vae = load_matching(lambda: AutoencoderKL.from_config(vae_config), vae_sd, "VAE", path, meta=True)
-    # CLIP keeps a non-persistent position_ids buffer, so it is built for real (small next to the UNet)
-    text_encoder = CLIPTextModel(text_config)
-    text_sd = _text_state_dict(sd, text_encoder, path)
-    text_encoder = load_matching(lambda: text_encoder, text_sd, "text encoder", path, meta=False)
-    return unet, vae, text_encoder
+
+    classes = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}
+    configs = [CLIPTextConfig.from_pretrained(config_dir / name) for name in family.text_encoders]
+    with torch.device("meta"):  # the OpenCLIP converter only reads the config off this one
+        first = classes[family.text_encoders[-1]](configs[-1])
+    encoders = []
+    for name, config, text_sd in zip(
+        family.text_encoders, configs, _text_state_dicts(sd, family, first, path), strict=True
+    ):
+        cls = classes[name]
+        with torch.device("meta"):
+            expected = set(cls(config).state_dict())
+        encoder = load_matching(
+            lambda c=cls, cf=config: c(cf),
+            fit_text_keys(text_sd, expected),
+            f"{name.replace('_', ' ')}",
+            path,
+            meta=True,
+        )
+        _fill_position_ids(encoder)
+        encoders.append(encoder)
+    return FrozenParts(unet, vae, *encoders)
+
+
+def load_single_file(path: Path, family: ModelFamily, config_dir: Path) -> FrozenParts:
+    """UNet, VAE and text encoder(s) from an LDM/sgm-layout file, shaped by the diffusers configs in `config_dir`."""
+    return convert_checkpoint(read_checkpoint(path), family, config_dir, path)

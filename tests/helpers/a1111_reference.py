@@ -212,8 +212,11 @@ def _comfyui_sequential(state: dict[str, Tensor], activation: str, is_layer_norm
     return nn.Sequential(*layers)
 
 
-def comfyui_load(path: str | Path, strength: float = 1.0) -> Pairs:
-    """Load like ComfyUI's HypernetworkLoader: rebuild each module from the stored ``*.weight`` keys."""
+def comfyui_load(path: str | Path, strength: float = 1.0, eval_mode: bool = False) -> Pairs:
+    """Load like ComfyUI's HypernetworkLoader: rebuild each module from the stored ``*.weight`` keys.
+
+    ComfyUI leaves the modules in training mode (Dropout active); ``eval_mode=True`` switches them off, for tests
+    that check only the rebuilt layer order of a file with dropout."""
     raw = torch.load(path, map_location="cpu", weights_only=True)
     activation = raw.get("activation_func", "linear")
     if activation not in _COMFYUI_ACTIVATIONS:
@@ -231,7 +234,8 @@ def comfyui_load(path: str | Path, strength: float = 1.0) -> Pairs:
             width = int(key)
         except (TypeError, ValueError):
             continue
-        modules = tuple(ReferenceModule(_comfyui_sequential(dict(state), **options), strength).eval()
+        # ComfyUI never switches these modules to eval mode: Dropout layers stay active at inference.
+        modules = tuple(ReferenceModule(_comfyui_sequential(dict(state), **options), strength).train(not eval_mode)
                         for state in (value[0], value[1]))
         pairs[width] = modules
     return pairs

@@ -7,6 +7,8 @@ import hashlib
 import torch
 import torch.nn.functional as F
 
+from hyperlit.models.components import TextEmbedding
+
 
 class FakeEncoder:
     """SDComponents stand-in: VAE = 8× average pool to 4 channels, text = hashed vectors; counts every call."""
@@ -40,6 +42,9 @@ class FakeEncoder:
         self.text_calls += 1
         self.prompts_encoded.extend(captions)
         return torch.stack([text_vector(c) for c in captions])
+
+    def encode_prompts(self, captions: list[str]) -> TextEmbedding:
+        return TextEmbedding(self.encode_text(captions))
 
     def fingerprint(self, component: str) -> str:
         return f"fake-{component}-{self.vae_version if component == 'vae' else self.text_version}"

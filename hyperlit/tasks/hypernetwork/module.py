@@ -18,6 +18,7 @@ from torch import Tensor
 from hyperlit.attention import attach_hypernetworks, detach_hypernetworks
 from hyperlit.hypernetwork import Hypernetwork
 from hyperlit.lr_schedule import base_learning_rate, build_scheduler
+from hyperlit.models.components import Conditioning, TextEmbedding
 from hyperlit.speed import FirstCallTimer, compile_unet, enable_gradient_checkpointing, use_channels_last
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -107,20 +108,33 @@ class HypernetworkTask(L.LightningModule):
 
     # --- the objective ---
 
+    def condition_for(self, batch: dict) -> Conditioning:
+        """The UNet conditioning of a batch, through the one family-neutral call: precomputed context (+ pooled) or
+        the captions, and the per-sample sizes (SDXL's time_ids; other families ignore them)."""
+        text = TextEmbedding(batch["context"], batch.get("pooled")) if "context" in batch else None
+        captions = None if text is not None else list(batch["caption"])
+        cond = self.components.condition(captions, batch.get("sizes"), text=text)
+        return cond.to(self.device, self.components.unet.dtype)
+
     def context_for(self, batch: dict) -> Tensor:
-        if "context" in batch:
-            return batch["context"]
-        return self.components.encode_text(list(batch["caption"])).to(self.device)
+        return self.condition_for(batch).context
 
     def loss_at(
-        self, latents: Tensor, noise: Tensor, timesteps: Tensor, context: Tensor, weight: Tensor | None = None
+        self,
+        latents: Tensor,
+        noise: Tensor,
+        timesteps: Tensor,
+        cond: Conditioning | Tensor,
+        weight: Tensor | None = None,
     ) -> Tensor:
-        """Per-sample MSE of the UNet's prediction to the target (eps or v) at the given noise and timesteps."""
+        """Per-sample MSE of the UNet's prediction to the target (eps or v) at the given noise and timesteps.
+        `cond`: from `components.condition` (a bare context tensor is enough for SD1/SD2)."""
         scheduler = self.components.noise_scheduler
         noisy = scheduler.add_noise(latents, noise, timesteps)
         target = noise if self.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
         unet = self.components.unet
-        prediction = unet(noisy.to(unet.dtype), timesteps, context.to(unet.dtype)).sample.float()
+        cond = (cond if isinstance(cond, Conditioning) else Conditioning(cond)).to(latents.device, unet.dtype)
+        prediction = unet(noisy.to(unet.dtype), timesteps, cond.context, **cond.unet_kwargs).sample.float()
         error = F.mse_loss(prediction, target, reduction="none")
         if weight is not None:
             error = error * weight
@@ -129,7 +143,7 @@ class HypernetworkTask(L.LightningModule):
     def compute_loss(self, batch: dict, generator: torch.Generator | None = None) -> Tensor:
         """Per-sample diffusion loss: noise a latent at a uniform timestep, MSE of the UNet's prediction."""
         latents = batch["latents"].float()
-        context = self.context_for(batch)
+        cond = self.condition_for(batch)
         scheduler = self.components.noise_scheduler
         batch_size = latents.shape[0]
         noise = torch.randn(latents.shape, generator=generator, device=latents.device)
@@ -140,7 +154,7 @@ class HypernetworkTask(L.LightningModule):
         timesteps = torch.randint(
             0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator, device=latents.device
         )
-        per_sample = self.loss_at(latents, noise, timesteps, context, batch.get("weight"))
+        per_sample = self.loss_at(latents, noise, timesteps, cond, batch.get("weight"))
         if self.min_snr_gamma is not None:
             per_sample = per_sample * min_snr_weights(
                 scheduler.alphas_cumprod, timesteps, self.min_snr_gamma, self.prediction_type

@@ -65,12 +65,14 @@ def vae_source(cfg: Any) -> tuple[ModelFamily, Path | None]:
     """The model family and the checked ``model.path`` (None: the embedded tiny model); reads no weights."""
     model = plain(cfg.get("model"))
     family = get_family(model.get("family", "tiny"))
-    path = model.get("path")
+    # model.vae_path (e.g. an fp16-fixed SDXL VAE) is the VAE the model uses, so it is the one to fine-tune
+    key = "model.vae_path" if model.get("vae_path") else "model.path"
+    path = model.get("vae_path") or model.get("path")
     if not path:
         if family.name != "tiny":
             raise ValueError(f"model.path is required for model.family={family.name} (a VAE or SD checkpoint)")
         return family, None
-    return family, resolve_path(path, "model.path", "a diffusers folder, a .safetensors/.ckpt/.pt VAE or SD checkpoint")
+    return family, resolve_path(path, key, "a diffusers folder, a .safetensors/.ckpt/.pt VAE or SD checkpoint")
 
 
 def read_vae(path: Path, **kwargs: Any) -> nn.Module:
@@ -102,7 +104,9 @@ def load_task_vae(cfg: Any) -> tuple[nn.Module, str, bool]:
             factors = {"scaling_factor": family.scaling_factor, "shift_factor": family.shift_factor or None}
         factors.update({k: vcfg[k] for k in ("scaling_factor", "shift_factor") if vcfg.get(k) is not None})
         vae = read_vae(p, norm_num_groups=int(vcfg.get("norm_num_groups") or 32), **factors)
-        source, embedded = f"model.path={plain(cfg.get('model')).get('path')}", False
+        model = plain(cfg.get("model"))
+        key = "vae_path" if model.get("vae_path") else "path"
+        source, embedded = f"model.{key}={model.get(key)}", False
     expected = vcfg.get("latent_channels") or family.latent_channels
     check_vae_layout(vae, int(expected), vcfg.get("use_quant_conv"), source)
     return vae, source, embedded
