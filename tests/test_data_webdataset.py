@@ -35,13 +35,13 @@ def test_shards_with_precomputed_latents_match_folder_and_skip_encoders(tmp_path
     folder = SAMPLE_DIR
     maker = FakeEncoder()
     shards = make_shards(folder, tmp_path / "shards", encoder=maker, resolution=64, name="shapes", samples_per_shard=5)
-    assert [p.name for p in shards] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+    assert [p.name for p in shards] == [f"shard-{i:06d}.tar" for i in range(4)]  # 16 images, 5 per shard
     with tarfile.open(shards[0]) as tf:
         names = tf.getnames()
     assert "00000000.png" in names and "00000000.latent.npy" in names and "00000000.context.npy" in names
     enc = FakeEncoder()
     dm = wdm(
-        str(tmp_path / "shards" / "shard-{000000..000002}.tar"),
+        str(tmp_path / "shards" / "shard-{000000..000003}.tar"),
         enc,
         batch_size=4,
         name="shapes",
@@ -56,7 +56,7 @@ def test_shards_with_precomputed_latents_match_folder_and_skip_encoders(tmp_path
         encoder=FakeEncoder(),
         resolution=64,
         name="shapes",
-        batch_size=12,
+        batch_size=16,
         latent_sampling="deterministic",
         shuffle=False,
         cache_dir=None,
@@ -73,7 +73,7 @@ def test_shards_with_precomputed_latents_match_folder_and_skip_encoders(tmp_path
             assert torch.allclose(lat, by_caption[c][0], atol=1e-6) and torch.equal(ctx, by_caption[c][1])
             assert torch.equal(sz, by_caption[c][2])  # the same size conditioning (SDXL time_ids) as the folder
             seen += 1
-    assert seen == 12 and set(got[0]) == {"caption", "latents", "context", "sizes"}
+    assert seen == 16 and set(got[0]) == {"caption", "latents", "context", "sizes"}
 
 
 def test_shards_without_latents_encode_on_device(tmp_path):
