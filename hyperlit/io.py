@@ -25,10 +25,19 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     tmp = target.parent / f".{target.name}.{unique}{suffix if suffix is not None else '.tmp'}"
     try:
         yield tmp
+        # Some writers (safetensors' Rust writer) still create their file 0600: give every output the permissions
+        # a plain open() would, so files written for other users (a shared A1111 models folder) stay readable.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, target)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -311,3 +311,15 @@ def test_malformed_safetensors_names_the_file(tmp_path: Path, original: Hypernet
     with pytest.raises(files.HypernetworkFileError, match="tensor 'stray' is not") as info:
         load_hypernetwork(bad)
     assert str(info.value).startswith(str(bad))
+
+
+def test_every_written_file_gets_the_permissions_of_a_plain_open(tmp_path):
+    """safetensors' writer creates 0600 files; outputs must be readable like any file the user's umask allows."""
+    from hyperlit.hypernetwork import HypernetworkConfig
+
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"")  # what open() gives under this umask: the oracle
+    hn = hypernetworks.randomised(HypernetworkConfig(), [8], seed=0)
+    for name in ("a.pt", "a.hyperlit.safetensors"):
+        written = files.save_hypernetwork(hn, tmp_path / name)
+        assert os.stat(written).st_mode & 0o777 == os.stat(plain).st_mode & 0o777, name
