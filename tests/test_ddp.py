@@ -60,12 +60,14 @@ def _env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-def _train(tmp_path: Path, *overrides: str, timeout: int = 240, val_count: int = 0) -> subprocess.CompletedProcess:
+def _train(
+    tmp_path: Path, *overrides: str, timeout: int = 240, val_count: int = 0, steps: int = 6
+) -> subprocess.CompletedProcess:
     work = tmp_path / "work"
     work.mkdir(exist_ok=True)
     command = [
         sys.executable, str(REPO_ROOT / "train.py"),
-        "trainer=ddp_cpu", "hypernet=linear_121", "logger=csv", "train.max_steps=6",
+        "trainer=ddp_cpu", "hypernet=linear_121", "logger=csv", f"train.max_steps={steps}",
         f"hydra.run.dir={tmp_path / 'out'}", f"data.cache_dir={tmp_path / 'cache'}",
         "~callbacks.progress", "trainer.enable_progress_bar=false", "callbacks.preview.steps=2",
         "data.batch_size=2", f"data.val_count={val_count}",  # 0: the tests below count every sample image
@@ -92,8 +94,8 @@ def _source_caption(prompt: str) -> str:
     return matches[-1]  # "orange triangle" (a file name) is also part of "orange triangle, sky background, ..."
 
 
-def _assert_each_sample_once_per_epoch(probes: list[dict], epochs: int) -> None:
-    assert len(set(SAMPLE_CAPTIONS)) == len(SAMPLE_CAPTIONS) == 12  # captions identify the samples
+def _assert_each_sample_once_per_epoch(probes: list[dict], epochs: int, steps_per_epoch: int) -> None:
+    assert len(set(SAMPLE_CAPTIONS)) == len(SAMPLE_CAPTIONS) == 16  # captions identify the samples
     for epoch in range(epochs):
         seen = Counter(
             _source_caption(prompt)
@@ -105,14 +107,14 @@ def _assert_each_sample_once_per_epoch(probes: list[dict], epochs: int) -> None:
         assert seen == Counter(SAMPLE_CAPTIONS), f"epoch {epoch}: {seen}"
     # Both ranks took the same number of steps in every epoch (a DDP hang otherwise).
     per_rank = [Counter(b["epoch"] for b in probe["batches"]) for probe in probes]
-    assert per_rank[0] == per_rank[1] == Counter({e: 3 for e in range(epochs)})
+    assert per_rank[0] == per_rank[1] == Counter({e: steps_per_epoch for e in range(epochs)})
 
 
-def _assert_identical_hypernetworks(tmp_path: Path, final_pt: Path) -> None:
+def _assert_identical_hypernetworks(tmp_path: Path, final_pt: Path, steps: int = 6) -> None:
     rank0, rank1 = _digests(tmp_path)
-    assert [line.split()[0] for line in rank0] == [str(s) for s in range(1, 7)]
+    assert [line.split()[0] for line in rank0] == [str(s) for s in range(1, steps + 1)]
     assert rank0 == rank1  # after every optimizer step, not only at the end
-    assert len({line.split()[1] for line in rank0}) == 6  # and training changed it at every step
+    assert len({line.split()[1] for line in rank0}) == steps  # and training changed it at every step
     # The file rank 0 exported is that same network (an independent path: the A1111 .pt reader).
     assert rank0[-1].split()[1] == state_digest(files.load_hypernetwork(final_pt))
 
@@ -120,25 +122,25 @@ def _assert_identical_hypernetworks(tmp_path: Path, final_pt: Path) -> None:
 @pytest.mark.slow
 def test_two_processes_on_folder_data(tmp_path):
     _train(
-        tmp_path, "callbacks.preview.every=3", "callbacks.export.save_every=3",
-        "callbacks.checkpoint.every_n_train_steps=3",
+        tmp_path, "callbacks.preview.every=4", "callbacks.export.save_every=4",
+        "callbacks.checkpoint.every_n_train_steps=4", steps=8,
     )
     out = tmp_path / "out"
     probes = _probes(tmp_path)
     assert [(p["global_rank"], p["world_size"], p["strategy"]) for p in probes] == [
         (0, 2, "DDPStrategy"), (1, 2, "DDPStrategy")]
-    _assert_identical_hypernetworks(tmp_path, out / "hypernetworks" / "linear_121.pt")
+    _assert_identical_hypernetworks(tmp_path, out / "hypernetworks" / "linear_121.pt", steps=8)
 
-    # 12 images, batch 2, 2 ranks: 3 steps per epoch on each rank; 6 steps = 2 epochs.
-    _assert_each_sample_once_per_epoch(probes, epochs=2)
+    # 16 images, batch 2, 2 ranks: 4 steps per epoch on each rank; 8 steps = 2 epochs.
+    _assert_each_sample_once_per_epoch(probes, epochs=2, steps_per_epoch=4)
 
     # The cache was filled once (prepare_data, before the other rank's setup) and both ranks only read it.
     assert [(p["setup_vae_calls"], p["setup_text_calls"]) for p in probes] == [(0, 0), (0, 0)]
 
     # One set of outputs, in the one run dir both ranks share; previews ran mid-training without a deadlock.
     assert sorted(p.name for p in (out / "hypernetworks").iterdir()) == [
-        "linear_121-3.pt", "linear_121-6.pt", "linear_121.hyperlit.safetensors", "linear_121.pt"]
-    assert sorted(p.name for p in (out / "images").iterdir()) == ["linear_121-3.png", "linear_121-6.png"]
+        "linear_121-4.pt", "linear_121-8.pt", "linear_121.hyperlit.safetensors", "linear_121.pt"]
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["linear_121-4.png", "linear_121-8.png"]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last.ckpt"]  # save_top_k=0: last only
     assert [p.parent.name for p in tmp_path.rglob(".hydra")] == ["out"]
     assert list((tmp_path / "work").iterdir()) == []  # no second run dir from rank 1
@@ -149,17 +151,18 @@ def test_two_processes_on_folder_data(tmp_path):
 def test_two_processes_on_webdataset_shards(tmp_path):
     from hyperlit.data import make_shards
 
-    shards = make_shards(SAMPLE_DIR, tmp_path / "shards", resolution=64, samples_per_shard=3, name="linear_121")
+    shards = make_shards(SAMPLE_DIR, tmp_path / "shards", resolution=64, samples_per_shard=4, name="linear_121")
     assert len(shards) == 4
     urls = str(tmp_path / "shards" / "shard-{000000..000003}.tar")
     _train(
-        tmp_path, "data=webdataset", f"data.urls='{urls}'", "data.epoch_length=12", "data.num_workers=0",
-        "data.resolution=64", "callbacks.preview.every=0",  # default shuffle buffer (1000)
+        tmp_path, "data=webdataset", f"data.urls='{urls}'", "data.epoch_length=16", "data.num_workers=0",
+        "data.resolution=64", "callbacks.preview.every=0", steps=8,  # default shuffle buffer (1000)
     )
     out = tmp_path / "out"
-    _assert_identical_hypernetworks(tmp_path, out / "hypernetworks" / "linear_121.pt")
-    # Finite shards, no resampling: split by node, every sample exactly once per epoch across the two ranks.
-    _assert_each_sample_once_per_epoch(_probes(tmp_path), epochs=2)
+    _assert_identical_hypernetworks(tmp_path, out / "hypernetworks" / "linear_121.pt", steps=8)
+    # Finite shards, no resampling: split by node, every sample exactly once per epoch across the two ranks
+    # (16 samples in 4 shards, 2 shards per rank, batch 2: 4 steps per epoch; 8 steps = 2 epochs).
+    _assert_each_sample_once_per_epoch(_probes(tmp_path), epochs=2, steps_per_epoch=4)
     assert sorted(p.name for p in (out / "hypernetworks").iterdir()) == [
         "linear_121.hyperlit.safetensors", "linear_121.pt"]
     assert [p.parent.name for p in tmp_path.rglob(".hydra")] == ["out"]

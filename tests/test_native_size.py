@@ -28,7 +28,7 @@ def test_family_table(family: str, prediction_type: str | None, size: int) -> No
 
 
 def spec(family: str, prediction_type: str) -> ModelSpec:
-    return ModelSpec(FAMILIES[family], "tiny", None, None, torch.float32, 0, prediction_type, 1)
+    return ModelSpec(FAMILIES[family], "tiny", None, None, None, None, torch.float32, 0, prediction_type, 1)
 
 
 def test_null_resolution_becomes_the_native_size_and_a_set_one_is_kept() -> None:

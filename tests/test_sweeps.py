@@ -204,7 +204,7 @@ def test_basic_multirun_runs_two_jobs_into_separate_folders(tmp_path):
     assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == ["0", "1"]
     for job, name, activation in (("0", "swish_121", "swish"), ("1", "linear_121", "linear")):
         files = sorted(p.name for p in (sweep_dir / job / "hypernetworks").iterdir())
-        assert files == [f"{name}.pt", f"{name}.safetensors"], (job, files)
+        assert files == [f"{name}.hyperlit.safetensors", f"{name}.pt"], (job, files)
         content = read_file(sweep_dir / job / "hypernetworks" / f"{name}.pt")
         assert content.config.activation == activation and content.step == 2
         assert f"hypernet={name}" in (sweep_dir / job / ".hydra" / "overrides.yaml").read_text()

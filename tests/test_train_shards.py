@@ -17,13 +17,13 @@ pytestmark = pytest.mark.slow
 def test_make_shards_then_train(train_cfg, tmp_path, monkeypatch):
     shards = tmp_path / "shards"
     assert main(["make-shards", str(SAMPLE_DIR), str(shards), "--model", "tiny",
-                 "--resolution", "64", "--samples-per-shard", "5"]) == 0
+                 "--resolution", "64", "--samples-per-shard", "6"]) == 0
     tars = sorted(shards.glob("*.tar"))
     assert [t.name for t in tars] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
     with tarfile.open(tars[0]) as tar:
         names = tar.getnames()
-    assert len([n for n in names if n.endswith(".latent.npy")]) == 5
-    assert len([n for n in names if n.endswith(".txt")]) == 5
+    assert len([n for n in names if n.endswith(".latent.npy")]) == 6
+    assert len([n for n in names if n.endswith(".txt")]) == 6
 
     cfg = train_cfg("data=webdataset", f"data.urls='{shards}/shard-{{000000..000002}}.tar'", "data.resolution=64",
                     "data.num_workers=0", "data.batch_size=4", "callbacks.preview.every=0",

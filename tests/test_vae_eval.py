@@ -148,7 +148,19 @@ def test_two_models_side_by_side_and_fail_if_worse(models, capsys, tmp_path: Pat
     assert code == 0
 
 
-def test_colour_warning_on_a_greyed_decoder_only(models, capsys) -> None:
+@pytest.fixture(scope="module")
+def base_vaes(tmp_path_factory) -> dict[str, Path]:
+    """The embedded tiny base's VAE (trained on the shapes the sample set shows) and a copy pulled toward grey."""
+    from diffusers import AutoencoderKL
+
+    from hyperlit.models.loader import TINY_BASE_DIR
+
+    grey = pull_to_grey(AutoencoderKL.from_pretrained(TINY_BASE_DIR / "vae"))
+    return {"fitted": TINY_BASE_DIR / "vae", "grey": save_diffusers_folder(grey, tmp_path_factory.mktemp("grey"))}
+
+
+def test_colour_warning_on_a_greyed_decoder_only(base_vaes, capsys) -> None:
+    models = base_vaes
     code, out, _ = run(
         capsys,
         "--data",
@@ -158,7 +170,7 @@ def test_colour_warning_on_a_greyed_decoder_only(models, capsys) -> None:
         "--model-path",
         str(models["grey"]),
         "--resolution",
-        str(RES),
+        "64",
         "--json",
     )
     assert code == 0
