@@ -64,20 +64,7 @@ class SampleSettings:
 def make_pipeline(components: SDComponents, sampler: str) -> StableDiffusionPipeline:
     """A pipeline over the components (nothing copied) with the sampler built from the model's scheduler config."""
     scheduler = check_sampler(sampler).scheduler.from_config(components.noise_scheduler.config)
-    if components.text_encoder_2 is not None:  # SDXL: StableDiffusionXLPipeline over the same parts
-        return build_pipeline(components, scheduler)
-    pipe = StableDiffusionPipeline(
-        vae=components.vae,
-        text_encoder=components.text_encoder,
-        tokenizer=components.tokenizer,
-        unet=components.unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return build_pipeline(components, scheduler)  # SD or SDXL pipeline over the same parts
 
 
 @torch.no_grad()
