@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset
 
 from hyperlit.data.buckets import plan_batches
 from hyperlit.data.images import (
@@ -34,6 +34,7 @@ from hyperlit.data.images import (
     to_pixels,
 )
 from hyperlit.data.skips import SkipEvent, SkipLog
+from hyperlit.data.stream import this_workers_share
 
 SMALL_IMAGES = ("upscale", "skip")
 
@@ -129,11 +130,8 @@ class ImageCrops(IterableDataset):
         return len(self.plan(0))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        for b, indices in enumerate(self.plan()):
-            if b % nw == wid:  # round-robin matches the DataLoader's worker order, so batch order is kept
-                yield collate([self[i] for i in indices])
+        for indices in this_workers_share(self.plan()):
+            yield collate([self[i] for i in indices])
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         """One crop: of file `index`, or of the next decodable file when that one fails (see the module doc)."""

@@ -38,6 +38,14 @@ class Sample:
     sizes: tuple[int, ...] = ()  # Placement.sizes(): original h, w, crop top, left, target h, w
 
 
+def this_workers_share(batches: list[list[int]]) -> Iterator[list[int]]:
+    """The batches this DataLoader worker yields: round-robin, which matches the DataLoader's worker order, so the
+    batch order of the plan is kept (all of them outside a worker)."""
+    info = get_worker_info()
+    worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+    return (batch for b, batch in enumerate(batches) if b % workers == worker)
+
+
 class BatchStream(IterableDataset):
     def __init__(
         self,
@@ -97,11 +105,8 @@ class BatchStream(IterableDataset):
         return len(self.plan(0))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        for b, batch in enumerate(self.plan()):
-            if b % nw == wid:  # round-robin matches the DataLoader's worker order, so batch order is kept
-                yield self.collate(batch)
+        for batch in this_workers_share(self.plan()):
+            yield self.collate(batch)
 
     def collate(self, indices: list[int]) -> dict[str, Any]:
         latents, captions, weights = [], [], []
