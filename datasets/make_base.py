@@ -12,7 +12,7 @@ machine and thread count); the stages print their wall time.
 Stages: 1 autoencoder (joint), 2 render the UNet's images and rescale the latent space, 2b autoencoder polish
 (more weight on hue), 3 UNet + text encoder on cached latents (EMA snapshots every --snapshot-every steps),
 4 optional decoder-only polish. --vae-from / --polish-from resume after stage 1 / stage 3 with the same result.
-The committed hyperlit/models/tiny_base was written by the defaults (see docs/benchmarks.md for its figures).
+The committed hyperlit/models/tiny_base was written by the defaults with --threads 1 (see docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -254,7 +254,7 @@ def train_diffusion(
     nets.train()
     t0, running = time.time(), 0.0
     # stop_after cuts the run short on the same schedule (the shipped weights are such a cut, see --stop-after)
-    for step in range(args.stop_after or steps):
+    for step in range(min(args.stop_after or steps, steps)):
         idx = torch.randint(len(captions), (batch,), generator=gen)
         latents = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * FAMILY.scaling_factor
         drop = torch.rand(batch, generator=gen) < CAPTION_DROPOUT
@@ -327,27 +327,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "hyperlit/models/tiny_base")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--vae-steps", type=int, default=800)
+    parser.add_argument("--vae-steps", type=int, default=2000)
     parser.add_argument("--vae-batch", type=int, default=16)
     parser.add_argument("--vae-lr", type=float, default=3e-3)
-    parser.add_argument("--vae-polish-steps", type=int, default=300, help="second autoencoder phase (0: none)")
+    parser.add_argument("--vae-polish-steps", type=int, default=600, help="second autoencoder phase (0: none)")
     parser.add_argument("--vae-polish-lr", type=float, default=1e-3)
     parser.add_argument("--vae-from", type=Path, default=None, help="resume: the vae/ of a run after its first phase")
     parser.add_argument("--decoder-steps", type=int, default=0, help="stage 4: decoder-only polish (0: none)")
     parser.add_argument("--decoder-lr", type=float, default=1e-3)
     parser.add_argument("--polish-from", type=Path, default=None, help="resume: a folder written by stage 3")
-    parser.add_argument("--images", type=int, default=6000, help="training images for the UNet (latents cached)")
-    parser.add_argument("--unet-steps", type=int, default=800)
+    parser.add_argument("--images", type=int, default=12000, help="training images for the UNet (latents cached)")
+    parser.add_argument("--unet-steps", type=int, default=8000)
     parser.add_argument("--unet-batch", type=int, default=64)
     parser.add_argument("--unet-lr", type=float, default=1e-3)
     parser.add_argument(
         "--stop-after",
         type=int,
-        default=None,
-        help="stop after this many updates, keeping the learning-rate schedule of --unet-steps (default: all)",
+        default=4001,
+        help="stop after this many updates, keeping the learning-rate schedule of --unet-steps (0: all). The "
+        "committed base stops after 4001 of 8000: the EMA snapshot written at step 4000",
     )
     parser.add_argument("--ema", type=float, default=0.995, help="EMA decay of the UNet + text encoder weights")
-    parser.add_argument("--snapshot-every", type=int, default=200, help="write the EMA model every N steps (0: off)")
+    parser.add_argument("--snapshot-every", type=int, default=1000, help="write the EMA model every N steps (0: off)")
     # one thread is the safe default on a shared machine: two OpenMP threads competing with other processes
     # for two cores ran ~15x slower here than one
     parser.add_argument("--threads", type=int, default=1)

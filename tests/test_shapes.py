@@ -80,3 +80,28 @@ def test_drawing_is_deterministic_and_captions_name_the_content():
     assert caption("purple", "square", "grey") == "a purple square on a grey background"
     with pytest.raises(ValueError, match="shape='star' is not allowed"):
         draw(Scene("red", "star", "white", 0.5, 0.5, 0.2))
+
+
+def test_style_line_separates_noisy_plain_backgrounds_from_faint_partial_checkers():
+    """Generations are soft and noisy: noise or a smooth shading on a plain background is not the style, while a
+    low-contrast checker with cells missing and blurred edges still is (what a half-learned style looks like)."""
+    from PIL import ImageFilter
+
+    from hyperlit.demo.shapes import CHECKER_CELL, STYLE_SCORE
+
+    rng = np.random.default_rng(0)
+    scene = Scene("blue", "square", "white", 0.5, 0.5, 0.2)
+    plain = np.asarray(draw(scene), dtype=np.float64)
+    yy, xx = np.mgrid[0:64, 0:64]
+    for _ in range(20):
+        noisy = plain + rng.normal(0, 6, plain.shape)  # grain
+        shaded = plain - 0.4 * (xx + yy)[..., None]  # a smooth vignette-like shading, 0..50 grey levels
+        for arr in (noisy, shaded):
+            assert judge(np.clip(arr, 0, 255) / 255).checker_score < STYLE_SCORE / 2
+    cells = ((yy // CHECKER_CELL + xx // CHECKER_CELL) % 2).astype(bool)
+    for _ in range(20):
+        keep = rng.random((4, 4)) < 0.75  # a quarter of the dark cells missing
+        dark = cells & keep[yy // CHECKER_CELL, xx // CHECKER_CELL]
+        faint = plain - 25.0 * dark[..., None] + rng.normal(0, 4, plain.shape)  # a third of the drawn contrast
+        img = Image.fromarray(np.clip(faint, 0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(1.5))
+        assert judge(img).checker, judge(img).checker_score
