@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
@@ -246,3 +247,137 @@ def test_hypernetwork_loaded_from_a_pt_is_the_file_content(tmp_path: Path) -> No
     hn = randomised(HypernetworkConfig(), sizes=[8], name="x")
     loaded = load_hypernetwork(save_hypernetwork(hn, tmp_path / "named.pt"))
     assert isinstance(loaded, Hypernetwork) and loaded.name == "named" and not loaded.training
+
+
+def test_pt_stores_fp32_and_keeps_optional_info(tmp_path: Path) -> None:
+    content = to_file_content(randomised(HypernetworkConfig(), sizes=[8]))
+    for states in content.layers.values():
+        for state in states:
+            for key in state:
+                state[key] = state[key].to(torch.bfloat16)
+    content.optional_info = "made by hand"
+    path = write_file(tmp_path / "bf16.pt", content)
+    raw = torch.load(path, weights_only=True)
+    assert {t.dtype for t in raw[8][0].values()} | {t.dtype for t in raw[8][1].values()} == {torch.float32}
+    assert raw["optional_info"] == "made by hand" and a1111.read_pt(path).optional_info == "made by hand"
+
+
+# --- the torch-file reader's messages -------------------------------------------------------------------
+
+
+def test_refused_code_message_in_full(tmp_path: Path) -> None:
+    import builtins
+
+    class Code:
+        def __reduce__(self) -> tuple:
+            return (builtins.exec, ("x = 1",))
+
+    path = tmp_path / "code.ckpt"
+    torch.save({"w": torch.ones(1), "code": Code()}, path)
+    with pytest.raises(ValueError) as info:
+        load_torch_file(path, label="model.path=code.ckpt")
+    pattern = (
+        r"model\.path=code\.ckpt holds pickled objects beyond tensors \((builtins\.)?exec\): code or objects that "
+        r"weights_only loading does not allow; the file was refused, nothing in it ran"
+    )
+    assert re.fullmatch(pattern, str(info.value)), str(info.value)
+
+
+def test_other_load_errors_are_summarised_on_one_line_without_unsafe_advice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "odd.pt"
+    path.write_bytes(b"something")
+    errors = {
+        "bad  header\n" + "x" * 300: "f.pt is not a readable torch file (truncated, corrupt or another format): "
+        "RuntimeError: bad header " + "x" * 189,  # whitespace collapsed, 200 characters kept
+        "retry with weights_only=False": "f.pt is not a readable torch file (truncated, corrupt or another format)",
+    }
+    for text, message in errors.items():
+
+        def fail(*args, text=text, **kwargs):
+            raise RuntimeError(text)
+
+        monkeypatch.setattr(torch, "load", fail)
+        with pytest.raises(ValueError) as info:
+            load_torch_file(path, label="f.pt")
+        assert str(info.value) == message
+
+
+# --- .safetensors: hand-made files ------------------------------------------------------------------------
+
+
+def crafted(tmp_path: Path, filename: str, tensors: dict | None = None, **metadata: str | None) -> Path:
+    """A .safetensors with a real file's tensors and metadata, then `tensors` added and `metadata` changed
+    (None removes a key)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    good = save_hypernetwork(randomised(HypernetworkConfig(), sizes=[8, 12]), tmp_path / "good.safetensors")
+    with safe_open(str(good), "pt") as handle:
+        meta = dict(handle.metadata())
+    all_tensors = {**load_file(good), **(tensors or {})}
+    for key, value in metadata.items():
+        if value is None:
+            meta.pop(key, None)
+        else:
+            meta[key] = value
+    path = tmp_path / filename
+    save_file(all_tensors, str(path), metadata=meta)
+    return path
+
+
+def test_safetensors_refusals_name_the_file_and_the_problem(tmp_path: Path) -> None:
+    import json
+
+    missing = tmp_path / "missing.safetensors"
+    with pytest.raises(HypernetworkFileError) as info:
+        read_file(missing)
+    assert str(info.value) == f"{missing}: no such file"
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x00" * 20)
+    with pytest.raises(HypernetworkFileError) as info:
+        read_file(junk)
+    assert str(info.value).startswith(f"{junk}: not a readable safetensors file: ")
+
+    cases = {
+        "format.safetensors": ({}, {"format": "other"},
+                               "not a hyperlit hypernetwork (metadata 'format' is 'other', expected "
+                               "'hyperlit-hypernetwork')"),
+        "config.safetensors": ({}, {"config": "{\"activation\": \"swishy\"}"},
+                               "the 'config' metadata is not valid: hypernet.activation: 'swishy' is not supported"),
+        "sizes.safetensors": ({}, {"config": json.dumps({"sizes": [8, 16]})},
+                              "config sizes [8, 16] do not match the stored widths [8, 12]"),
+        "path.safetensors": ({"8.2.linear.0.weight": torch.zeros(1)}, {},
+                             "tensor '8.2.linear.0.weight' is not '<width>.<0|1>.<key>'"),
+        "width.safetensors": ({"x.0.linear.0.weight": torch.zeros(1)}, {},
+                              "tensor 'x.0.linear.0.weight' is not '<width>.<0|1>.<key>'"),
+    }  # fmt: skip
+    for name, (tensors, metadata, message) in cases.items():
+        path = crafted(tmp_path, name, tensors, **metadata)
+        with pytest.raises(HypernetworkFileError) as info:
+            read_file(path)
+        assert str(info.value).startswith(f"{path}: {message}"), str(info.value)
+
+
+def test_safetensors_with_unexpected_tensor_names_is_refused_cleanly(tmp_path: Path) -> None:
+    # keys that are not linear.<n>.weight|bias reach the strict load and are named there, not a crash before
+    for name, extra in (("short.safetensors", "8.0.extra"), ("odd.safetensors", "8.0.linear.0.extra")):
+        path = crafted(tmp_path, name, {extra: torch.zeros(1)})
+        message = refusal(path)
+        assert message.startswith(f"{path}: width 8 K module does not fit the structure"), message
+        assert "Unexpected key(s)" in message
+
+
+def test_safetensors_metadata_defaults(tmp_path: Path) -> None:
+    import json
+
+    auto = crafted(tmp_path, "auto.safetensors", config=json.dumps({"sizes": "auto"}))
+    assert list(read_file(auto).layers) == [8, 12]  # no width order stored: sorted
+    bare = crafted(tmp_path, "bare.safetensors", name=None, step=None)
+    content = read_file(bare)
+    assert (content.name, content.step) == ("bare", 0)
+    odd_step = crafted(tmp_path, "odd.safetensors", name="stored", step="x")
+    content = read_file(odd_step)
+    assert (content.name, content.step) == ("stored", 0)
+    assert read_file(crafted(tmp_path, "step.safetensors", step="42")).step == 42

@@ -23,7 +23,8 @@ SOURCES[loss]="hyperlit/tasks/hypernetwork/module.py"
 TESTS[loss]="tests/test_task.py tests/test_audit_checkpoint.py tests/test_audit_task.py"
 SOURCES[formats]="hyperlit/files/__init__.py hyperlit/files/a1111.py hyperlit/files/safetensors.py hyperlit/files/content.py
   hyperlit/files/pt_zip.py hyperlit/files/torch_file.py"
-TESTS[formats]="tests/test_a1111.py tests/test_formats_cli.py tests/test_torch_file.py tests/test_audit_formats.py"
+TESTS[formats]="tests/test_a1111.py tests/test_formats_cli.py tests/test_torch_file.py tests/test_audit_formats.py
+  --deselect=tests/test_formats_cli.py::test_convert_as_subprocess_with_console_script"  # 11 s a subprocess; the same convert runs in process
 SOURCES[caches]="hyperlit/data/cache.py hyperlit/data/records.py"
 TESTS[caches]="tests/test_data_cache.py tests/test_audit_data.py tests/test_data_module.py tests/test_data_bad_input.py"
 SOURCES[skips]="hyperlit/data/skips.py hyperlit/data/images.py hyperlit/data/pixels.py"
