@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import logging
 import re
+import struct
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
@@ -381,3 +382,81 @@ def test_safetensors_metadata_defaults(tmp_path: Path) -> None:
     content = read_file(odd_step)
     assert (content.name, content.step) == ("stored", 0)
     assert read_file(crafted(tmp_path, "step.safetensors", step="42")).step == 42
+
+
+def test_the_weights_only_protection_holds_when_the_environment_asks_to_drop_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import builtins
+
+    marker = tmp_path / "ran"
+
+    class WritesMarker:
+        def __reduce__(self) -> tuple:
+            return (builtins.exec, (f"open({str(marker)!r}, 'w').write('x')",))
+
+    path = tmp_path / "code.ckpt"
+    torch.save({"w": torch.ones(1), "code": WritesMarker()}, path)
+    # torch's switch for loads that do not pass weights_only explicitly; ours always does
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    with pytest.raises(ValueError, match="refused"):
+        load_torch_file(path)
+    assert not marker.exists()
+
+
+# --- file names, conversion to and from a Hypernetwork ------------------------------------------------------
+
+
+def test_unknown_extensions_are_refused_naming_the_allowed_ones(tmp_path: Path) -> None:
+    for name, shown in (("hn.bin", "'.bin'"), ("hn", "'(none)'")):
+        with pytest.raises(HypernetworkFileError) as info:
+            read_file(tmp_path / name)
+        assert str(info.value) == (
+            f"{tmp_path / name}: extension {shown} is not a hypernetwork format; allowed: .pt, .safetensors"
+        )
+
+
+def test_file_content_carries_the_networks_metadata_and_width_order(tmp_path: Path) -> None:
+    hn = randomised(HypernetworkConfig(), sizes=[12, 8], name="style")
+    hn.optional_info, hn.step = "notes", 40
+    content = to_file_content(hn)
+    assert (content.name, content.optional_info, content.step) == ("style", "notes", 40)
+    assert content.config.sizes == [12, 8] and list(content.layers) == [12, 8]
+    assert hn.config.sizes == "auto"  # the network's own config is not changed
+    stored = read_file(write_file(tmp_path / "file.safetensors", content, name="given"))
+    assert stored.name == "given"
+    state = {"state": {}, "param_groups": [{"lr": 0.1, "params": []}]}
+    path = save_hypernetwork(hn, tmp_path / "opt.pt", optimizer_state=state)
+    assert a1111.read_optim(path) == ("AdamW", state)
+
+
+# --- the .pt zip container --------------------------------------------------------------------------------
+
+
+def local_extra(data: bytes, member: zipfile.ZipInfo) -> tuple[bytes, int]:
+    """(extra field of the member's local header, offset where its bytes start): the header is 30 bytes, then the
+    name and the extra field."""
+    name_length, extra_length = struct.unpack("<HH", data[member.header_offset + 26 : member.header_offset + 30])
+    start = member.header_offset + 30 + name_length
+    return data[start : start + extra_length], start + extra_length
+
+
+def test_pt_members_have_fixed_dates_and_tensor_data_aligned_like_torch(tmp_path: Path) -> None:
+    reference = io.BytesIO()
+    torch.save({"w": torch.ones(3)}, reference)
+    with zipfile.ZipFile(reference) as archive:  # torch's own padding field: id "FB", size, "Z" bytes
+        tensor_member = next(i for i in archive.infolist() if "/data/" in i.filename)
+    torch_extra, torch_start = local_extra(reference.getvalue(), tensor_member)
+    assert torch_extra[:2] == b"FB" and set(torch_extra[4:]) == {ord("Z")} and torch_start % 64 == 0
+
+    path = save_hypernetwork(randomised(HypernetworkConfig(), sizes=[8, 12]), tmp_path / "hn.pt")
+    data = path.read_bytes()
+    with zipfile.ZipFile(path) as archive:
+        members = archive.infolist()
+    assert sum("/data/" in m.filename for m in members) == 16  # 2 widths x (K, V) x 2 Linears x (weight, bias)
+    for member in members:
+        assert member.date_time == (1980, 1, 1, 0, 0, 0)  # the zip epoch: same content, same bytes
+        extra, start = local_extra(data, member)
+        assert start % 64 == 0, member.filename  # mmap maps the tensors in place
+        assert extra[:2] == b"FB" and int.from_bytes(extra[2:4], "little") == len(extra) - 4
+        assert set(extra[4:]) <= {ord("Z")}
