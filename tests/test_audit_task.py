@@ -252,6 +252,31 @@ def test_every_tensor_of_the_loss_is_made_on_the_latents_device():
     assert {call["sample"].device.type, call["timestep"].device.type, call["context"].device.type} == {"meta"}
     weights = min_snr_weights(torch.linspace(0.99, 0.01, 1000), torch.tensor([1, 500], device="meta"), 5.0, "epsilon")
     assert weights.device.type == "meta"
+    # each entry point moves the conditioning itself (condition_for to the module's device, loss_at to the latents')
+    assert task.condition_for(batch).context.device.type == "meta"
+    latents = batch["latents"]
+    task.loss_at(latents, torch.zeros_like(latents), torch.tensor([3, 4], device="meta"), torch.zeros(2, 77, 48))
+    assert unet.calls[-1]["context"].device.type == "meta"
+
+
+def test_training_step_logs_loss_and_samples_per_second_over_all_ranks(monkeypatch):
+    task = stand_in_task()
+    ticks = iter([10.0, 10.25])
+    clock = SimpleNamespace(perf_counter=lambda: next(ticks))
+    monkeypatch.setattr(sys.modules[HypernetworkTask.__module__], "time", clock)
+    logged: list[tuple] = []
+    monkeypatch.setattr(task, "log", lambda name, value, **kw: logged.append((name, float(value), kw)))
+    task._trainer = SimpleNamespace(world_size=3)  # what training_step reads of the trainer
+    batch = {"latents": torch.randn(2, 4, 8, 8), "context": torch.randn(2, 77, 48)}
+    first = task.training_step(batch, 0)
+    task.training_step(batch, 1)
+    assert first.dim() == 0 and logged[0][0] == "train/loss" and logged[0][1] == pytest.approx(float(first))
+    assert [(name, kw) for name, _, kw in logged] == [
+        ("train/loss", {"prog_bar": True, "batch_size": 2}),
+        ("train/loss", {"prog_bar": True, "batch_size": 2}),
+        ("train/samples_per_s", {"prog_bar": True, "batch_size": 2}),
+    ]
+    assert logged[2][1] == 2 * 3 / 0.25  # samples of every rank per second of this rank's clock
 
 
 def test_fit_start_moves_the_components_to_the_module_device():
