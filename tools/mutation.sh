@@ -26,7 +26,8 @@ SOURCES[formats]="hyperlit/files/__init__.py hyperlit/files/a1111.py hyperlit/fi
 TESTS[formats]="tests/test_a1111.py tests/test_formats_cli.py tests/test_torch_file.py tests/test_audit_formats.py
   --deselect=tests/test_formats_cli.py::test_convert_as_subprocess_with_console_script"  # 11 s a subprocess; the same convert runs in process
 SOURCES[caches]="hyperlit/data/cache.py hyperlit/data/records.py"
-TESTS[caches]="tests/test_data_cache.py tests/test_audit_data.py tests/test_data_module.py tests/test_data_bad_input.py"
+TESTS[caches]="tests/test_data_cache.py tests/test_audit_data.py tests/test_data_module.py tests/test_data_bad_input.py
+  tests/test_audit_caches.py"
 SOURCES[skips]="hyperlit/data/skips.py hyperlit/data/images.py hyperlit/data/pixels.py"
 TESTS[skips]="tests/test_data_bad_input.py tests/test_audit_data.py tests/test_data_images.py
   tests/test_vae_data.py::test_counts_from_two_workers_reach_the_main_process_exactly
