@@ -149,3 +149,36 @@ def test_a_corrupt_entry_another_process_already_deleted_is_just_a_miss(
 
     monkeypatch.setattr(cache_module, "safe_open", corrupt_and_gone)
     assert cache.get(key) is None
+
+
+def test_an_unreadable_file_is_counted_and_the_rest_still_encoded(tmp_path: Path) -> None:
+    missing = SourceItem("gone.png", "x", path=tmp_path / "gone.png")  # listed, then deleted before reading
+    skips = SkipLog()
+    enc = encode_items([missing, *items()], FakeEncoder(), options(tmp_path), skips, None, write=False)
+    assert sorted(r.where for r in enc.records) == ["t0", "t1", "w0", "w1", "w2"]
+    assert dict(skips.counts) == {"unreadable": 1}
+    assert skips.examples["unreadable"] == [f"gone.png: [Errno 2] No such file or directory: '{tmp_path / 'gone.png'}'"]
+
+
+def rgba_png(size: tuple[int, int]) -> bytes:
+    alpha = torch.zeros(size[1], size[0], dtype=torch.uint8)
+    alpha[:, : size[0] // 2] = 255  # left half opaque
+    rgb = torch.full((size[1], size[0], 3), 128, dtype=torch.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(torch.cat([rgb, alpha[..., None]], dim=2).numpy(), mode="RGBA").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_alpha_maps_have_the_latent_shape_and_come_back_from_the_cache(tmp_path: Path) -> None:
+    opts, cache = options(tmp_path, buckets=True), str(tmp_path / "cache")
+    data = rgba_png((64, 32))
+    first = encode_items([SourceItem("a.png", "x", data=data)], FakeEncoder(), opts, SkipLog(), cache, write=True)
+    (rec,) = first.records
+    # bucket 40x24 -> latents 5 wide, 3 high: the alpha map is h x w = 3 x 5, opaque on the left
+    assert rec.mean.shape == (4, 3, 5) and rec.alpha.shape == (3, 5)
+    assert float(rec.alpha[:, 0].min()) > 0.9 and float(rec.alpha[:, -1].max()) < 0.1
+    key = make_key("latent", image=cache_module.sha256_bytes(data), vae="fake-vae-v1", target=(40, 24), resize="crop")
+    assert (tmp_path / "cache" / "latents" / key[:2] / f"{key}.safetensors").is_file()  # the documented key
+    again = FakeEncoder()
+    second = encode_items([SourceItem("a.png", "x", data=data)], again, opts, SkipLog(), cache, write=True)
+    assert again.image_calls == 0 and torch.equal(second.records[0].alpha, rec.alpha)
