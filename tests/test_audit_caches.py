@@ -182,3 +182,12 @@ def test_alpha_maps_have_the_latent_shape_and_come_back_from_the_cache(tmp_path:
     again = FakeEncoder()
     second = encode_items([SourceItem("a.png", "x", data=data)], again, opts, SkipLog(), cache, write=True)
     assert again.image_calls == 0 and torch.equal(second.records[0].alpha, rec.alpha)
+
+
+def test_cache_keys_are_the_sha256_of_sorted_json_with_kind_and_version() -> None:
+    import hashlib
+
+    key = make_key("latent", target=(32, 32), image="abc", where=Path("a/b.png"))
+    blob = '{"image": "abc", "kind": "latent", "target": [32, 32], "v": "1", "where": "a/b.png"}'
+    assert key == hashlib.sha256(blob.encode()).hexdigest()
+    assert make_key("latent", image="abc", target=(32, 32), where=Path("a/b.png")) == key  # argument order: same key
