@@ -191,3 +191,19 @@ def test_cache_keys_are_the_sha256_of_sorted_json_with_kind_and_version() -> Non
     blob = '{"image": "abc", "kind": "latent", "target": [32, 32], "v": "1", "where": "a/b.png"}'
     assert key == hashlib.sha256(blob.encode()).hexdigest()
     assert make_key("latent", image="abc", target=(32, 32), where=Path("a/b.png")) == key  # argument order: same key
+
+
+def gray_png(size: tuple[int, int]) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("L", size, 90).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_bad_and_repaired_images_are_counted_with_their_names_and_stretch_keeps_the_whole_image(tmp_path: Path):
+    sources = [SourceItem("bad.png", "x", data=b"not an image"), SourceItem("gray.png", "y", data=gray_png((64, 32)))]
+    skips = SkipLog()
+    enc = encode_items(sources, FakeEncoder(), options(tmp_path, resize="stretch"), skips, None, write=False)
+    assert dict(skips.counts) == {"not_an_image": 1, "converted_grayscale": 1}
+    assert skips.examples == {"not_an_image": ["bad.png: not a readable image format"], "converted_grayscale": ["gray.png"]}
+    (rec,) = enc.records
+    assert rec.where == "gray.png" and rec.placement == Placement((32, 32), (32, 32), (0, 0), (64, 32))
