@@ -204,6 +204,9 @@ def test_bad_and_repaired_images_are_counted_with_their_names_and_stretch_keeps_
     skips = SkipLog()
     enc = encode_items(sources, FakeEncoder(), options(tmp_path, resize="stretch"), skips, None, write=False)
     assert dict(skips.counts) == {"not_an_image": 1, "converted_grayscale": 1}
-    assert skips.examples == {"not_an_image": ["bad.png: not a readable image format"], "converted_grayscale": ["gray.png"]}
+    assert skips.examples == {
+        "not_an_image": ["bad.png: not a readable image format"],
+        "converted_grayscale": ["gray.png"],
+    }
     (rec,) = enc.records
     assert rec.where == "gray.png" and rec.placement == Placement((32, 32), (32, 32), (0, 0), (64, 32))
