@@ -1,0 +1,158 @@
+"""Audit (issue 14, mutmut survivors of hyperlit.data.images and hyperlit.data.skips): placements, crops and
+pixels against hand computations, A1111's use_weight map, colour-mode repairs, error kinds and the skip summary.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hyperlit.data.images import (
+    Placement,
+    _rawmode,
+    _read_error_kind,
+    _to_rgb,
+    alpha_map,
+    decode_image,
+    place,
+    to_pixels,
+    weight_from_alpha,
+)
+from hyperlit.data.skips import SkipLog
+
+
+def ramp(size: tuple[int, int]) -> Image.Image:
+    w, h = size
+    arr = (np.arange(w * h * 3).reshape(h, w, 3) * 7 % 251).astype(np.uint8)
+    return Image.fromarray(arr)
+
+
+# --- place / to_pixels / alpha_map ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("source", "target", "mode", "expected"),
+    [
+        ((64, 32), (32, 32), "stretch", Placement((32, 32), (32, 32), (0, 0), (64, 32))),
+        # cover: scale max(32/64, 32/32) = 1 -> 64x32, centre crop (16, 0)
+        ((64, 32), (32, 32), "crop", Placement((32, 32), (64, 32), (16, 0), (64, 32))),
+        # scale max(32/30, 32/50) = 1.0667 -> 32 x 53.3 (rounded 53), crop (0, 10)
+        ((30, 50), (32, 32), "crop", Placement((32, 32), (32, 53), (0, 10), (30, 50))),
+        # scale max(40/80, 24/24) = 1 -> 80x24, crop (20, 0)
+        ((80, 24), (40, 24), "crop", Placement((40, 24), (80, 24), (20, 0), (80, 24))),
+    ],
+)
+def test_place_by_hand(source, target, mode, expected) -> None:
+    assert place(source, target, mode) == expected
+
+
+def test_placement_sizes_are_sdxl_time_ids() -> None:
+    # (original h, original w, crop top, crop left, target h, target w)
+    assert Placement((40, 24), (48, 24), (4, 0), (64, 32)).sizes() == (32, 64, 0, 4, 24, 40)
+
+
+def test_pixels_are_the_resized_crop_scaled_to_minus_one_one() -> None:
+    img = ramp((80, 24))
+    p = place(img.size, (40, 24), "crop")  # no resize, crop 20 px from the left
+    expected = torch.from_numpy(np.asarray(img, dtype=np.float32)[:, 20:60]).permute(2, 0, 1) / 127.5 - 1
+    assert torch.equal(to_pixels(img, p), expected)
+    img = ramp((64, 64))
+    p = place(img.size, (32, 32), "crop")  # resize only
+    resized = np.asarray(img.resize((32, 32), Image.BICUBIC), dtype=np.float32)
+    assert torch.equal(to_pixels(img, p), torch.from_numpy(resized).permute(2, 0, 1) / 127.5 - 1)
+    img = ramp((32, 33))
+    p = place(img.size, (32, 32), "crop")  # one row too many: crop (0, 0) still cuts it
+    assert p.crop == (0, 0) and p.resized == (32, 33)
+    expected = torch.from_numpy(np.asarray(img, dtype=np.float32)[:32]).permute(2, 0, 1) / 127.5 - 1
+    assert torch.equal(to_pixels(img, p), expected)
+
+
+def test_alpha_map_is_alpha_over_255_at_latent_size() -> None:
+    alpha = Image.fromarray(np.tile(np.array([[0, 255]], dtype=np.uint8).repeat(16, axis=1), (32, 1)))  # 32x32
+    p = place(alpha.size, (32, 32), "crop")
+    a = alpha_map(alpha, p, (4, 2))  # latent w=4, h=2
+    assert a.shape == (2, 4) and a.dtype == torch.float32
+    expected = np.asarray(alpha.resize((4, 2), Image.BICUBIC), dtype=np.float32) / 255.0
+    assert torch.equal(a, torch.from_numpy(expected))
+    assert float(a[0, 0]) == 0.0 and float(a[0, -1]) == 1.0
+
+
+def test_weight_from_alpha_is_a1111s_use_weight() -> None:
+    assert torch.equal(weight_from_alpha(None, 4, (2, 3)), torch.ones(4, 2, 3))
+    assert torch.equal(weight_from_alpha(torch.full((2, 3), 0.7), 4, (2, 3)), torch.ones(4, 2, 3))  # no NaN
+    alpha = torch.tensor([[0.25, 0.75], [1.25, 0.75]])
+    # shifted to min 0: [[0, .5], [1, .5]], mean 0.5 -> [[0, 1], [2, 1]], one copy per channel
+    w = weight_from_alpha(alpha, 3, (2, 2))
+    assert torch.equal(w, torch.tensor([[0.0, 1.0], [2.0, 1.0]]).expand(3, 2, 2))
+    w[0, 0, 0] = 9.0  # the channels are separate memory, not views of one map
+    assert float(w[1, 0, 0]) == 0.0
+
+
+# --- colour modes ---------------------------------------------------------------------------------------
+
+
+def tiff(img: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    img.save(buffer, format="TIFF")
+    return buffer.getvalue()
+
+
+def test_float_images_rescale_by_their_depth_and_clip() -> None:
+    # an "F" image above 255 is taken as 16-bit: v / 65535 * 255, rounded; below 0 and above 65535 clipped
+    values = np.array([[-5.0, 256.0, 65407.0, 70000.0]], dtype=np.float32)
+    decoded = decode_image(tiff(Image.fromarray(values, mode="F")))
+    assert decoded.repairs == ["converted_16bit", "converted_grayscale"]
+    # 256 -> 1.5 -> 1; 65407 -> 254.502 + 0.5 -> 255 (254 if divided by 65536)
+    assert np.asarray(decoded.rgb)[0, :, 0].tolist() == [0, 1, 255, 255]
+    low = decode_image(tiff(Image.fromarray(np.array([[0.0, 100.0, 255.0]], dtype=np.float32), mode="F")))
+    assert np.asarray(low.rgb)[0, :, 0].tolist() == [0, 100, 255]  # max <= 255: already 8-bit values
+
+
+def test_sixteen_bit_alpha_and_palette_alpha_modes_are_reported() -> None:
+    for mode in ("RGBA", "LA"):
+        decoded = _to_rgb(Image.new(mode, (2, 2)), sixteen_bit=True)
+        assert decoded.repairs[0] == "converted_16bit" and decoded.alpha is not None, mode
+    pa = _to_rgb(Image.new("PA", (2, 2)))
+    assert pa.repairs == ["converted_palette"] and pa.alpha is not None and pa.rgb.mode == "RGB"
+    palette = Image.new("P", (2, 1), 0)
+    palette.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    palette.putpixel((1, 0), 1)
+    palette.info["transparency"] = 0  # palette entry 0 (red) is transparent
+    decoded = _to_rgb(palette)
+    assert decoded.repairs == ["converted_palette"]
+    assert list(decoded.alpha.getdata()) == [0, 255] and list(decoded.rgb.getdata()) == [(255, 0, 0), (0, 0, 255)]
+
+
+@pytest.mark.parametrize(
+    ("message", "kind"),
+    [
+        ("image file is truncated (3 bytes not processed)", "truncated"),
+        ("broken data stream when reading image file", "truncated"),
+        ("Unexpected End Of File", "truncated"),
+        ("cannot identify image mode", "unreadable"),
+    ],
+)
+def test_read_error_kinds(message, kind) -> None:
+    assert _read_error_kind(OSError(message)) == kind
+
+
+def test_raw_modes_from_tile_arguments() -> None:
+    assert _rawmode("RGB;16") == "RGB;16"
+    assert _rawmode(("I;16B", 0, 1)) == "I;16B"
+    assert _rawmode(()) == "" and _rawmode(None) == "" and _rawmode(["RGB;16"]) == ""
+
+
+# --- the skip summary -----------------------------------------------------------------------------------
+
+
+def test_describe_lists_kinds_with_examples_and_says_when_nothing_was_found() -> None:
+    assert SkipLog().describe() == "  (no files were found)"
+    skips = SkipLog(verbose=False)
+    skips.add("truncated", "a.png", "cut")
+    skips.add("truncated", "b.png")
+    skips.merge({"not_an_image": 2})  # counts from a stream: no examples
+    assert skips.describe() == "  not_an_image: 2  e.g. \n  truncated: 2  e.g. a.png: cut; b.png"
