@@ -30,6 +30,7 @@ TESTS[caches]="tests/test_data_cache.py tests/test_audit_data.py tests/test_data
   tests/test_audit_caches.py"
 SOURCES[skips]="hyperlit/data/skips.py hyperlit/data/images.py hyperlit/data/pixels.py"
 TESTS[skips]="tests/test_data_bad_input.py tests/test_audit_data.py tests/test_data_images.py tests/test_audit_images.py
+  tests/test_audit_pixels.py
   tests/test_vae_data.py::test_counts_from_two_workers_reach_the_main_process_exactly
   tests/test_vae_data.py::test_a_file_failing_at_load_time_is_replaced_by_the_next_one
   tests/test_vae_data.py::test_scan_counts_small_and_bad_files tests/test_vae_data.py::test_crops_are_in_range_and_fixed_crops_repeat"
