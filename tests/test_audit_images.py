@@ -156,3 +156,82 @@ def test_describe_lists_kinds_with_examples_and_says_when_nothing_was_found() ->
     skips.add("truncated", "b.png")
     skips.merge({"not_an_image": 2})  # counts from a stream: no examples
     assert skips.describe() == "  not_an_image: 2  e.g. \n  truncated: 2  e.g. a.png: cut; b.png"
+
+
+def png_16bit(width: int, height: int, colour_type: int, samples: list[int]) -> bytes:
+    """A 16-bit PNG written by hand (PIL cannot write 16-bit RGBA or LA): `samples` per pixel, big-endian."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = b"\x00" + b"".join(struct.pack(">H", s) for s in samples) * width
+    header = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(row * height)) + chunk(
+        b"IEND", b""
+    )
+
+
+@pytest.mark.parametrize(("colour_type", "samples"), [(6, [0x8000, 0x4000, 0xFF00, 0xFFFF]), (4, [0x8000, 0xFFFF])])
+def test_sixteen_bit_files_with_alpha_are_reported(colour_type, samples) -> None:
+    decoded = decode_image(png_16bit(2, 2, colour_type, samples))  # RGBA;16 and LA;16
+    assert decoded.repairs == ["converted_16bit", "converted_alpha"]
+    assert np.asarray(decoded.rgb)[0, 0, 0] == 0x80  # the high byte: scaled, not clipped
+
+
+def test_image_errors_carry_kind_and_detail(tmp_path) -> None:
+    from hyperlit.data.images import BadImage, image_size
+
+    error = BadImage("truncated", "cut short")
+    assert str(error) == "truncated: cut short" and (error.kind, error.detail) == ("truncated", "cut short")
+    with pytest.raises(BadImage) as info:
+        decode_image(b"")
+    assert (info.value.kind, info.value.detail) == ("zero_byte", "file is empty")
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    with pytest.raises(BadImage) as info:
+        image_size(empty)
+    assert (info.value.kind, info.value.detail) == ("zero_byte", "file is empty")
+    buffer = io.BytesIO()
+    ramp((10, 10)).save(buffer, format="PNG")
+    assert decode_image(buffer.getvalue(), max_pixels=100).rgb.size == (10, 10)  # at the limit: allowed
+    with pytest.raises(BadImage) as info:
+        decode_image(buffer.getvalue(), max_pixels=99)
+    assert (info.value.kind, info.value.detail) == ("decompression_bomb", "10x10 pixels is above the limit of 99")
+    with pytest.raises(BadImage) as info:
+        decode_image(buffer.getvalue()[:-40])  # the IDAT cut: the header is fine, the pixels are not
+    assert info.value.kind == "truncated" and info.value.detail, info.value.detail
+
+
+# --- SkipLog --------------------------------------------------------------------------------------------
+
+
+def test_skip_log_counts_examples_levels_and_summary(caplog) -> None:
+    import logging
+
+    from hyperlit.data.skips import SkipEvent
+
+    skips = SkipLog()
+    with caplog.at_level(logging.DEBUG, logger="hyperlit.data.skips"):
+        for i in range(4):
+            skips.add("truncated", f"{i}.png", "cut" if i == 0 else "")
+        skips.add("converted_alpha", "a.png")
+    assert skips.examples == {"truncated": ["0.png: cut", "1.png", "2.png"], "converted_alpha": ["a.png"]}
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.WARNING, "data: truncated 0.png cut"),
+        (logging.WARNING, "data: truncated 1.png "),
+        (logging.WARNING, "data: truncated 2.png "),
+        (logging.WARNING, "data: truncated 3.png "),
+        (logging.INFO, "data: converted_alpha a.png "),
+    ]
+    assert skips.summary() == "converted_alpha=1 (repaired), truncated=4 (skipped)"
+    assert SkipLog().summary() == "no bad input"
+    quiet = SkipLog(verbose=False)
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="hyperlit.data.skips"):
+        quiet.merge([SkipEvent("truncated", "x.png", "cut"), SkipEvent("truncated", "x.png", "cut")])
+        quiet.merge({"not_an_image": 3})
+    assert [r.levelno for r in caplog.records] == [logging.DEBUG]  # one event counted, logged quietly
+    assert dict(quiet.counts) == {"truncated": 1, "not_an_image": 3}
+    assert quiet.examples == {"truncated": ["x.png: cut"]}
