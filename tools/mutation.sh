@@ -35,7 +35,8 @@ TESTS[skips]="tests/test_data_bad_input.py tests/test_audit_data.py tests/test_d
   tests/test_vae_data.py::test_a_file_failing_at_load_time_is_replaced_by_the_next_one
   tests/test_vae_data.py::test_scan_counts_small_and_bad_files tests/test_vae_data.py::test_crops_are_in_range_and_fixed_crops_repeat"
 SOURCES[splits]="hyperlit/data/buckets.py hyperlit/data/webdata.py"
-TESTS[splits]="tests/test_data_buckets.py tests/test_data_webdataset.py tests/test_audit_webdata.py tests/test_audit_buckets.py"
+TESTS[splits]="tests/test_data_buckets.py tests/test_data_webdataset.py tests/test_audit_webdata.py tests/test_audit_buckets.py
+  tests/test_audit_shards.py"
 SOURCES[vae_losses]="hyperlit/vae/losses.py"
 TESTS[vae_losses]="tests/test_vae_losses.py tests/test_audit_vae.py tests/test_vae_task.py::test_each_generator_term_moves_the_decoder_only
   tests/test_vae_task.py::test_full_generator_loss_has_adaptive_gan_term_and_no_d_grads

@@ -1,0 +1,152 @@
+"""Audit (issue 14, mutmut survivors of hyperlit.data.webdata): the stream's parts called directly -- worker seeds,
+the tar error handler, shard order per pass, the per-pass sample shuffle, corrupt .npy members, the held-out
+first samples and the batches per rank -- with values worked out by hand."""
+
+from __future__ import annotations
+
+import io
+import random
+import tarfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from helpers.images import png_bytes
+
+from hyperlit.data import webdata
+from hyperlit.data.skips import SkipLog
+from hyperlit.data.webdata import ShardStream, _WorkerSeed, batches_per_rank
+
+
+def stream(urls: list[str], **kw) -> ShardStream:
+    options = dict(
+        batch_size=2, seed=5, rank=0, world_size=1, epoch_batches=None, resampled=False, shuffle=True,
+        shuffle_buffer=0, resolution=64, resize="crop", template_lines=["[filewords]"], name="hn", shuffle_tags=False,
+        tag_dropout=0.0, use_weight=False, vae_fingerprint="v", text_fingerprint="t", max_image_pixels=10**8,
+    )  # fmt: skip
+    options.update(kw)
+    s = ShardStream(urls, **options)
+    s._skips = SkipLog(verbose=False)
+    s._usable = 0
+    return s
+
+
+def test_worker_seed_is_rank_times_1000_plus_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert _WorkerSeed(3)() == 3000  # main process: worker 0
+    monkeypatch.setattr(webdata, "get_worker_info", lambda: SimpleNamespace(id=2))
+    assert _WorkerSeed(3)() == 3002
+
+
+def test_tar_errors_are_counted_as_shard_or_member() -> None:
+    s = stream([])
+    assert s._tar_handler(ValueError("bad header", "<stream>", "shard-0.tar")) is True
+    assert s._tar_handler(OSError("member 7.png @ <stream>")) is True
+    assert s._tar_handler(OSError()) is True
+    assert dict(s._skips.counts) == {"corrupt_shard": 1, "corrupt_tar_member": 2}
+    assert s._skips.examples == {
+        "corrupt_shard": ["shard-0.tar: ValueError: bad header; rest of shard lost"],
+        "corrupt_tar_member": ["member 7.png @ <stream>: OSError", "shard: OSError"],
+    }
+
+
+def test_shard_order_is_shuffled_per_pass_identically_on_every_rank() -> None:
+    urls = [f"s{i}.tar" for i in range(12)]
+    orders = {}
+    for rank in (0, 1):
+        for n in (0, 1):
+            orders[rank, n] = [d["url"] for d in stream(urls, rank=rank, world_size=2)._pass_urls(n)]
+    assert orders[0, 0] == orders[1, 0] and orders[0, 1] == orders[1, 1]  # the same on every rank
+    assert orders[0, 0] != orders[0, 1] and sorted(orders[0, 0]) == sorted(urls)  # another order each pass
+    assert [d["url"] for d in stream(urls, shuffle=False)._pass_urls(3)] == urls
+
+
+def test_passes_count_up_and_each_pass_gets_its_own_shuffle_seed(monkeypatch: pytest.MonkeyPatch) -> None:
+    shuffles: list[tuple] = []
+
+    def shuffle(bufsize=None, initial=None, seed=None):  # noqa: ANN001 - stands in for wds.shuffle
+        shuffles.append((bufsize, initial, seed))
+        return lambda src: src
+
+    monkeypatch.setattr(webdata.wds, "shuffle", shuffle)
+    # a single pass (no epoch length) over no shards: pass 0 only, nothing yielded
+    single = stream([], shuffle_buffer=200)
+    seen: list = []
+    real_pass_urls = single._pass_urls
+    single._pass_urls = lambda n: (seen.append(n), real_pass_urls(n))[1]
+    assert list(single._passes(wid=0)) == [] and seen == [0]
+    assert len(shuffles) == 1 and shuffles[0][:2] == (200, 100)
+    # with an epoch length the passes go on (0, 1, 2, ...) until one finds nothing usable
+    endless = stream([], shuffle_buffer=2, epoch_batches=4)
+    endless._usable = 1
+    passes: list = []
+
+    def pass_urls(n):  # noqa: ANN001
+        passes.append(n)
+        if n == 2:
+            endless._usable = 0  # the third pass finds nothing: the stream stops with the reasons
+        return iter([])
+
+    endless._pass_urls = pass_urls
+    shuffles.clear()
+    with pytest.raises(ValueError) as info:
+        list(endless._passes(wid=1))
+    assert passes == [0, 1, 2]
+    assert str(info.value) == "data.urls: no usable sample in 0 shard(s); reasons with counts:\n  (no files were found)"
+    seeds = [seed for _, _, seed in shuffles]
+    assert [s[:2] for s in shuffles] == [(2, 2)] * 3
+    assert all(isinstance(seed, int) and 0 <= seed < 2**31 for seed in seeds) and len(set(seeds)) == 3
+    # no sample shuffle without shuffle, or with a buffer of one sample
+    shuffles.clear()
+    list(stream([], shuffle=False, shuffle_buffer=200)._passes(wid=0))
+    list(stream([], shuffle_buffer=1)._passes(wid=0))
+    assert shuffles == []
+
+
+def test_a_corrupt_npy_member_is_counted_and_pickles_are_refused() -> None:
+    import numpy as np
+
+    s = stream([])
+    assert s._npy(b"garbage", "a.tar:0") is None
+    buffer = io.BytesIO()
+    np.save(buffer, np.array([{"x": 1}], dtype=object), allow_pickle=True)
+    assert s._npy(buffer.getvalue(), "a.tar:1") is None  # an object array would need pickle: refused
+    assert dict(s._skips.counts) == {"corrupt_tar_member": 2}
+    assert all(e.startswith(("a.tar:0: npy: ", "a.tar:1: npy: ")) for e in s._skips.examples["corrupt_tar_member"])
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> str:
+    with tarfile.open(path, "w") as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def test_first_samples_are_the_first_distinct_usable_ones_in_stored_order(tmp_path: Path) -> None:
+    a, b, c = png_bytes(colour=(10, 0, 0)), png_bytes(colour=(20, 0, 0)), png_bytes(colour=(30, 0, 0))
+    url = write_tar(tmp_path / "held.tar", [
+        ("0.png", a), ("0.txt", b"first"), ("1.txt", b"no image"), ("2.png", a), ("2.txt", b"same image"),
+        ("3.png", b), ("3.txt", b"second"), ("4.png", c), ("4.txt", b"third"),
+    ])  # fmt: skip
+    s = stream([url])
+    found = s.first_samples(url, 2)
+    assert [item["filewords"] for item in found] == ["first", "second"]
+    assert dict(s._skips.counts) == {"missing_image": 1}
+    assert s._skips.examples["missing_image"] == [f"{url}:1: members: ['txt']"]
+    assert not s._skips.verbose
+    assert [item["filewords"] for item in stream([url]).first_samples(url, 5)] == ["first", "second", "third"]
+
+
+@pytest.mark.parametrize(("length", "batch", "world", "expected"), [(100, 4, 2, 13), (96, 4, 2, 12), (3, 4, 2, 1)])
+def test_batches_per_rank_by_hand(length, batch, world, expected) -> None:
+    assert batches_per_rank(length, batch, world) == expected
+
+
+def test_random_module_is_not_used_for_the_order() -> None:
+    # the shard order depends on (seed, epoch, pass) only, not on the process-wide random state
+    urls = [f"s{i}.tar" for i in range(8)]
+    random.seed(1)
+    first = [d["url"] for d in stream(urls)._pass_urls(0)]
+    random.seed(2)
+    assert [d["url"] for d in stream(urls)._pass_urls(0)] == first
