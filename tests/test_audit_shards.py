@@ -150,3 +150,132 @@ def test_random_module_is_not_used_for_the_order() -> None:
     first = [d["url"] for d in stream(urls)._pass_urls(0)]
     random.seed(2)
     assert [d["url"] for d in stream(urls)._pass_urls(0)] == first
+
+
+# --- samples decoded one by one -----------------------------------------------------------------------------
+
+
+def npy(array) -> bytes:  # noqa: ANN001
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(array, dtype=np.float32))
+    return buffer.getvalue()
+
+
+def rgba_half_png(size: tuple[int, int] = (64, 64)) -> bytes:
+    import numpy as np
+    from PIL import Image
+
+    arr = np.full((size[1], size[0], 4), 128, dtype=np.uint8)
+    arr[:, :, 3] = 0
+    arr[:, : size[0] // 2, 3] = 255  # left half opaque
+    buffer = io.BytesIO()
+    Image.fromarray(arr, mode="RGBA").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_decode_names_each_sample_by_shard_and_key_and_counts_usable_ones() -> None:
+    s = stream([], resize="stretch")
+    samples = [
+        {"__url__": "u.tar", "__key__": "k0", "png": png_bytes(), "txt": b"ok"},
+        {"__url__": "u.tar", "__key__": "k1", "txt": b"no image", "json": b"{}"},
+        {"__key__": "k2", "png": b""},
+        {"__url__": "u.tar", "__key__": "k3", "png": png_bytes(mode="L", colour=90)},
+    ]
+    items = list(s._decode(iter(samples)))
+    assert [i["filewords"] for i in items] == ["ok", ""] and s._usable == 2
+    assert s._skips.examples == {
+        "missing_image": ["u.tar:k1: members: ['json', 'txt']"],
+        "zero_byte": ["?:k2: file is empty"],
+        "converted_grayscale": ["u.tar:k3"],
+        "caption_empty": [
+            f"{w}: file name has no caption after removing leading numbers" for w in ("?:k2", "u.tar:k3")
+        ],
+    }
+    assert str(pytest.raises(TypeError, len, s).value) == (
+        "a single-pass webdataset epoch has no known length; set data.epoch_length"
+    )
+
+
+@pytest.mark.parametrize(
+    ("resize", "sizes"), [("stretch", (64, 128, 0, 0, 64, 64)), ("crop", (64, 128, 0, 32, 64, 64))]
+)
+def test_sizes_follow_the_resize_mode(resize, sizes) -> None:
+    # 128x64 onto 64x64: stretch keeps everything; crop scales by 1 and cuts 32 px from the left
+    item = stream([], resize=resize)._decode_one({"png": png_bytes(size=(128, 64)), "txt": b"x"}, "w")
+    assert item["sizes"] == sizes and item["pixels"].shape == (3, 64, 64)
+
+
+def test_alpha_weights_with_use_weight() -> None:
+    s = stream([], use_weight=True)
+    item = s._decode_one({"png": rgba_half_png(), "txt": b"x"}, "w")
+    alpha = item["alpha"]
+    assert alpha.shape == (64, 64) and float(alpha[:, :30].min()) == 1.0 and float(alpha[:, 34:].max()) == 0.0
+    assert s._decode_one({"png": png_bytes(), "txt": b"x"}, "w")["alpha"] is None
+
+
+def test_prompts_fixed_or_per_epoch() -> None:
+    tags = b"a, b, c, d, e, f, g, h"
+    fixed = stream([], template_lines=["[name]: [filewords]"])
+    assert fixed._decode_one({"png": png_bytes(), "txt": tags}, "w")["caption"] == "hn: a, b, c, d, e, f, g, h"
+    varying = stream([], template_lines=["[name]: [filewords]"], shuffle_tags=True, tag_dropout=0.1)
+    captions = []
+    for epoch in range(4):
+        varying.set_epoch(epoch)
+        first = varying._decode_one({"png": png_bytes(), "txt": tags}, "w")["caption"]
+        assert varying._decode_one({"png": png_bytes(), "txt": tags}, "w")["caption"] == first  # per (epoch, image)
+        assert first.startswith("hn: ") and {t.strip() for t in first[4:].split(",")} <= set("abcdefgh")
+        captions.append(first)
+    assert len(set(captions)) > 1
+
+
+def test_precomputed_text_context_is_used_only_for_its_prompt_and_encoder() -> None:
+    import json
+
+    import numpy as np
+
+    s = stream([])
+    base = {"png": png_bytes(), "txt": b"x"}
+    meta = {"text_encoder": "t", "prompt": "x"}
+    item = s._decode_one({**base, "json": json.dumps(meta).encode(), "context.npy": npy(np.ones((77, 8))),
+                          "pooled.npy": npy(np.full(4, 2.0))}, "w")  # fmt: skip
+    assert item["context"].shape == (77, 8) and float(item["pooled"][0]) == 2.0
+    no_pooled = s._decode_one({**base, "json": json.dumps(meta).encode(), "context.npy": npy(np.ones((77, 8)))}, "w")
+    assert "context" in no_pooled and "pooled" not in no_pooled
+    assert "context" not in s._decode_one({**base, "json": json.dumps(meta).encode()}, "w")  # no context member
+    other = {**meta, "prompt": "another"}
+    assert "context" not in s._decode_one({**base, "json": json.dumps(other).encode(), "context.npy": npy([1])}, "w")
+
+
+def test_json_members_that_are_not_objects_or_not_json() -> None:
+    s = stream([])
+    assert "pixels" in s._decode_one({"png": png_bytes(), "txt": b"x", "json": b"[1, 2]"}, "w")
+    assert "pixels" in s._decode_one({"png": png_bytes(), "txt": b"x", "json": b"{broken"}, "u:k")
+    assert dict(s._skips.counts) == {"corrupt_tar_member": 1}
+    assert s._skips.examples["corrupt_tar_member"][0].startswith("u:k: json: ")
+
+
+def test_precomputed_latents_fresh_stale_and_misshapen() -> None:
+    import json
+
+    import numpy as np
+
+    s = stream([])
+    fresh = json.dumps({"vae": "v", "target": [64, 64], "resize": "crop"}).encode()
+    both = s._decode_one({"png": png_bytes(), "txt": b"x", "json": fresh, "latent.npy": npy(np.ones((2, 4, 8, 8)))},
+                         "w")  # fmt: skip
+    assert both["mean"].shape == (4, 8, 8) and "pixels" not in both
+    mean_only = s._decode_one({"png": png_bytes(), "txt": b"x", "json": fresh, "latent.npy": npy(np.ones((4, 8, 8)))},
+                              "w")  # fmt: skip
+    assert float(mean_only["std"].abs().sum()) == 0.0
+    no_target = json.dumps({"vae": "v", "resize": "crop"}).encode()
+    stale = s._decode_one({"png": png_bytes(), "txt": b"x", "json": no_target, "latent.npy": npy(np.ones((4, 8, 8)))},
+                          "u:s")  # fmt: skip
+    assert "mean" not in stale and "pixels" in stale
+    odd = s._decode_one({"png": png_bytes(), "txt": b"x", "json": fresh, "latent.npy": npy(np.ones((3, 4)))}, "u:o")
+    assert "mean" not in odd and "pixels" in odd
+    assert s._skips.examples == {
+        "stale_latent": ["u:s: made for another model, size or resize mode; re-encoding"],
+        "corrupt_tar_member": ["u:o: latent.npy has shape (3, 4)"],
+    }
