@@ -279,3 +279,69 @@ def test_precomputed_latents_fresh_stale_and_misshapen() -> None:
         "stale_latent": ["u:s: made for another model, size or resize mode; re-encoding"],
         "corrupt_tar_member": ["u:o: latent.npy has shape (3, 4)"],
     }
+
+
+# --- batches ------------------------------------------------------------------------------------------------
+
+
+def pixel_item(sha: str, alpha=None) -> dict:  # noqa: ANN001
+    import torch
+
+    return {"sha": sha, "caption": f"c{sha}", "pixels": torch.zeros(3, 4, 4), "sizes": (4, 4, 0, 0, 4, 4),
+            "alpha": alpha, "context": torch.ones(2, 3), "pooled": torch.full((5,), 2.0)}  # fmt: skip
+
+
+def test_collate_stacks_what_every_item_has() -> None:
+    import torch
+
+    s = stream([], resolution=4, use_weight=True)
+    s.target = (4, 2)  # w 4, h 2: the missing-alpha default must be h x w
+    items = [pixel_item("a", alpha=torch.full((2, 4), 0.5)), pixel_item("b")]
+    batch = s._collate(items)
+    assert batch["sizes"].dtype == torch.long and batch["sizes"].tolist() == [[4, 4, 0, 0, 4, 4]] * 2
+    assert batch["context"].shape == (2, 2, 3) and torch.equal(batch["pooled"], torch.full((2, 5), 2.0))
+    assert torch.equal(batch["alpha"], torch.stack([torch.full((2, 4), 0.5), torch.ones(2, 4)]))
+    assert batch["has_alpha"].tolist() == [True, False]
+    no_pooled = {k: v for k, v in pixel_item("b").items() if k != "pooled"}
+    assert "pooled" not in s._collate([pixel_item("a"), no_pooled])  # only when every item has one
+
+
+def test_latent_and_pixel_items_are_batched_apart_and_late_counts_follow() -> None:
+    import torch
+
+    s = stream([], batch_size=2)
+    latent = {"sha": "l", "caption": "c", "mean": torch.zeros(4, 2, 2), "std": torch.ones(4, 2, 2)}
+
+    def source():
+        yield pixel_item("p1")
+        yield {**latent, "sha": "l1"}
+        yield pixel_item("p2")
+        s._skips.add("truncated", "x")
+        yield {**latent, "sha": "l2"}
+        s._skips.add("zero_byte", "y")
+
+    batches = list(s._batch(source()))
+    assert [b.get("sha") for b in batches] == [["p1", "p2"], ["l1", "l2"], None]
+    assert "pixels" in batches[0] and "mean" in batches[1]
+    assert [b["_skipped"] for b in batches] == [{}, {"truncated": 1}, {"zero_byte": 1}]
+
+
+def test_resampled_workers_take_their_share_and_shuffle_per_epoch(tmp_path: Path, monkeypatch) -> None:
+    url = write_tar(tmp_path / "r.tar", [(f"{i}.png", png_bytes(colour=(i, 0, 0))) for i in range(4)]
+                    + [(f"{i}.txt", b"x") for i in range(4)])  # fmt: skip
+    shuffles: list = []
+
+    def shuffle(bufsize=None, initial=None, seed=None):  # noqa: ANN001
+        shuffles.append((bufsize, initial, seed))
+        return lambda src: src
+
+    monkeypatch.setattr(webdata.wds, "shuffle", shuffle)
+    counts = {}
+    for wid in (0, 1):
+        monkeypatch.setattr(webdata, "get_worker_info", lambda wid=wid: SimpleNamespace(id=wid, num_workers=2))
+        s = stream([url], resampled=True, epoch_batches=3, batch_size=1, shuffle_buffer=150)
+        counts[wid] = sum("sha" in b for b in s)  # 3 batches over 2 workers: 2 and 1
+    assert counts == {0: 2, 1: 1}
+    assert [x[:2] for x in shuffles] == [(150, 100)] * 2
+    seeds = {x[2] for x in shuffles}
+    assert len(seeds) == 2 and all(isinstance(x, int) and 0 <= x < 2**31 for x in seeds)
