@@ -210,3 +210,12 @@ def test_bad_and_repaired_images_are_counted_with_their_names_and_stretch_keeps_
     }
     (rec,) = enc.records
     assert rec.where == "gray.png" and rec.placement == Placement((32, 32), (32, 32), (0, 0), (64, 32))
+
+
+def test_repairs_read_back_from_the_cache_name_the_file(tmp_path: Path) -> None:
+    opts, cache = options(tmp_path), str(tmp_path / "cache")
+    source = [SourceItem("gray.png", "y", data=gray_png((32, 32)))]
+    encode_items(source, FakeEncoder(), opts, SkipLog(verbose=False), cache, write=True)
+    again, skips = FakeEncoder(), SkipLog(verbose=False)
+    encode_items(source, again, opts, skips, cache, write=True)
+    assert again.image_calls == 0 and skips.examples == {"converted_grayscale": ["gray.png"]}
