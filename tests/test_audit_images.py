@@ -235,3 +235,83 @@ def test_skip_log_counts_examples_levels_and_summary(caplog) -> None:
     assert [r.levelno for r in caplog.records] == [logging.DEBUG]  # one event counted, logged quietly
     assert dict(quiet.counts) == {"truncated": 1, "not_an_image": 3}
     assert quiet.examples == {"truncated": ["x.png: cut"]}
+
+
+def png_header_only(width: int, height: int, crc_ok: bool = True) -> bytes:
+    """A PNG whose pixel data is empty: enough for PIL to open it (header) but not to decode it."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes, flip: int = 0) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) ^ flip)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header, 0 if crc_ok else 1) + chunk(b"IDAT", zlib.compress(b""))
+            + chunk(b"IEND", b""))  # fmt: skip
+
+
+def test_header_errors_and_pil_bomb_warnings_keep_their_reason(monkeypatch) -> None:
+    from hyperlit.data.images import BadImage
+
+    with pytest.raises(BadImage) as info:
+        decode_image(png_header_only(8, 8, crc_ok=False))  # PIL cannot identify it
+    assert (info.value.kind, info.value.detail) == ("not_an_image", "not a readable image format")
+    # 100 Mpx: above PIL's own warning limit (89.5 Mpx) while opening, before any pixel or our own limit
+    with pytest.raises(BadImage) as info:
+        decode_image(png_header_only(10_000, 10_000), max_pixels=10**9)
+    assert info.value.kind == "decompression_bomb"
+    assert info.value.detail.startswith("Image size (100000000 pixels) exceeds limit"), info.value.detail
+    buffer = io.BytesIO()
+    ramp((16, 16)).save(buffer, format="PNG")
+    with pytest.raises(BadImage) as info:
+        decode_image(buffer.getvalue()[:-30])
+    assert _read_error_kind(OSError(info.value.detail)) == "truncated"  # the detail carries PIL's reason
+
+    def failing_open(fp):  # noqa: ANN001 - a read error while PIL reads the header
+        raise OSError("broken data stream when reading image file")
+
+    monkeypatch.setattr(Image, "open", failing_open)
+    with pytest.raises(BadImage) as info:
+        decode_image(b"header")
+    assert (info.value.kind, info.value.detail) == ("truncated", "broken data stream when reading image file")
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I;16B", "I;16L", "I;16N"])
+def test_sixteen_bit_grey_modes_scale_by_65535(mode) -> None:
+    decoded = _to_rgb(Image.new(mode, (2, 1), 100))  # 16-bit even when dark: 100 / 65535 * 255 -> 0
+    assert decoded.repairs == ["converted_16bit", "converted_grayscale"]
+    assert np.asarray(decoded.rgb)[0, 0, 0] == 0
+    assert np.asarray(_to_rgb(Image.new(mode, (2, 1), 1000)).rgb)[0, 0, 0] == 4  # 3.89 rounded
+
+
+def test_integer_images_just_above_eight_bit_and_negative_floats() -> None:
+    at_256 = _to_rgb(Image.fromarray(np.array([[256.0, 0.0]], dtype=np.float32), mode="F"))
+    assert np.asarray(at_256.rgb)[0, :, 0].tolist() == [1, 0]  # 256 > 255: 16-bit scale, 1.5 -> 1
+    negative = _to_rgb(Image.fromarray(np.array([[-1000.0, 65535.0]], dtype=np.float32), mode="F"))
+    assert np.asarray(negative.rgb)[0, :, 0].tolist() == [0, 255]  # clipped at 0, not wrapped
+
+
+def test_other_modes_with_alpha_or_grey() -> None:
+    assert _to_rgb(Image.new("RGBA", (2, 2))).repairs == ["converted_alpha"]  # 8-bit unless told otherwise
+    assert _to_rgb(Image.new("1", (2, 2))).repairs == ["converted_grayscale"]
+    decoded = _to_rgb(Image.new("RGBa", (2, 2)))  # premultiplied alpha
+    assert decoded.repairs == ["converted_alpha"] and decoded.alpha is not None
+    grey = Image.new("L", (2, 1), 0)
+    grey.putpixel((1, 0), 200)
+    grey.info["transparency"] = 0  # grey level 0 is transparent
+    decoded = _to_rgb(grey)
+    assert decoded.repairs == ["converted_grayscale", "converted_alpha"] and list(decoded.alpha.getdata()) == [0, 255]
+    rgb = Image.new("RGB", (2, 1), (255, 0, 0))
+    rgb.putpixel((1, 0), (0, 0, 255))
+    rgb.info["transparency"] = (255, 0, 0)
+    decoded = _to_rgb(rgb)
+    assert decoded.repairs == ["converted_alpha"] and list(decoded.alpha.getdata()) == [0, 255]
+
+
+def test_every_occurrence_counts_unless_once() -> None:
+    skips = SkipLog(verbose=False)
+    skips.add("truncated", "a.png")
+    skips.add("truncated", "a.png")  # a stream meets the same bad sample again: counted again
+    skips.add("zero_byte", "b.png", once=True)
+    skips.add("zero_byte", "b.png", once=True)
+    assert dict(skips.counts) == {"truncated": 2, "zero_byte": 1}

@@ -35,7 +35,7 @@ def test_scan_counts_each_bad_file_once_with_its_name_and_reason(tmp_path: Path,
     small = write_png(tmp_path / "b.png", (16, 24))
     (tmp_path / "c.png").write_bytes(b"")
     (tmp_path / "d.png").write_bytes(b"not an image")
-    denied = write_png(tmp_path / "e.png", (64, 64))
+    denied = write_png(tmp_path / "a0.png", (64, 64))  # before the others: the scan goes on after it
     write_png(tmp_path / ".hidden.png", (64, 64))
     (tmp_path / "notes.txt").write_text("x")
     real_image_size = pixels_module.image_size
@@ -51,6 +51,7 @@ def test_scan_counts_each_bad_file_once_with_its_name_and_reason(tmp_path: Path,
         for _ in range(2):  # a second scan (the next run's) counts nothing again
             files = scan_images(tmp_path, 32, small_images, skips)
         assert files == ([good] if small_images == "skip" else [good, small])
+        assert dict(skips.counts)["unreadable"] == 1
         small_kind = "small_image" if small_images == "skip" else "upscaled_small_image"
         assert dict(skips.counts) == {"zero_byte": 1, "not_an_image": 1, "unreadable": 1, small_kind: 1}
         assert skips.examples == {
@@ -148,3 +149,45 @@ def test_collate_stacks_pixels_and_indices_and_joins_events() -> None:
     assert batch["pixels"].shape == (2, 3, 2, 2) and torch.equal(batch["pixels"][1], torch.ones(3, 2, 2))
     assert torch.equal(batch["index"], torch.tensor([4, 7]))
     assert batch["_skipped"] == [SkipEvent("truncated", "x"), SkipEvent("converted_alpha", "y")]
+
+
+def test_default_seed_epoch_and_order_and_crops_inside_the_image(tmp_path: Path) -> None:
+    files = [write_png(tmp_path / f"{i}.png", (48, 40)) for i in range(6)]
+    assert crops(files).plan() == [[i] for i in range(6)]  # no shuffle by default
+    explicit = crops(files, seed=0)
+    explicit.set_epoch(0)
+    for i in range(6):
+        assert crops(files).placement((48, 40), i) == explicit.placement((48, 40), i)
+    for epoch in range(10):  # every random crop lies inside the resized image
+        explicit.set_epoch(epoch)
+        for i in range(6):
+            left, top = explicit.placement((48, 40), i).crop
+            assert 0 <= left <= 16 and 0 <= top <= 8
+    # odd margins: the centre crop rounds down to whole pixels
+    assert crops([], random_crop=False).placement((33, 51), 0) == Placement((32, 32), (33, 51), (0, 9))
+
+
+def test_flips_are_drawn_per_file_and_epoch(tmp_path: Path) -> None:
+    files = [write_png(tmp_path / f"{i}.png", (32, 32)) for i in range(8)]
+    a, b = crops(files, flip=True, random_crop=False), crops(files, flip=True, random_crop=False)
+    plain = crops(files, random_crop=False)
+    flipped = []
+    for i in range(8):
+        pixels = a[i]["pixels"]
+        assert torch.equal(pixels, b[i]["pixels"])  # the same draw in another process
+        flipped.append(torch.equal(pixels, plain[i]["pixels"].flip(-1)))
+        assert flipped[-1] or torch.equal(pixels, plain[i]["pixels"])
+    assert 0 < sum(flipped) < 8
+
+
+def test_counting_loader_passes_batches_through_and_merges_their_events(tmp_path: Path) -> None:
+    from hyperlit.data.pixels import CountingLoader
+
+    files = [write_png(tmp_path / f"{i}.png", (32, 32), mode="L") for i in range(4)]
+    skips = SkipLog(verbose=False)
+    loader = CountingLoader(crops(files, batch_size=2), skips=skips, num_workers=0, pin_memory=False)
+    batches = list(loader)
+    assert [b["pixels"].shape for b in batches] == [(2, 3, 32, 32)] * 2
+    assert all("_skipped" not in b for b in batches)
+    assert dict(skips.counts) == {"converted_grayscale": 4}
+    assert CountingLoader(crops(files), skips=skips, num_workers=1).num_workers == 1
