@@ -182,11 +182,12 @@ def test_decode_names_each_sample_by_shard_and_key_and_counts_usable_ones() -> N
         {"__url__": "u.tar", "__key__": "k1", "txt": b"no image", "json": b"{}"},
         {"__key__": "k2", "png": b""},
         {"__url__": "u.tar", "__key__": "k3", "png": png_bytes(mode="L", colour=90)},
+        {"__url__": "u.tar", "txt": b"no key, no image"},
     ]
     items = list(s._decode(iter(samples)))
     assert [i["filewords"] for i in items] == ["ok", ""] and s._usable == 2
     assert s._skips.examples == {
-        "missing_image": ["u.tar:k1: members: ['json', 'txt']"],
+        "missing_image": ["u.tar:k1: members: ['json', 'txt']", "u.tar:?: members: ['txt']"],
         "zero_byte": ["?:k2: file is empty"],
         "converted_grayscale": ["u.tar:k3"],
         "caption_empty": [
@@ -250,7 +251,8 @@ def test_precomputed_text_context_is_used_only_for_its_prompt_and_encoder() -> N
 
 def test_json_members_that_are_not_objects_or_not_json() -> None:
     s = stream([])
-    assert "pixels" in s._decode_one({"png": png_bytes(), "txt": b"x", "json": b"[1, 2]"}, "w")
+    listed = {"png": png_bytes(), "txt": b"x", "json": b"[1, 2]", "context.npy": npy([1.0])}
+    assert "context" not in s._decode_one(listed, "w")  # a JSON list is no metadata
     assert "pixels" in s._decode_one({"png": png_bytes(), "txt": b"x", "json": b"{broken"}, "u:k")
     assert dict(s._skips.counts) == {"corrupt_tar_member": 1}
     assert s._skips.examples["corrupt_tar_member"][0].startswith("u:k: json: ")
@@ -345,3 +347,88 @@ def test_resampled_workers_take_their_share_and_shuffle_per_epoch(tmp_path: Path
     assert [x[:2] for x in shuffles] == [(150, 100)] * 2
     seeds = {x[2] for x in shuffles}
     assert len(seeds) == 2 and all(isinstance(x, int) and 0 <= x < 2**31 for x in seeds)
+
+
+def test_more_sample_edges() -> None:
+    import json
+
+    import numpy as np
+
+    s = stream([], resize="stretch", max_image_pixels=64 * 64)
+    meta = json.dumps({"vae": "v", "target": [64, 64], "resize": "stretch", "text_encoder": "t", "prompt": "x"})
+    wide = png_bytes(size=(128, 64))  # 8192 px: above this stream's limit, fine for its header
+    latent = s._decode_one({"png": wide, "txt": b"x", "json": meta.encode(), "latent.npy": npy(np.ones((2, 8, 8)))},
+                           "u:l")  # fmt: skip
+    # no decode with a precomputed latent: sizes from the header, as stretch places it; a 3-D latent is the mean
+    assert latent["sizes"] == (64, 128, 0, 0, 64, 64) and latent["mean"].shape == (2, 8, 8)
+    assert float(latent["std"].abs().sum()) == 0.0
+    assert s._decode_one({"png": wide, "txt": b"x"}, "u:big") is None  # decoding it hits the pixel limit
+    bad_npy = {"png": png_bytes(), "txt": b"x", "json": meta.encode(), "context.npy": b"junk", "pooled.npy": b"junk",
+               "latent.npy": b"junk"}  # fmt: skip
+    s._decode_one(bad_npy, "u:n")
+    assert s._skips.examples["decompression_bomb"][0].startswith("u:big: ")
+    assert s._skips.examples["corrupt_tar_member"] == [f"u:n: npy: {m}" for m in _npy_errors(3)]
+
+
+def _npy_errors(count: int) -> list[str]:
+    import numpy as np
+
+    try:
+        np.load(io.BytesIO(b"junk"), allow_pickle=False)
+    except ValueError as err:
+        return [str(err)] * count
+    raise AssertionError("junk loaded")
+
+
+def test_shuffled_tags_change_order_between_epochs() -> None:
+    s = stream([], template_lines=["[filewords]"], shuffle_tags=True)
+    seen = set()
+    for epoch in range(6):
+        s.set_epoch(epoch)
+        caption = s._decode_one({"png": png_bytes(), "txt": b"a,b,c,d,e,f"}, "w")["caption"]
+        assert sorted(caption.split(",")) == list("abcdef")
+        seen.add(caption)
+    assert len(seen) > 1
+
+
+def resampled_shas(urls: list[str], epoch: int = 0, **kw) -> list[str]:
+    from itertools import islice
+
+    s = stream(urls, resampled=True, batch_size=1, shuffle=False, **kw)
+    s.set_epoch(epoch)
+    return [b["sha"][0] for b in islice(iter(s), 16) if "sha" in b]
+
+
+def test_resampled_streams_are_endless_and_seeded_by_seed_epoch_rank_and_worker(tmp_path: Path, monkeypatch) -> None:
+    urls = [write_tar(tmp_path / f"r{i}.tar", [(f"{i}.png", png_bytes(colour=(i * 40, 0, 0))), (f"{i}.txt", b"x")])
+            for i in range(4)]  # fmt: skip
+    first = resampled_shas(urls)
+    assert len(first) == 16 and len(set(first)) > 1  # 4 one-sample shards, drawn again and again
+    assert resampled_shas(urls) == first  # deterministic
+    assert resampled_shas(urls, epoch=1, seed=4) == first  # seeded by seed + epoch: 4 + 1 == 5 + 0
+    assert resampled_shas(urls, epoch=3) != first
+    assert resampled_shas(urls, rank=1, world_size=2) != first  # another rank draws another stream
+    monkeypatch.setattr(webdata, "get_worker_info", lambda: SimpleNamespace(id=1, num_workers=2))
+    assert resampled_shas(urls) != first  # another worker draws another stream
+
+
+def test_one_usable_sample_short_of_a_batch_is_not_an_error(tmp_path: Path) -> None:
+    url = write_tar(tmp_path / "one.tar", [("0.png", png_bytes()), ("0.txt", b"x")])
+    batches = list(stream([url], batch_size=2, shuffle=False))
+    assert all("sha" not in b for b in batches)  # nothing to train on, but the data was usable: no error
+
+
+def test_resampled_sample_shuffle_only_with_shuffle_and_a_buffer(tmp_path: Path, monkeypatch) -> None:
+    url = write_tar(tmp_path / "s.tar", [("0.png", png_bytes()), ("0.txt", b"x")])
+    calls: list = []
+
+    def shuffle(bufsize=None, initial=None, seed=None):  # noqa: ANN001
+        calls.append(bufsize)
+        return lambda src: src
+
+    monkeypatch.setattr(webdata.wds, "shuffle", shuffle)
+    for options in (dict(shuffle=False, shuffle_buffer=50), dict(shuffle=True, shuffle_buffer=1),
+                    dict(shuffle=True, shuffle_buffer=2)):  # fmt: skip
+        s = stream([url], resampled=True, epoch_batches=1, batch_size=1, **options)
+        assert sum("sha" in b for b in s) == 1
+    assert calls == [2]
