@@ -16,22 +16,27 @@ declare -A SOURCES TESTS
 SOURCES[lr_schedule]="hyperlit/lr_schedule.py"
 TESTS[lr_schedule]="tests/test_lr_schedule.py tests/test_audit_schedule.py"
 SOURCES[hypernetwork]="hyperlit/hypernetwork.py"
-TESTS[hypernetwork]="tests/test_hypernetwork.py tests/test_a1111.py tests/test_attention.py"
-SOURCES[attention]="hyperlit/attention.py"
-TESTS[attention]="tests/test_attention.py"
+TESTS[hypernetwork]="tests/test_hypernetwork.py tests/test_a1111.py tests/test_attention.py tests/test_audit_hypernetwork.py"
+SOURCES[attention]="hyperlit/attention.py hyperlit/kv_inputs.py"
+TESTS[attention]="tests/test_attention.py tests/test_shared_context.py tests/test_audit_attention.py"
 SOURCES[loss]="hyperlit/tasks/hypernetwork/module.py"
 TESTS[loss]="tests/test_task.py tests/test_audit_checkpoint.py tests/test_audit_task.py"
-SOURCES[formats]="hyperlit/files/a1111.py hyperlit/files/safetensors.py hyperlit/files/content.py hyperlit/files/torch_file.py"
-TESTS[formats]="tests/test_a1111.py tests/test_formats_cli.py tests/test_torch_file.py"
+SOURCES[formats]="hyperlit/files/__init__.py hyperlit/files/a1111.py hyperlit/files/safetensors.py hyperlit/files/content.py
+  hyperlit/files/pt_zip.py hyperlit/files/torch_file.py"
+TESTS[formats]="tests/test_a1111.py tests/test_formats_cli.py tests/test_torch_file.py tests/test_audit_formats.py
+  --deselect=tests/test_formats_cli.py::test_convert_as_subprocess_with_console_script"  # 11 s a subprocess; the same convert runs in process
 SOURCES[caches]="hyperlit/data/cache.py hyperlit/data/records.py"
-TESTS[caches]="tests/test_data_cache.py tests/test_audit_data.py tests/test_data_module.py tests/test_data_bad_input.py"
+TESTS[caches]="tests/test_data_cache.py tests/test_audit_data.py tests/test_data_module.py tests/test_data_bad_input.py
+  tests/test_audit_caches.py"
 SOURCES[skips]="hyperlit/data/skips.py hyperlit/data/images.py hyperlit/data/pixels.py"
-TESTS[skips]="tests/test_data_bad_input.py tests/test_audit_data.py tests/test_data_images.py
+TESTS[skips]="tests/test_data_bad_input.py tests/test_audit_data.py tests/test_data_images.py tests/test_audit_images.py
+  tests/test_audit_pixels.py
   tests/test_vae_data.py::test_counts_from_two_workers_reach_the_main_process_exactly
   tests/test_vae_data.py::test_a_file_failing_at_load_time_is_replaced_by_the_next_one
   tests/test_vae_data.py::test_scan_counts_small_and_bad_files tests/test_vae_data.py::test_crops_are_in_range_and_fixed_crops_repeat"
 SOURCES[splits]="hyperlit/data/buckets.py hyperlit/data/webdata.py"
-TESTS[splits]="tests/test_data_buckets.py tests/test_data_webdataset.py tests/test_audit_webdata.py"
+TESTS[splits]="tests/test_data_buckets.py tests/test_data_webdataset.py tests/test_audit_webdata.py tests/test_audit_buckets.py
+  tests/test_audit_shards.py"
 SOURCES[vae_losses]="hyperlit/vae/losses.py"
 TESTS[vae_losses]="tests/test_vae_losses.py tests/test_audit_vae.py tests/test_vae_task.py::test_each_generator_term_moves_the_decoder_only
   tests/test_vae_task.py::test_full_generator_loss_has_adaptive_gan_term_and_no_d_grads
