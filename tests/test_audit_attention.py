@@ -199,8 +199,10 @@ def test_argument_errors_name_what_was_passed():
         (hn, "hypernetworks must be a list of hypernetworks, got a single ToyHypernetwork; wrap it in a list"),
         ("hn.pt", "hypernetworks must be a list of hypernetworks, got a single str; wrap it in a list"),
         (5, "hypernetworks must be a list of hypernetworks, got int"),
-        ([hn, 3], "hypernetworks[1] (int) has no forward_kv(context) method; expected a "
-         "hyperlit.hypernetwork.Hypernetwork"),
+        (
+            [hn, 3],
+            "hypernetworks[1] (int) has no forward_kv(context) method; expected a hyperlit.hypernetwork.Hypernetwork",
+        ),
     ]
     for value, message in cases:
         with pytest.raises(ValueError) as info:

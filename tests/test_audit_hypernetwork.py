@@ -69,15 +69,24 @@ def test_sizes_and_new_network_defaults():
 
 def test_config_messages_name_the_key_the_value_and_what_is_allowed():
     cases = [
-        (dict(layer_structure="1,2,1"), "hypernet.layer_structure: '1,2,1' is not a list; use a list of numbers that "
-         "starts and ends with 1, e.g. [1, 2, 1]"),
+        (
+            dict(layer_structure="1,2,1"),
+            "hypernet.layer_structure: '1,2,1' is not a list; use a list of numbers that "
+            "starts and ends with 1, e.g. [1, 2, 1]",
+        ),
         (dict(layer_structure=[1]), "hypernet.layer_structure: [1] needs at least two entries, e.g. [1, 2, 1]"),
-        (dict(layer_structure=[1, "2", 1]), "hypernet.layer_structure: entry '2' in [1, '2', 1] is not allowed; "
-         "entries are numbers > 0"),
-        (dict(dropout_structure=[0, 0.1]), "hypernet.dropout_structure: [0, 0.1] has 2 entries; it needs 3, one per "
-         "layer_structure entry"),
-        (dict(dropout_structure=[0, "0.1", 0]), "hypernet.dropout_structure: entry '0.1' in [0, '0.1', 0] is not "
-         "allowed; entries are in [0, 1)"),
+        (
+            dict(layer_structure=[1, "2", 1]),
+            "hypernet.layer_structure: entry '2' in [1, '2', 1] is not allowed; entries are numbers > 0",
+        ),
+        (
+            dict(dropout_structure=[0, 0.1]),
+            "hypernet.dropout_structure: [0, 0.1] has 2 entries; it needs 3, one per layer_structure entry",
+        ),
+        (
+            dict(dropout_structure=[0, "0.1", 0]),
+            "hypernet.dropout_structure: entry '0.1' in [0, '0.1', 0] is not allowed; entries are in [0, 1)",
+        ),
         (dict(multiplier="0.5"), "hypernet.multiplier: '0.5' is not a number"),
         (dict(sizes=[768, 0]), "hypernet.sizes: entry 0 is not allowed; widths are positive integers"),
     ]
@@ -175,8 +184,10 @@ def test_load_layer_state_dicts_round_trips_and_refuses_mismatches():
     assert refused({**states, 8: states[4]}, "f.pt") == (
         "f.pt: widths [4, 6, 8] do not match the hypernetwork's widths [4, 6]"
     )
-    prefix = "state: width 6 {} module does not fit the structure [1, 2, 1] (activation linear, layer_norm False, " \
+    prefix = (
+        "state: width 6 {} module does not fit the structure [1, 2, 1] (activation linear, layer_norm False, "
         "dropout None): Error(s) in loading state_dict for HypernetworkModule: "
+    )
     for path, index in (("K", 0), ("V", 1)):
         broken = _states(source)
         del broken[6][index]["linear.1.bias"]
@@ -192,9 +203,31 @@ def test_the_torch_activation_table_is_every_parameter_free_width_keeping_class(
     # Called directly: the module-level ACTIVATIONS table is built at import time, before a test can change anything.
     table = _parameter_free_torch_activations()
     known = {
-        "celu", "elu", "gelu", "hardshrink", "hardsigmoid", "hardswish", "hardtanh", "leakyrelu", "logsigmoid",
-        "logsoftmax", "mish", "relu", "relu6", "rrelu", "selu", "sigmoid", "silu", "softmax", "softmax2d", "softmin",
-        "softplus", "softshrink", "softsign", "tanh", "tanhshrink",
+        "celu",
+        "elu",
+        "gelu",
+        "hardshrink",
+        "hardsigmoid",
+        "hardswish",
+        "hardtanh",
+        "leakyrelu",
+        "logsigmoid",
+        "logsoftmax",
+        "mish",
+        "relu",
+        "relu6",
+        "rrelu",
+        "selu",
+        "sigmoid",
+        "silu",
+        "softmax",
+        "softmax2d",
+        "softmin",
+        "softplus",
+        "softshrink",
+        "softsign",
+        "tanh",
+        "tanhshrink",
     }  # fmt: skip  (torch 2.x; a later torch may add more)
     assert known <= set(table)
     # PReLU has a weight, GLU halves the width, Threshold and MultiheadAttention need arguments; the rest are not

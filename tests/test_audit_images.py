@@ -168,8 +168,11 @@ def png_16bit(width: int, height: int, colour_type: int, samples: list[int]) -> 
 
     row = b"\x00" + b"".join(struct.pack(">H", s) for s in samples) * width
     header = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(row * height)) + chunk(
-        b"IEND", b""
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(row * height))
+        + chunk(b"IEND", b"")
     )
 
 
