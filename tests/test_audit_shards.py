@@ -432,3 +432,27 @@ def test_resampled_sample_shuffle_only_with_shuffle_and_a_buffer(tmp_path: Path,
         s = stream([url], resampled=True, epoch_batches=1, batch_size=1, **options)
         assert sum("sha" in b for b in s) == 1
     assert calls == [2]
+
+
+def truncated_tar(tmp_path: Path) -> str:
+    members = [("0.png", png_bytes(colour=(1, 2, 3))), ("0.txt", b"kept"), ("1.png", png_bytes(colour=(9, 9, 9))),
+               ("1.txt", b"lost")]  # fmt: skip
+    url = write_tar(tmp_path / "cut.tar", members)
+    with tarfile.open(url) as tf:
+        cut = tf.getmember("1.png").offset_data + 20
+    Path(url).write_bytes(Path(url).read_bytes()[:cut])  # the file ends inside the second sample's image
+    return url
+
+
+def test_a_cut_shard_keeps_what_came_before_in_the_held_out_set(tmp_path: Path) -> None:
+    url = truncated_tar(tmp_path)
+    s = stream([url])
+    assert [i["filewords"] for i in s.first_samples(url, 5)] == ["kept"]
+    assert dict(s._skips.counts) == {"corrupt_tar_member": 1, "corrupt_shard": 1}
+
+
+def test_a_new_stream_starts_at_epoch_zero() -> None:
+    urls = [f"s{i}.tar" for i in range(12)]
+    explicit = stream(urls)
+    explicit.set_epoch(0)
+    assert [d["url"] for d in stream(urls)._pass_urls(0)] == [d["url"] for d in explicit._pass_urls(0)]
