@@ -6,7 +6,6 @@ one that fails the test: the error must come before any weights load. A few case
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import pickle
 import re
@@ -17,6 +16,7 @@ import pytest
 import torch
 from helpers.config import QUIET_RUN, compose_config
 from helpers.paths import REPO_ROOT
+from helpers.scripts import load_script
 from safetensors.torch import save_file
 
 from hyperlit import files, models
@@ -66,10 +66,7 @@ CASES = [
 
 
 def _load_entry():
-    spec = importlib.util.spec_from_file_location("hyperlit_train_entry", REPO_ROOT / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.entry
+    return load_script(REPO_ROOT / "train.py", "hyperlit_train_entry").entry
 
 
 @pytest.fixture

@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+from helpers.scripts import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def learning_proof():
-    spec = importlib.util.spec_from_file_location("learning_proof", REPO / "benchmarks" / "learning_proof.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script(REPO / "benchmarks" / "learning_proof.py")
 
 
 @pytest.mark.slow

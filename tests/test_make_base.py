@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers.scripts import load_script
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def make_base():
-    spec = importlib.util.spec_from_file_location("make_base", REPO / "datasets" / "make_base.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(REPO / "datasets" / "make_base.py")
 
 
 def test_merges_make_every_caption_word_one_token(tmp_path):

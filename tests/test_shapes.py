@@ -6,13 +6,15 @@ import random
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from hyperlit.demo.shapes import (
     BACKGROUNDS,
+    CHECKER_CELL,
     COLOURS,
     HELD_OUT,
     SHAPES,
+    STYLE_SCORE,
     Scene,
     caption,
     draw,
@@ -85,10 +87,6 @@ def test_drawing_is_deterministic_and_captions_name_the_content():
 def test_style_line_separates_noisy_plain_backgrounds_from_faint_partial_checkers():
     """Generations are soft and noisy: noise or a smooth shading on a plain background is not the style, while a
     low-contrast checker with cells missing and blurred edges still is (what a half-learned style looks like)."""
-    from PIL import ImageFilter
-
-    from hyperlit.demo.shapes import CHECKER_CELL, STYLE_SCORE
-
     rng = np.random.default_rng(0)
     scene = Scene("blue", "square", "white", 0.5, 0.5, 0.2)
     plain = np.asarray(draw(scene), dtype=np.float64)
