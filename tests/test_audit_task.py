@@ -125,8 +125,8 @@ def test_three_steps_follow_the_schedule_log_the_gradient_norm_and_restore_the_u
     with caplog.at_level(logging.INFO):
         probe = fit(components, monkeypatch)
     assert probe.steps == [101, 102, 103]  # A1111's step: the init_from file's steps + this run's
-    # train/lr is logged after the scheduler stepped: the rate of the *next* step (indices 1, 2, 3)
-    assert [d["train/lr"] for d in probe.logged] == pytest.approx([1e-2, 1e-3, 1e-3])
+    # train/lr is the rate each step used: 1e-2 through step 2 ("1e-2:2"), then 1e-3
+    assert [d["train/lr"] for d in probe.logged] == pytest.approx([1e-2, 1e-2, 1e-3])
     assert [d["train/grad_norm"] for d in probe.logged] == pytest.approx(probe.grad_norms, rel=1e-5)
     # 2 samples per 0.5 s of the module's clock, from the second step on (the first has no previous batch)
     assert "train/samples_per_s" not in probe.logged[0]

@@ -170,14 +170,15 @@ class HypernetworkTask(L.LightningModule):
             samples_per_s = batch_size * self.trainer.world_size / max(now - self._last_batch_time, 1e-9)
             self.log("train/samples_per_s", samples_per_s, prog_bar=True, batch_size=batch_size)
         self._last_batch_time = now
+        # read before the optimizer step: Lightning steps the schedule before on_train_batch_end, where this would
+        # already be the next step's rate (an A1111 schedule's drop would then show one step early)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True)
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._compile_timer is not None:
             self._compile_timer.__exit__(None, None, None)
         self.hypernetwork.step = self.initial_step + self.global_step
-        lr = self.trainer.optimizers[0].param_groups[0]["lr"]
-        self.log("train/lr", lr, prog_bar=True)
 
     # The noise, timesteps and dropout masks come from the global torch RNG; keeping its state in the checkpoint
     # makes a resumed run draw exactly what the uninterrupted run would have drawn.
