@@ -16,7 +16,13 @@ from hyperlit.attention import attach_hypernetworks
 from hyperlit.data.skips import SkipLog
 from hyperlit.data.stream import TrainerEpochs
 from hyperlit.runner import build_run, fit
-from hyperlit.speed import FirstCallTimer, compile_unet, enable_gradient_checkpointing, use_channels_last
+from hyperlit.speed import (
+    FirstCallTimer,
+    compile_unet,
+    enable_gradient_checkpointing,
+    use_channels_last,
+    warn_compile_on_cpu,
+)
 from hyperlit.tasks.hypernetwork import module as task_module
 
 
@@ -176,6 +182,19 @@ def test_training_with_checkpointing_or_compile_reaches_the_same_weights(train_c
         assert not any(getattr(m, "gradient_checkpointing", False) for m in unet.modules())  # restored after fit
     compile_logs = [r.getMessage() for r in caplog.records if "torch.compile" in r.getMessage()]
     assert len(compile_logs) == 1 and "first training step" in compile_logs[0]
+    cpu_warnings = [r for r in caplog.records if r.getMessage().startswith("train.compile=true on the CPU")]
+    assert len(cpu_warnings) == 1 and cpu_warnings[0].levelno == logging.WARNING  # only the compiled run warns
     for name in ("ckpt", "compile"):
         for key, value in weights["plain"].items():
             assert torch.equal(weights[name][key], value), (name, key)
+
+
+def test_compile_warns_on_the_cpu_only(caplog):
+    with caplog.at_level(logging.WARNING, logger="hyperlit.speed"):
+        assert warn_compile_on_cpu(torch.device("cuda", 0)) is False  # no CUDA needed to name the device
+        assert warn_compile_on_cpu(torch.device("meta")) is False
+        assert caplog.records == []
+        assert warn_compile_on_cpu(torch.device("cpu")) is True
+    (record,) = caplog.records
+    assert record.levelno == logging.WARNING and "2.1x slower than eager" in record.getMessage()
+    assert "train.compile=false" in record.getMessage()

@@ -19,7 +19,13 @@ from hyperlit.attention import attach_hypernetworks, detach_hypernetworks
 from hyperlit.hypernetwork import Hypernetwork
 from hyperlit.lr_schedule import base_learning_rate, build_scheduler
 from hyperlit.models.components import Conditioning, TextEmbedding
-from hyperlit.speed import FirstCallTimer, compile_unet, enable_gradient_checkpointing, use_channels_last
+from hyperlit.speed import (
+    FirstCallTimer,
+    compile_unet,
+    enable_gradient_checkpointing,
+    use_channels_last,
+    warn_compile_on_cpu,
+)
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
@@ -86,6 +92,7 @@ class HypernetworkTask(L.LightningModule):
         if self.gradient_checkpointing:
             enable_gradient_checkpointing(unet)
         if self.use_compile:
+            warn_compile_on_cpu(self.device)
             compile_unet(unet)
 
     def on_fit_end(self) -> None:
