@@ -266,17 +266,21 @@ def test_training_step_logs_loss_and_samples_per_second_over_all_ranks(monkeypat
     monkeypatch.setattr(sys.modules[HypernetworkTask.__module__], "time", clock)
     logged: list[tuple] = []
     monkeypatch.setattr(task, "log", lambda name, value, **kw: logged.append((name, float(value), kw)))
-    task._trainer = SimpleNamespace(world_size=3)  # what training_step reads of the trainer
+    optimizer = SimpleNamespace(param_groups=[{"lr": 0.25}])
+    task._trainer = SimpleNamespace(world_size=3, optimizers=[optimizer])  # what training_step reads of the trainer
     batch = {"latents": torch.randn(2, 4, 8, 8), "context": torch.randn(2, 77, 48)}
     first = task.training_step(batch, 0)
     task.training_step(batch, 1)
     assert first.dim() == 0 and logged[0][0] == "train/loss" and logged[0][1] == pytest.approx(float(first))
     assert [(name, kw) for name, _, kw in logged] == [
         ("train/loss", {"prog_bar": True, "batch_size": 2}),
+        ("train/lr", {"prog_bar": True, "batch_size": 2}),
         ("train/loss", {"prog_bar": True, "batch_size": 2}),
         ("train/samples_per_s", {"prog_bar": True, "batch_size": 2}),
+        ("train/lr", {"prog_bar": True, "batch_size": 2}),
     ]
-    assert logged[2][1] == 2 * 3 / 0.25  # samples of every rank per second of this rank's clock
+    assert logged[3][1] == 2 * 3 / 0.25  # samples of every rank per second of this rank's clock
+    assert logged[1][1] == logged[4][1] == 0.25  # the rate in the optimizer when the step's loss is computed
 
 
 def test_fit_start_moves_the_components_to_the_module_device():

@@ -179,7 +179,8 @@ class HypernetworkTask(L.LightningModule):
         self._last_batch_time = now
         # read before the optimizer step: Lightning steps the schedule before on_train_batch_end, where this would
         # already be the next step's rate (an A1111 schedule's drop would then show one step early)
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True)
+        lr = self.trainer.optimizers[0].param_groups[0]["lr"]
+        self.log("train/lr", lr, prog_bar=True, batch_size=batch_size)
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
