@@ -5,13 +5,13 @@ and the handling of corrupt entries. Expected values are worked out by hand in t
 
 from __future__ import annotations
 
-import io
 import logging
 from pathlib import Path
 
 import pytest
 import torch
 from helpers.fakes import FakeEncoder, text_vector
+from helpers.images import encoded, png_bytes, rgba_half_png
 from PIL import Image
 
 from hyperlit.data import cache as cache_module
@@ -27,9 +27,7 @@ from hyperlit.models.components import TextEmbedding
 def png(size: tuple[int, int], seed: int) -> bytes:
     g = torch.Generator().manual_seed(seed)
     pixels = (torch.rand(size[1], size[0], 3, generator=g) * 255).to(torch.uint8).numpy()
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
+    return encoded(Image.fromarray(pixels))
 
 
 # 3 wide (64x32) and 2 tall (32x48) images; captions with one repeat: 4 unique prompts
@@ -160,18 +158,9 @@ def test_an_unreadable_file_is_counted_and_the_rest_still_encoded(tmp_path: Path
     assert skips.examples["unreadable"] == [f"gone.png: [Errno 2] No such file or directory: '{tmp_path / 'gone.png'}'"]
 
 
-def rgba_png(size: tuple[int, int]) -> bytes:
-    alpha = torch.zeros(size[1], size[0], dtype=torch.uint8)
-    alpha[:, : size[0] // 2] = 255  # left half opaque
-    rgb = torch.full((size[1], size[0], 3), 128, dtype=torch.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(torch.cat([rgb, alpha[..., None]], dim=2).numpy(), mode="RGBA").save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def test_alpha_maps_have_the_latent_shape_and_come_back_from_the_cache(tmp_path: Path) -> None:
     opts, cache = options(tmp_path, buckets=True), str(tmp_path / "cache")
-    data = rgba_png((64, 32))
+    data = rgba_half_png((64, 32))
     first = encode_items([SourceItem("a.png", "x", data=data)], FakeEncoder(), opts, SkipLog(), cache, write=True)
     (rec,) = first.records
     # bucket 40x24 -> latents 5 wide, 3 high: the alpha map is h x w = 3 x 5, opaque on the left
@@ -193,14 +182,9 @@ def test_cache_keys_are_the_sha256_of_sorted_json_with_kind_and_version() -> Non
     assert make_key("latent", image="abc", target=(32, 32), where=Path("a/b.png")) == key  # argument order: same key
 
 
-def gray_png(size: tuple[int, int]) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("L", size, 90).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def test_bad_and_repaired_images_are_counted_with_their_names_and_stretch_keeps_the_whole_image(tmp_path: Path):
-    sources = [SourceItem("bad.png", "x", data=b"not an image"), SourceItem("gray.png", "y", data=gray_png((64, 32)))]
+    gray = png_bytes((64, 32), 90, mode="L")
+    sources = [SourceItem("bad.png", "x", data=b"not an image"), SourceItem("gray.png", "y", data=gray)]
     skips = SkipLog()
     enc = encode_items(sources, FakeEncoder(), options(tmp_path, resize="stretch"), skips, None, write=False)
     assert dict(skips.counts) == {"not_an_image": 1, "converted_grayscale": 1}
@@ -214,7 +198,7 @@ def test_bad_and_repaired_images_are_counted_with_their_names_and_stretch_keeps_
 
 def test_repairs_read_back_from_the_cache_name_the_file(tmp_path: Path) -> None:
     opts, cache = options(tmp_path), str(tmp_path / "cache")
-    source = [SourceItem("gray.png", "y", data=gray_png((32, 32)))]
+    source = [SourceItem("gray.png", "y", data=png_bytes((32, 32), 90, mode="L"))]
     encode_items(source, FakeEncoder(), opts, SkipLog(verbose=False), cache, write=True)
     again, skips = FakeEncoder(), SkipLog(verbose=False)
     encode_items(source, again, opts, skips, cache, write=True)

@@ -4,11 +4,10 @@ pixels against hand computations, A1111's use_weight map, colour-mode repairs, e
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pytest
 import torch
+from helpers.images import encoded
 from PIL import Image
 
 from hyperlit.data.images import (
@@ -96,9 +95,7 @@ def test_weight_from_alpha_is_a1111s_use_weight() -> None:
 
 
 def tiff(img: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    img.save(buffer, format="TIFF")
-    return buffer.getvalue()
+    return encoded(img, "TIFF")
 
 
 def test_float_images_rescale_by_their_depth_and_clip() -> None:
@@ -196,14 +193,13 @@ def test_image_errors_carry_kind_and_detail(tmp_path) -> None:
     with pytest.raises(BadImage) as info:
         image_size(empty)
     assert (info.value.kind, info.value.detail) == ("zero_byte", "file is empty")
-    buffer = io.BytesIO()
-    ramp((10, 10)).save(buffer, format="PNG")
-    assert decode_image(buffer.getvalue(), max_pixels=100).rgb.size == (10, 10)  # at the limit: allowed
+    ten = encoded(ramp((10, 10)))
+    assert decode_image(ten, max_pixels=100).rgb.size == (10, 10)  # at the limit: allowed
     with pytest.raises(BadImage) as info:
-        decode_image(buffer.getvalue(), max_pixels=99)
+        decode_image(ten, max_pixels=99)
     assert (info.value.kind, info.value.detail) == ("decompression_bomb", "10x10 pixels is above the limit of 99")
     with pytest.raises(BadImage) as info:
-        decode_image(buffer.getvalue()[:-40])  # the IDAT cut: the header is fine, the pixels are not
+        decode_image(ten[:-40])  # the IDAT cut: the header is fine, the pixels are not
     assert info.value.kind == "truncated" and info.value.detail, info.value.detail
 
 
@@ -264,10 +260,8 @@ def test_header_errors_and_pil_bomb_warnings_keep_their_reason(monkeypatch) -> N
         decode_image(png_header_only(10_000, 10_000), max_pixels=10**9)
     assert info.value.kind == "decompression_bomb"
     assert info.value.detail.startswith("Image size (100000000 pixels) exceeds limit"), info.value.detail
-    buffer = io.BytesIO()
-    ramp((16, 16)).save(buffer, format="PNG")
     with pytest.raises(BadImage) as info:
-        decode_image(buffer.getvalue()[:-30])
+        decode_image(encoded(ramp((16, 16)))[:-30])
     assert _read_error_kind(OSError(info.value.detail)) == "truncated"  # the detail carries PIL's reason
 
     def failing_open(fp):  # noqa: ANN001 - a read error while PIL reads the header

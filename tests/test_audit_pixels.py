@@ -4,12 +4,12 @@ file that fails at load time, the batch plan, the resize-and-crop placement and 
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers.images import encoded
 from PIL import Image
 
 from hyperlit.data import pixels as pixels_module
@@ -24,9 +24,7 @@ def write_png(path: Path, size: tuple[int, int], mode: str = "RGB") -> Path:
     img = Image.fromarray(arr)
     if mode != "RGB":
         img = img.convert(mode)
-    buffer = io.BytesIO()
-    img.save(buffer, format="PNG")
-    path.write_bytes(buffer.getvalue())
+    path.write_bytes(encoded(img))
     return path
 
 

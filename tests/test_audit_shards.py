@@ -11,7 +11,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from helpers.images import png_bytes
+from helpers.images import png_bytes, rgba_half_png
+from helpers.tars import write_tar
 
 from hyperlit.data import webdata
 from hyperlit.data.skips import SkipLog
@@ -114,15 +115,6 @@ def test_a_corrupt_npy_member_is_counted_and_pickles_are_refused() -> None:
     assert all(e.startswith(("a.tar:0: npy: ", "a.tar:1: npy: ")) for e in s._skips.examples["corrupt_tar_member"])
 
 
-def write_tar(path: Path, members: list[tuple[str, bytes]]) -> str:
-    with tarfile.open(path, "w") as tf:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return str(path)
-
-
 def test_first_samples_are_the_first_distinct_usable_ones_in_stored_order(tmp_path: Path) -> None:
     a, b, c = png_bytes(colour=(10, 0, 0)), png_bytes(colour=(20, 0, 0)), png_bytes(colour=(30, 0, 0))
     url = write_tar(tmp_path / "held.tar", [
@@ -160,18 +152,6 @@ def npy(array) -> bytes:  # noqa: ANN001
 
     buffer = io.BytesIO()
     np.save(buffer, np.asarray(array, dtype=np.float32))
-    return buffer.getvalue()
-
-
-def rgba_half_png(size: tuple[int, int] = (64, 64)) -> bytes:
-    import numpy as np
-    from PIL import Image
-
-    arr = np.full((size[1], size[0], 4), 128, dtype=np.uint8)
-    arr[:, :, 3] = 0
-    arr[:, : size[0] // 2, 3] = 255  # left half opaque
-    buffer = io.BytesIO()
-    Image.fromarray(arr, mode="RGBA").save(buffer, format="PNG")
     return buffer.getvalue()
 
 

@@ -3,27 +3,17 @@ batches of a worker (the per-batch delta path), not only after its last batch (t
 
 from __future__ import annotations
 
-import io
-import tarfile
-
 from helpers.fakes import FakeEncoder
 from helpers.images import make_folder, png_bytes
+from helpers.tars import write_tar
 
 from hyperlit.data import WebDataModule, make_shards
-
-
-def _tar(path, members):
-    with tarfile.open(path, "w") as tf:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
 
 
 def test_skips_before_several_batches_are_counted_once(tmp_path):
     make_shards(make_folder(tmp_path / "d", n=8), tmp_path / "s", samples_per_shard=2)
     bad = tmp_path / "s" / "bad.tar"
-    _tar(bad, [("e.png", b""), ("e.txt", b"x"), ("f.png", png_bytes()), ("f.txt", b"\xff\xfe bad")])
+    write_tar(bad, [("e.png", b""), ("e.txt", b"x"), ("f.png", png_bytes()), ("f.txt", b"\xff\xfe bad")])
     # the bad shard first: worker 0 reads bad, shard 1, shard 3 (1 + 2 + 2 usable: two batches of 2 after the
     # skips), worker 1 reads shards 0 and 2 (4 usable: two batches)
     urls = [str(bad)] + [str(tmp_path / "s" / f"shard-00000{i}.tar") for i in range(4)]

@@ -12,6 +12,7 @@ from helpers.config import compose_config
 from helpers.fakes import FakeEncoder
 from helpers.images import make_folder, png_bytes
 from helpers.paths import SAMPLE_DIR
+from helpers.tars import write_tar
 from hydra.utils import instantiate
 
 from hyperlit.data import FolderDataModule, WebDataModule, make_shards
@@ -166,7 +167,7 @@ def test_worker_skip_counts_reach_the_main_process(tmp_path):
     (folder / "zz-empty.png").write_bytes(b"")  # make_shards skips it, so add it to a shard by hand
     make_shards(folder, tmp_path / "s", samples_per_shard=2)
     extra = tmp_path / "s" / "shard-000004.tar"
-    _tar(extra, [("e.png", b""), ("e.txt", b"x"), ("f.png", png_bytes()), ("f.txt", b"\xff\xfe bad")])
+    write_tar(extra, [("e.png", b""), ("e.txt", b"x"), ("f.png", png_bytes()), ("f.txt", b"\xff\xfe bad")])
     urls = str(tmp_path / "s" / "shard-{000000..000004}.tar")
     dm = wdm(urls, FakeEncoder(), batch_size=3, num_workers=2, shuffle=False)
     batches = list(dm.train_dataloader())
@@ -186,17 +187,9 @@ def test_url_errors_name_the_key(tmp_path):
         wdm(str(tmp_path / "s" / "shard-000000.tar"), FakeEncoder(), num_workers=2)
 
 
-def _tar(path, members):
-    with tarfile.open(path, "w") as tf:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-
-
 def test_corrupt_tar_and_members_are_counted_and_loading_continues(tmp_path):
     good = tmp_path / "good.tar"
-    _tar(
+    write_tar(
         good,
         [
             (f"{i:04d}.{ext}", data)
@@ -205,7 +198,7 @@ def test_corrupt_tar_and_members_are_counted_and_loading_continues(tmp_path):
         ],
     )
     bad_members = tmp_path / "members.tar"
-    _tar(
+    write_tar(
         bad_members,
         [
             ("a.png", b"garbage"),
@@ -242,7 +235,7 @@ def test_corrupt_tar_and_members_are_counted_and_loading_continues(tmp_path):
 
 def test_nothing_usable_in_shards_is_an_error_with_reasons(tmp_path):
     bad = tmp_path / "bad.tar"
-    _tar(bad, [("a.png", b""), ("b.png", b"zzz")])
+    write_tar(bad, [("a.png", b""), ("b.png", b"zzz")])
     dm = wdm(str(bad), FakeEncoder(), batch_size=1)
     with pytest.raises(ValueError, match="no usable sample") as err:
         list(dm.train_dataloader())

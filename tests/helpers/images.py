@@ -10,11 +10,22 @@ from pathlib import Path
 from PIL import Image
 
 
+def encoded(img: Image.Image, fmt: str = "PNG") -> bytes:
+    """The bytes of `img` saved in `fmt`, as a file on disk would hold them."""
+    buffer = io.BytesIO()
+    img.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
 def png_bytes(size: tuple[int, int] = (64, 64), colour=(200, 30, 30), mode: str = "RGB") -> bytes:
-    img = Image.new(mode, size, colour)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
+    return encoded(Image.new(mode, size, colour))
+
+
+def rgba_half_png(size: tuple[int, int] = (64, 64)) -> bytes:
+    """Mid-grey RGBA whose left half is opaque (alpha 255) and right half transparent (alpha 0)."""
+    img = Image.new("RGBA", size, (128, 128, 128, 0))
+    img.paste((128, 128, 128, 255), (0, 0, size[0] // 2, size[1]))
+    return encoded(img)
 
 
 def write_image(folder: Path, stem: str, caption: str | None, size=(64, 64), colour=(200, 30, 30)) -> Path:
