@@ -392,10 +392,10 @@ def test_resampled_streams_are_endless_and_seeded_by_seed_epoch_rank_and_worker(
     assert resampled_shas(urls) != first  # another worker draws another stream
 
 
-def test_one_usable_sample_short_of_a_batch_is_not_an_error(tmp_path: Path) -> None:
+def test_one_usable_sample_short_of_a_batch_is_a_batch_of_one(tmp_path: Path) -> None:
     url = write_tar(tmp_path / "one.tar", [("0.png", png_bytes()), ("0.txt", b"x")])
     batches = list(stream([url], batch_size=2, shuffle=False))
-    assert all("sha" not in b for b in batches)  # nothing to train on, but the data was usable: no error
+    assert [len(b["sha"]) for b in batches] == [1]  # a single pass keeps the short last batch: no error, no loss
 
 
 def test_resampled_sample_shuffle_only_with_shuffle_and_a_buffer(tmp_path: Path, monkeypatch) -> None:

@@ -15,14 +15,14 @@ def test_skips_before_several_batches_are_counted_once(tmp_path):
     bad = tmp_path / "s" / "bad.tar"
     write_tar(bad, [("e.png", b""), ("e.txt", b"x"), ("f.png", png_bytes()), ("f.txt", b"\xff\xfe bad")])
     # the bad shard first: worker 0 reads bad, shard 1, shard 3 (1 + 2 + 2 usable: two batches of 2 after the
-    # skips), worker 1 reads shards 0 and 2 (4 usable: two batches)
+    # skips and a last one of 1), worker 1 reads shards 0 and 2 (4 usable: two batches)
     urls = [str(bad)] + [str(tmp_path / "s" / f"shard-00000{i}.tar") for i in range(4)]
     dm = WebDataModule(
         urls=urls, encoder=FakeEncoder(), resolution=64, batch_size=2, num_workers=2, shuffle=False, shuffle_buffer=0
     )
     dm.setup("fit")
     batches = list(dm.train_dataloader())
-    assert sum(len(b["caption"]) for b in batches) == 8
+    assert sum(len(b["caption"]) for b in batches) == 9
     assert dict(dm.skipped) == {"zero_byte": 1, "caption_not_utf8": 1}
     # the counts are "bad input so far": a second pass over the same shards adds the same counts once more
     list(dm.train_dataloader())

@@ -162,6 +162,23 @@ def test_workers_split_shards_and_count_is_exact(tmp_path):
     assert got == sorted(hashlib.sha256(p.read_bytes()).hexdigest() for p in (tmp_path / "d").glob("*.png"))
 
 
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_single_pass_keeps_each_workers_short_last_batch(tmp_path, num_workers):
+    make_shards(make_folder(tmp_path / "d", n=10), tmp_path / "s", samples_per_shard=5)
+    urls = str(tmp_path / "s" / "shard-{000000..000001}.tar")
+    dm = wdm(urls, FakeEncoder(), batch_size=4, num_workers=num_workers, shuffle_buffer=4, template="none")
+    got = finished(dm)
+    # one worker: 10 samples in batches of 4, 4, 2; two workers: one shard of 5 each, batches of 4 and 1 each
+    expected_sizes = [4, 4, 2] if num_workers == 0 else [4, 4, 1, 1]
+    assert sorted(len(b["caption"]) for b in got) == sorted(expected_sizes)
+    assert all(b["latents"].shape[1:] == (4, 8, 8) and b["context"].shape[1:] == (77, 32) for b in got)
+    assert all(b["latents"].shape[0] == b["context"].shape[0] == b["sizes"].shape[0] for b in got)
+    written = {hashlib.sha256(p.read_bytes()).hexdigest() for p in (tmp_path / "d").glob("*.png")}
+    dm = wdm(urls, FakeEncoder(), batch_size=4, num_workers=num_workers, shuffle_buffer=4)
+    seen = sorted(sha for b in dm.train_dataloader() for sha in b["sha"])
+    assert seen == sorted(written)  # every sample of the pass exactly once
+
+
 def test_worker_skip_counts_reach_the_main_process(tmp_path):
     folder = make_folder(tmp_path / "d", n=8)
     (folder / "zz-empty.png").write_bytes(b"")  # make_shards skips it, so add it to a shard by hand
@@ -172,8 +189,8 @@ def test_worker_skip_counts_reach_the_main_process(tmp_path):
     dm = wdm(urls, FakeEncoder(), batch_size=3, num_workers=2, shuffle=False)
     batches = list(dm.train_dataloader())
     assert all("_skipped" not in b for b in batches)
-    # worker 0 reads shards 0, 2, 4 (2 + 2 + 1 usable: one full batch), worker 1 shards 1, 3 (4: one batch)
-    assert sum(len(b["caption"]) for b in batches) == 6
+    # worker 0 reads shards 0, 2, 4 (2 + 2 + 1 usable: batches of 3 and 2), worker 1 shards 1, 3 (4: 3 and 1)
+    assert sorted(len(b["caption"]) for b in batches) == [1, 2, 3, 3]
     assert dm.skipped["zero_byte"] == 1 and dm.skipped["caption_not_utf8"] == 1
 
 

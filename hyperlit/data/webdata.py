@@ -6,7 +6,8 @@ Pipeline per rank (webdataset 1.0 `DataPipeline`, every stage explicit):
   → tar expansion (corrupt members counted, not fatal) → sample shuffle buffer → decode → batch.
 Resampled mode replaces the first three stages with `wds.ResampledShards`, seeded per rank and worker.
 With an epoch length every rank yields exactly the same number of batches (DDP cannot hang); without one
-the epoch is a single pass (single process only).
+the epoch is a single pass (single process only) that yields every usable sample once, so the last batch of each
+worker may be short.
 """
 
 from __future__ import annotations
@@ -268,23 +269,30 @@ class ShardStream(IterableDataset):
         return found
 
     # ---- batches ------------------------------------------------------------------------------------
-    def _batch(self, src: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        """Homogeneous batches: precomputed-latent items and pixel items are batched separately."""
+    def _groups(self, src: Iterator[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
+        """Items in batch_size groups of one kind: precomputed-latent items and pixel items are batched apart."""
         pending: dict[str, list[dict[str, Any]]] = {"latent": [], "pixels": []}
-        reported: Counter[str] = Counter()
         for item in src:
             kind = "latent" if "mean" in item else "pixels"
-            group = pending[kind]
-            group.append(item)
-            if len(group) == self.batch_size:
-                batch = self._collate(group)
+            pending[kind].append(item)
+            if len(pending[kind]) == self.batch_size:
+                yield pending[kind]
                 pending[kind] = []
-                delta = self._skips.counts - reported
-                reported = Counter(self._skips.counts)
-                batch["_skipped"] = dict(delta)
-                yield batch
+        # The source ends only in a single-pass epoch (resampled and epoch-length streams are endless and cut by
+        # with_epoch, so their batch count is unchanged): yield each kind's short last group, or a pass would drop
+        # up to batch_size - 1 samples per worker and kind, mostly the same ones every epoch.
+        yield from (group for group in pending.values() if group)
+
+    def _batch(self, src: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """Homogeneous batches, each carrying the skip counts added since the previous one."""
+        reported: Counter[str] = Counter()
+        for group in self._groups(src):
+            batch = self._collate(group)
+            batch["_skipped"] = dict(self._skips.counts - reported)
+            reported = Counter(self._skips.counts)
+            yield batch
         tail = self._skips.counts - reported
-        if tail:  # counts after the last full batch; the loader merges this and yields nothing for it
+        if tail:  # counts after the last batch; the loader merges this and yields nothing for it
             yield {"_skipped": dict(tail)}
 
     def _collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
