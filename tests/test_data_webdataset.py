@@ -250,6 +250,34 @@ def test_corrupt_tar_and_members_are_counted_and_loading_continues(tmp_path):
     assert enc.images_encoded == len(captions)
 
 
+def cut_in_caption(path, count):
+    """A shard of `count` png+txt samples whose file ends inside the last sample's caption; returns its URL and
+    the content keys of the samples before it."""
+    images = [png_bytes((64, 64), (30 * i, 5, 5)) for i in range(count)]
+    url = write_tar(path, [(f"{i:04d}.{ext}", data) for i in range(count)
+                           for ext, data in (("png", images[i]), ("txt", b"tag %d" % i))])  # fmt: skip
+    with tarfile.open(url) as tf:
+        cut = tf.getmember(f"{count - 1:04d}.txt").offset_data + 2
+    path.write_bytes(path.read_bytes()[:cut])
+    return url, {hashlib.sha256(image).hexdigest() for image in images[:-1]}
+
+
+@pytest.mark.parametrize("first_cut", [False, True])
+def test_resampled_truncated_shard_skips_and_counts_the_cut_sample(tmp_path, caplog, first_cut):
+    # a shard of 3 good samples, then one cut inside its caption, drawn again and again
+    url, good = cut_in_caption(tmp_path / "cut.tar", 4)
+    urls, cut_key = [url], "0003"
+    if first_cut:  # plus a shard whose only sample is cut: two draws in a row used to join it with itself
+        first, _ = cut_in_caption(tmp_path / "first.tar", 1)
+        urls, url, cut_key = [first, url], first, "0000"
+    dm = wdm(urls, FakeEncoder(), resampled=True, epoch_length=24, batch_size=3, shuffle=False, template="none")
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 8
+    assert {sha for b in batches for sha in b["sha"]} == good  # no cut sample reaches a batch
+    assert dm.skipped["truncated_sample"] >= 1 and "caption_empty" not in dm.skipped
+    assert f"data: truncated_sample {url}:{cut_key} read only ['png']" in caplog.text  # names shard and sample
+
+
 def test_nothing_usable_in_shards_is_an_error_with_reasons(tmp_path):
     bad = tmp_path / "bad.tar"
     write_tar(bad, [("a.png", b""), ("b.png", b"zzz")])

@@ -3,7 +3,8 @@
 Pipeline per rank (webdataset 1.0 `DataPipeline`, every stage explicit):
   shard list (one pass, or endless passes shuffled per (seed, epoch, pass) identically on all ranks)
   → node split (rank r takes every world_size-th shard) → worker split (`wds.split_by_worker`)
-  → tar expansion (corrupt members counted, not fatal) → sample shuffle buffer → decode → batch.
+  → tar expansion, one shard at a time (corrupt members and cut samples counted, not fatal) → sample shuffle
+  buffer → decode → batch.
 Resampled mode replaces the first three stages with `wds.ResampledShards`, seeded per rank and worker.
 With an epoch length every rank yields exactly the same number of batches (DDP cannot hang); without one
 the epoch is a single pass (single process only) that yields every usable sample once, so the last batch of each
@@ -125,7 +126,7 @@ class ShardStream(IterableDataset):
                 partial(self._pass_urls, n),
                 self._split_node,
                 wds.split_by_worker,
-                wds.tarfile_to_samples(handler=self._tar_handler),
+                self._shard_samples,
             ]
             if self.shuffle and self.shuffle_buffer > 1:
                 seed = hash((self.seed, self.epoch, self.rank, wid, n)) & 0x7FFFFFFF
@@ -152,9 +153,43 @@ class ShardStream(IterableDataset):
         (args extended with stream and url): counted as corrupt_tar_member and corrupt_shard."""
         args = exn.args
         if len(args) >= 3 and isinstance(args[-1], str):
+            self._shard_cut = True
             self._skips.add("corrupt_shard", args[-1], f"{type(exn).__name__}: {args[0]}; rest of shard lost")
         else:
             self._skips.add("corrupt_tar_member", str(args[0]) if args else "shard", type(exn).__name__)
+        return True
+
+    def _shard_samples(self, src: Iterator[dict[str, str]]) -> Iterator[dict[str, Any]]:
+        """Samples of each shard, grouped one shard at a time; a sample the shard's end cut is skipped and counted.
+
+        webdataset groups members by key across the whole URL stream and marks a shard's end only when the shard
+        was read to the end: after a truncated shard, the cut sample would be yielded without its missing members,
+        or joined with the next shard's first sample of the same key (a resampled shard whose cut sample is its first
+        then fails on "duplicate file name" at every draw and never yields). Running webdataset's own tar reader on
+        one shard at a time keeps samples apart.
+        """
+        for shard in src:
+            self._member = ""  # the member being read; when the shard fails, the one it failed in (or after)
+            self._shard_cut = False  # set by _tar_handler when the shard ends in an error
+            last: dict[str, Any] | None = None
+            for sample in wds.tarfile_samples(iter([shard]), handler=self._tar_handler, select_files=self._note):
+                if last is not None:
+                    yield last
+                last = sample
+            if last is None:
+                continue
+            # A shard that failed after (or inside) a member of its last sample may have lost that sample's later
+            # members; tar cannot tell, so the sample is not trusted. One that failed inside the next sample's first
+            # member ended its last sample cleanly.
+            if self._shard_cut and wds.tariterators.base_plus_ext(self._member)[0] == last["__key__"]:
+                members = sorted(k for k in last if not k.startswith("__"))
+                self._skips.add("truncated_sample", f"{shard['url']}:{last['__key__']}", f"read only {members}")
+            else:
+                yield last
+
+    def _note(self, name: str) -> bool:
+        """select_files hook: webdataset calls it with each member's name before reading the member."""
+        self._member = name
         return True
 
     # ---- samples ------------------------------------------------------------------------------------
@@ -260,7 +295,7 @@ class ShardStream(IterableDataset):
         held-out set: every rank reads the same ones)."""
         self._skips = SkipLog(verbose=False)
         found: list[dict[str, Any]] = []
-        for sample in wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples(handler=self._tar_handler)):
+        for sample in wds.DataPipeline(wds.SimpleShardList([url]), self._shard_samples):
             item = self._decode_one(sample, f"{url}:{sample.get('__key__', '?')}")
             if item is not None and all(item["sha"] != other["sha"] for other in found):
                 found.append(item)
@@ -327,7 +362,7 @@ class ShardStream(IterableDataset):
                 wds.ResampledShards(
                     self.urls, seed=self.seed + self.epoch, worker_seed=_WorkerSeed(self.rank), deterministic=True
                 ),
-                wds.tarfile_to_samples(handler=self._tar_handler),
+                self._shard_samples,
             ]
             if self.shuffle and self.shuffle_buffer > 1:
                 seed = hash((self.seed, self.epoch, self.rank, wid)) & 0x7FFFFFFF
