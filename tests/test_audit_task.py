@@ -292,3 +292,21 @@ def test_fit_start_moves_the_components_to_the_module_device():
         assert task.components.moved_to == [task.device]
     finally:
         task.on_fit_end()
+
+
+@pytest.mark.parametrize(("rank", "warned"), [(0, True), (1, False)])
+def test_compile_on_the_cpu_is_compiled_on_every_rank_and_said_by_global_rank_zero_only(monkeypatch, rank, warned):
+    from helpers.attention_models import make_unet
+
+    module = sys.modules[HypernetworkTask.__module__]
+    compiled, said = [], []
+    monkeypatch.setattr(module, "compile_unet", compiled.append)
+    monkeypatch.setattr(module, "warn_compile_on_cpu", said.append)
+    task = stand_in_task(make_unet(), compile=True)
+    task._trainer = SimpleNamespace(global_rank=rank)  # all on_fit_start reads of the trainer
+    task.on_fit_start()
+    try:
+        assert compiled == [task.components.unet]
+        assert said == ([task.device] if warned else [])
+    finally:
+        task.on_fit_end()

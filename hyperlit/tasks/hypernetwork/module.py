@@ -92,7 +92,8 @@ class HypernetworkTask(L.LightningModule):
         if self.gradient_checkpointing:
             enable_gradient_checkpointing(unet)
         if self.use_compile:
-            warn_compile_on_cpu(self.device)
+            if self.global_rank == 0:  # every rank compiles, one says so
+                warn_compile_on_cpu(self.device)
             compile_unet(unet)
 
     def on_fit_end(self) -> None:
