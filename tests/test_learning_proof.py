@@ -26,3 +26,49 @@ def test_default_run_moves_held_out_prompts_into_the_style(tmp_path):
     # colour 0.75), which fails them; 3 seeds (12 samples, 0.75 vs 0.58) were too few to separate the two.
     assert styled.style >= base.style + 0.45, (base, styled)  # the hypernetwork adds the style
     assert styled.adherence >= 0.6 and styled.colour >= 0.85, styled  # and keeps the prompt's colour and shape
+
+
+def test_mean_score_weights_each_run_by_its_samples():
+    from hyperlit.demo.quality import Score
+
+    lp = learning_proof()
+    a = Score(samples=32, adherence=0.75, colour=1.0, shape=0.75, style=0.5)
+    b = Score(samples=16, adherence=0.25, colour=0.5, shape=0.25, style=1.0)
+    mean = lp.mean_score([a, b])
+    # by hand: (32 * x_a + 16 * x_b) / 48
+    assert mean == Score(samples=48, adherence=7 / 12, colour=5 / 6, shape=7 / 12, style=2 / 3)
+
+
+def test_train_seeds_train_one_run_per_seed_and_print_the_mean(monkeypatch, capsys, tmp_path):
+    from hyperlit.demo.quality import Score
+
+    lp = learning_proof()
+    trained: list[list[str]] = []
+
+    def fake_train(out, overrides, threads=None):  # noqa: ANN001, ANN202
+        trained.append(list(overrides))
+        return tmp_path / f"{len(trained)}.pt", 1.0
+
+    styles = iter([0.5, 1.0])  # run 1 scores style 0.5 at multiplier 1, run 2 scores 1.0
+    base = Score(samples=32, adherence=1.0, colour=1.0, shape=1.0, style=0.0)
+
+    def fake_prove(path, seeds, steps, cfg, sheet):  # noqa: ANN001, ANN202
+        return {0.0: base, 1.0: Score(samples=32, adherence=0.75, colour=1.0, shape=0.75, style=next(styles))}
+
+    monkeypatch.setattr(lp, "train_default", fake_train)
+    monkeypatch.setattr(lp, "prove", fake_prove)
+    monkeypatch.setattr("sys.argv", ["learning_proof.py", "--train-seeds", "42", "7", "--", "train.max_steps=5"])
+    lp.main()
+    assert trained == [["train.max_steps=5", "seed=42"], ["train.max_steps=5", "seed=7"]]
+    out = capsys.readouterr().out
+    assert "training seed 42" in out and "training seed 7" in out
+    assert "style 0.00 -> 0.75, adherence at 1: 0.75 (mean of 2 runs): goal met" in out
+
+
+def test_a_finished_file_and_train_seeds_are_refused_together(monkeypatch, tmp_path):
+    lp = learning_proof()
+    monkeypatch.setattr(
+        "sys.argv", ["learning_proof.py", "--hypernetwork", str(tmp_path / "a.pt"), "--train-seeds", "1"]
+    )
+    with pytest.raises(SystemExit, match="give one of them"):
+        lp.main()
