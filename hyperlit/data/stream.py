@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -167,6 +168,7 @@ class EpochLoader(DataLoader):
         # protocol) so that a run resumed mid-epoch continues with the next batch of the same epoch plan.
         self._progress_fn = progress_fn
         self._resume_at: tuple[int, int] | None = None
+        self._reported: Counter[str] | None = None  # the counts the last epoch report showed
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self._epoch_fn(), "batches": self._progress_fn() if self._progress_fn else 0}
@@ -203,7 +205,12 @@ class EpochLoader(DataLoader):
             self._report(epoch)
 
     def _report(self, epoch: int) -> None:
-        log.info("data: epoch %d done; bad input so far: %s", epoch, self._skips.summary())
+        """The first epoch's counts, then only epochs that met new bad input: a small set (the demo has 3 batches
+        an epoch) would otherwise print the same "no bad input" line hundreds of times."""
+        news = self._reported is None or self._skips.counts != self._reported
+        self._reported = Counter(self._skips.counts)
+        level = logging.INFO if news else logging.DEBUG
+        log.log(level, "data: epoch %d done; bad input so far: %s", epoch, self._skips.summary())
 
 
 class TrainerEpochs:
