@@ -61,7 +61,7 @@ def load_vae(
         folder = p / "vae" if (p / "vae" / "config.json").is_file() else p
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"{key}={str(path)!r}: a folder without config.json or vae/config.json")
-        vae = AutoencoderKL.from_pretrained(folder, local_files_only=True)
+        vae = AutoencoderKL.from_pretrained(folder, local_files_only=True, low_cpu_mem_usage=False)  # no accelerate
     elif p.is_file():
         sd = _strip_prefix(load_weights_file(p, key))
         if any(k.startswith("decoder.up_blocks.") for k in sd):
@@ -94,9 +94,7 @@ def load_vae(
     return vae
 
 
-def check_vae_layout(
-    vae: AutoencoderKL, latent_channels: int | None, use_quant_conv: bool | None, source: str
-) -> None:
+def check_vae_layout(vae: AutoencoderKL, latent_channels: int | None, use_quant_conv: bool | None, source: str) -> None:
     """A VAE whose latent width or quant-conv layout does not match the config is an error naming both."""
     got = int(vae.config.latent_channels)
     if latent_channels is not None and got != latent_channels:
@@ -106,6 +104,7 @@ def check_vae_layout(
         )
     has_quant = vae.quant_conv is not None
     if use_quant_conv is not None and has_quant != use_quant_conv:
+
         def layout(q: bool) -> str:
             return "with quant convs (SD layout)" if q else "without quant convs (SD3/FLUX layout)"
 
