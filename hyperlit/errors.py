@@ -22,6 +22,9 @@ BAD_ARGUMENTS = (*BAD_INPUT, TypeError)
 _UNSAFE_ADVICE = re.compile(r"[^.\n(]*weights_only[`'\"\s]*(?:set to |=\s*)?[`'\"]?False[^\n]*", re.IGNORECASE)
 _UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
 _FULL_KEY = re.compile(r"full_key:\s*(\S+)")
+# PyTorch re-raises a DataLoader worker's exception as a new one of the same type whose text is this header and
+# the worker's whole formatted traceback (torch.utils._utils.ExceptionWrapper.reraise).
+_WORKER_HEADER = re.compile(r"Caught (\w+) [^\n]*\.\nOriginal Traceback \(most recent call last\):\n")
 
 
 def strip_unsafe_advice(message: str) -> str:
@@ -36,6 +39,21 @@ def strip_unsafe_advice(message: str) -> str:
             "allowed: tensors only (convert the file to .safetensors with a tool you trust)"
         )
     return _UNSAFE_ADVICE.sub("", message).strip()
+
+
+def _worker_message(message: str) -> str:
+    """The worker exception's own message from the text PyTorch re-raises it with; any other message unchanged."""
+    header = _WORKER_HEADER.match(message)
+    if header is None:
+        return message
+    # The raised exception is the last traceback (earlier ones are its chained causes); its frame and source lines
+    # are indented, and its message starts at the first line that is not, after the (module-qualified) type name.
+    lines = message.rsplit("Traceback (most recent call last):\n", 1)[1].splitlines()
+    start = next((i for i, line in enumerate(lines) if line[:1].strip()), None)
+    if start is None:
+        return message
+    first = re.sub(rf"^(?:[\w.]+\.)?{header[1]}(?::\s|$)", "", lines[start], count=1)
+    return "\n".join([first, *lines[start + 1 :]]).strip() or message
 
 
 def one_line(message: str) -> str:
@@ -76,7 +94,7 @@ def bad_input_message(err: BaseException, cfg: Any = None) -> str | None:
         return text
     if not isinstance(err, BAD_INPUT):
         return None
-    return one_line(strip_unsafe_advice(str(err))) or type(err).__name__
+    return one_line(strip_unsafe_advice(_worker_message(str(err)))) or type(err).__name__
 
 
 def _select(cfg: Any, key: str) -> Any:

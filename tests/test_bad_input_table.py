@@ -153,3 +153,34 @@ def test_torchs_unsafe_advice_never_reaches_the_user(tmp_path):
     message = bad_input_message(ValueError(f"model.path={path}: cannot be read ({err.value})"))
     assert message.startswith(f"model.path={path}: ") and "CompletedProcess" in message
     assert not UNSAFE_ADVICE.search(message) and "add_safe_globals" not in message and "\n" not in message
+
+
+class BadShardError(ValueError):
+    """A ValueError of this module: tracebacks name it with its module."""
+
+
+class _FailingDataset(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int) -> None:
+        try:
+            {}["member"]
+        except KeyError as cause:
+            raise BadShardError(
+                "data.urls: no usable sample in 1 shard(s); reasons with counts:\n  zero_byte: 1"
+            ) from cause
+
+
+def test_a_dataloader_workers_error_keeps_only_its_own_message():
+    """PyTorch re-raises a worker's exception with "Caught ... in DataLoader worker process 0" and the worker's
+    formatted traceback (with its chained cause) as its text; the user sees only the message."""
+    with pytest.raises(BadShardError) as err:
+        list(torch.utils.data.DataLoader(_FailingDataset(), num_workers=1))
+    assert "DataLoader worker process 0" in str(err.value) and "KeyError" in str(err.value)
+    assert (
+        bad_input_message(err.value) == "data.urls: no usable sample in 1 shard(s); reasons with counts:; zero_byte: 1"
+    )
+    assert (
+        bad_input_message(ValueError("Caught nothing: a message of our own")) == "Caught nothing: a message of our own"
+    )

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
+import signal
 import tarfile
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -16,6 +19,7 @@ from helpers.tars import write_tar
 from hydra.utils import instantiate
 
 from hyperlit.data import FolderDataModule, WebDataModule, make_shards
+from hyperlit.errors import bad_input_message
 
 
 def wdm(urls, enc, **kw):
@@ -285,6 +289,75 @@ def test_nothing_usable_in_shards_is_an_error_with_reasons(tmp_path):
     with pytest.raises(ValueError, match="no usable sample") as err:
         list(dm.train_dataloader())
     assert "zero_byte: 1" in str(err.value) and "not_an_image: 1" in str(err.value)
+
+
+class Hung(BaseException):
+    """Not an Exception: the stream's handlers count and skip those (a bad tar member, an unreadable header)."""
+
+
+@contextmanager
+def deadline(seconds: int):
+    """Fail instead of hanging: an endless stream that never ends is the bug these tests guard against."""
+
+    def expire(signum, frame):
+        raise Hung(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def unusable_shards(tmp_path):
+    garbage = [(f"{key}.{ext}", b"zzz" if ext == "png" else b"x") for key in "bc" for ext in ("png", "txt")]
+    return [write_tar(tmp_path / "empty.tar", [("a.png", b""), ("a.txt", b"x")]),
+            write_tar(tmp_path / "garbage.tar", garbage)]  # fmt: skip
+
+
+@pytest.mark.parametrize("shuffle_buffer", [0, 50])
+def test_resampled_shards_with_nothing_usable_are_an_error_not_an_endless_loop(tmp_path, shuffle_buffer):
+    # every shard drawn at least once and each draw decoded to its end, with nothing usable: no draw ever will be
+    dm = wdm(unusable_shards(tmp_path), FakeEncoder(), resampled=True, epoch_length=4, batch_size=2,
+             shuffle_buffer=shuffle_buffer)  # fmt: skip
+    with deadline(60), pytest.raises(ValueError, match="data.urls: no usable sample in 2 shard") as err:
+        list(dm.train_dataloader())
+    # the reasons with their counts (draws in seeded order: each shard at least once, the garbage one maybe more)
+    assert re.search(r"\n  not_an_image: [1-9]\d*  e\.g\. .*garbage\.tar:b: not a readable image", str(err.value))
+    assert re.search(r"\n  zero_byte: [1-9]\d*  e\.g\. .*empty\.tar:a: file is empty", str(err.value))
+    assert dm.stream._dry.dry == set(dm.stream.urls)
+    if not shuffle_buffer:  # no draw in flight: every complete draw's counters were dropped
+        assert not dm.stream._dry.sizes and not dm.stream._dry.decoded
+
+
+def test_resampled_nothing_usable_through_workers_is_one_line(tmp_path):
+    dm = wdm(unusable_shards(tmp_path), FakeEncoder(), resampled=True, epoch_length=4, batch_size=2, num_workers=2,
+             shuffle_buffer=50)  # fmt: skip
+    with deadline(120), pytest.raises(ValueError, match="no usable sample") as err:
+        list(dm.train_dataloader())
+    assert "DataLoader worker process" in str(err.value)  # PyTorch re-raised it with the worker's traceback
+    message = bad_input_message(err.value)
+    assert message.startswith("data.urls: no usable sample in 2 shard(s); reasons with counts:"), message
+    assert re.search(r"; not_an_image: [1-9]\d*  e\.g\. .*; zero_byte: [1-9]", message), message
+    assert "\n" not in message and "Traceback" not in message and "File " not in message
+
+
+def test_resampled_small_good_shard_behind_the_shuffle_buffer_is_no_false_alarm(tmp_path):
+    # The buffer's initial fill (100) holds every draw of the 2-sample good shard while many bad samples are
+    # decoded: the good shard was drawn, but no draw of it was decoded to its end, so it is not dry.
+    bad = write_tar(tmp_path / "bad.tar", [(f"{i:03d}.png", b"") for i in range(40)])
+    images = [png_bytes(colour=(60 * i, 9, 9)) for i in range(2)]
+    good = write_tar(tmp_path / "good.tar", [(f"{i}.png", image) for i, image in enumerate(images)])
+    dm = wdm([bad, good], FakeEncoder(), resampled=True, epoch_length=8, batch_size=2, shuffle_buffer=1000)
+    loader = dm.train_dataloader()
+    with deadline(120):
+        epochs = [list(loader) for _ in range(3)]
+    assert [len(batches) for batches in epochs] == [4, 4, 4]
+    shas = {sha for batches in epochs for batch in batches for sha in batch["sha"]}
+    assert shas == {hashlib.sha256(image).hexdigest() for image in images}
+    assert dm.stream._dry is None  # a usable sample ends the bookkeeping: an endless healthy stream keeps none
 
 
 def test_webdataset_config_composes(tmp_path):

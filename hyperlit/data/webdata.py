@@ -5,7 +5,8 @@ Pipeline per rank (webdataset 1.0 `DataPipeline`, every stage explicit):
   → node split (rank r takes every world_size-th shard) → worker split (`wds.split_by_worker`)
   → tar expansion, one shard at a time (corrupt members and cut samples counted, not fatal) → sample shuffle
   buffer → decode → batch.
-Resampled mode replaces the first three stages with `wds.ResampledShards`, seeded per rank and worker.
+Resampled mode replaces the first three stages with `wds.ResampledShards`, seeded per rank and worker; it is an
+error once every shard has had a complete draw with no usable sample (see `_DryShards`).
 With an epoch length every rank yields exactly the same number of batches (DDP cannot hang); without one
 the epoch is a single pass (single process only) that yields every usable sample once, so the last batch of each
 worker may be short.
@@ -48,6 +49,41 @@ class _WorkerSeed:
     def __call__(self) -> int:
         info = get_worker_info()
         return self.rank * 1000 + (info.id if info is not None else 0)
+
+
+class _DryShards:
+    """Resampled mode's end test: the shards that had a complete draw, every sample of it decoded, while no sample
+    of the stream was usable. A shard's content is fixed, so a draw with nothing usable means every draw of it has
+    nothing; once every shard is dry the endless stream can never yield. Decoding lags reading (the sample shuffle
+    buffer sits between them, out of order), so a draw counts only when its last sample is decoded, never when it
+    is read."""
+
+    def __init__(self, urls: list[str]) -> None:
+        self.urls = frozenset(urls)
+        self.drawn = 0
+        self.sizes: dict[int, tuple[str, int]] = {}  # draw → (url, samples it yielded), once its shard is read
+        self.decoded: Counter[int] = Counter()  # draw → samples decoded so far; both dropped once complete
+        self.dry: set[str] = set()
+
+    def start(self) -> int:
+        self.drawn += 1
+        return self.drawn
+
+    def read(self, draw: int, url: str, size: int) -> None:
+        self.sizes[draw] = (url, size)
+        self._settle(draw)  # a draw of no samples, or one whose samples were all decoded before its end was read
+
+    def decoded_one(self, draw: int) -> None:
+        self.decoded[draw] += 1
+        self._settle(draw)
+
+    def _settle(self, draw: int) -> None:
+        if draw in self.sizes and self.decoded[draw] == self.sizes[draw][1]:
+            self.dry.add(self.sizes.pop(draw)[0])
+            self.decoded.pop(draw, None)
+
+    def all_dry(self) -> bool:
+        return self.dry >= self.urls
 
 
 class ShardStream(IterableDataset):
@@ -97,6 +133,7 @@ class ShardStream(IterableDataset):
         self.text_fp = text_fingerprint
         self.max_image_pixels = max_image_pixels
         self.epoch = 0
+        self._dry: _DryShards | None = None  # resampled mode, until the first usable sample
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -171,20 +208,31 @@ class ShardStream(IterableDataset):
         for shard in src:
             self._member = ""  # the member being read; when the shard fails, the one it failed in (or after)
             self._shard_cut = False  # set by _tar_handler when the shard ends in an error
+            draw = self._dry.start() if self._dry is not None else 0  # resampled: this draw of the shard
+            size = 0  # samples of this draw yielded
             last: dict[str, Any] | None = None
             for sample in wds.tarfile_samples(iter([shard]), handler=self._tar_handler, select_files=self._note):
                 if last is not None:
+                    size += 1
                     yield last
                 last = sample
-            if last is None:
-                continue
+                if self._dry is not None:
+                    last["__draw__"] = draw  # which draw _decode counts it to
             # A shard that failed after (or inside) a member of its last sample may have lost that sample's later
             # members; tar cannot tell, so the sample is not trusted. One that failed inside the next sample's first
             # member ended its last sample cleanly.
-            if self._shard_cut and wds.tariterators.base_plus_ext(self._member)[0] == last["__key__"]:
+            if (
+                last is not None
+                and self._shard_cut
+                and wds.tariterators.base_plus_ext(self._member)[0] == last["__key__"]
+            ):
                 members = sorted(k for k in last if not k.startswith("__"))
                 self._skips.add("truncated_sample", f"{shard['url']}:{last['__key__']}", f"read only {members}")
-            else:
+                last = None
+            if self._dry is not None:  # the draw's size is known before its last sample can be decoded
+                self._dry.read(draw, shard["url"], size + (last is not None))
+                self._fail_if_all_dry()
+            if last is not None:
                 yield last
 
     def _note(self, name: str) -> bool:
@@ -199,7 +247,16 @@ class ShardStream(IterableDataset):
             item = self._decode_one(sample, key)
             if item is not None:
                 self._usable += 1
+                self._dry = None  # the stream yields: no end test, no bookkeeping for the rest of the epoch
                 yield item
+            elif self._dry is not None and "__draw__" in sample:
+                self._dry.decoded_one(sample["__draw__"])
+                self._fail_if_all_dry()
+
+    def _fail_if_all_dry(self) -> None:
+        """Resampled mode: every shard had a complete draw with nothing usable, so no draw ever will have one."""
+        if self._dry is not None and self._usable == 0 and self._dry.all_dry():
+            raise ValueError(self._nothing_usable())
 
     def _decode_one(self, sample: dict[str, Any], where: str) -> dict[str, Any] | None:
         ext = next((k for k in IMAGE_KEYS if k in sample), None)
@@ -294,6 +351,7 @@ class ShardStream(IterableDataset):
         """The first `count` usable samples of shard `url` in stored order, decoded as for training (the
         held-out set: every rank reads the same ones)."""
         self._skips = SkipLog(verbose=False)
+        self._dry = None  # the held-out set is read once, not drawn
         found: list[dict[str, Any]] = []
         for sample in wds.DataPipeline(wds.SimpleShardList([url]), self._shard_samples):
             item = self._decode_one(sample, f"{url}:{sample.get('__key__', '?')}")
@@ -356,6 +414,7 @@ class ShardStream(IterableDataset):
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         self._skips = SkipLog()
         self._usable = 0
+        self._dry = _DryShards(self.urls) if self.resampled else None
         if self.resampled:
             # Endless random shards: each rank and worker draws its own stream, so no node/worker split.
             stages: list[Any] = [
