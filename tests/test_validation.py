@@ -146,3 +146,15 @@ def test_without_held_out_data_it_says_so_once_and_returns_train_loss(train_cfg,
     assert sum("no held-out images" in r.getMessage() for r in caplog.records) == 1
     assert "val/loss" not in built.trainer.callback_metrics
     assert value == pytest.approx(float(built.trainer.callback_metrics["train/loss"]), rel=0, abs=0)
+
+
+def test_the_final_value_is_said_with_the_step_0_value(train_cfg, caplog) -> None:
+    cfg = train_cfg("callbacks.preview.every=0", "callbacks.preview.at_end=false", steps=2)
+    built = build_run(cfg)
+    with caplog.at_level(logging.INFO, logger="hyperlit.callbacks.validation"):
+        fit(built, cfg)
+    scores = next(c for c in built.trainer.callbacks if hasattr(c, "scores")).scores
+    final = float(built.trainer.callback_metrics["val/loss"])
+    assert final == scores[2] and final != scores[0]  # the end scores the weights after the last step
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("validation: val/loss")]
+    assert lines == [f"validation: val/loss {final:.4g} after 2 steps (step 0: {scores[0]:.4g})"]

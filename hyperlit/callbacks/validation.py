@@ -129,6 +129,10 @@ class ValidationLoss(L.Callback):
         if value is not None:
             trainer.callback_metrics[METRIC] = torch.tensor(value, dtype=torch.float64)
             _to_loggers(trainer, value)
+            if trainer.is_global_zero:  # the progress bar's last value is the last periodic score, not this one
+                first = self.scores.get(0)  # absent in a resumed run
+                since = f" (step 0: {first:.4g})" if first is not None else ""
+                log.info("validation: val/loss %.4g after %d steps%s", value, trainer.global_step, since)
 
 
 def _to_loggers(trainer: L.Trainer, value: float) -> None:
