@@ -84,6 +84,20 @@ def prove(hypernetwork: Path, seeds: int, steps: int, cfg: float, sheet: Path | 
     return scores
 
 
+def train_and_prove(args: argparse.Namespace) -> list[dict[float, Score]]:
+    """One default run per --train-seeds seed (or one with the config's seed), each scored."""
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for k, seed in enumerate(args.train_seeds or [None]):
+            overrides = [*args.overrides, *([f"seed={seed}"] if seed is not None else [])]
+            path, seconds = train_default(Path(tmp) / f"run{k}", overrides, args.threads)
+            command = " ".join(["python train.py hypernet=swish_121", *overrides])
+            print(f"trained {path.name} in {seconds:.0f} s ({command})")
+            sheet = args.sheet if k == 0 or args.sheet is None else args.sheet.with_stem(f"{args.sheet.stem}-{seed}")
+            runs.append(prove(path, args.seeds, args.steps, args.cfg, sheet))
+    return runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hypernetwork", type=Path, help="a finished run's .pt/.safetensors (skips training)")
@@ -102,32 +116,22 @@ def main() -> None:
 
     if args.hypernetwork is not None and args.train_seeds:
         sys.exit("--hypernetwork scores a finished file; --train-seeds trains new runs: give one of them")
-    runs: list[dict[float, Score]] = []
     if args.hypernetwork is not None:
-        runs.append(prove(args.hypernetwork, args.seeds, args.steps, args.cfg, args.sheet))
-    with tempfile.TemporaryDirectory() as tmp:
-        for k, seed in enumerate([] if args.hypernetwork is not None else args.train_seeds or [None]):
-            overrides = [*args.overrides, *([f"seed={seed}"] if seed is not None else [])]
-            path, seconds = train_default(Path(tmp) / f"run{k}", overrides, args.threads)
-            command = " ".join(["python train.py hypernet=swish_121", *overrides])
-            print(f"trained {path.name} in {seconds:.0f} s ({command})")
-            sheet = args.sheet if k == 0 or args.sheet is None else args.sheet.with_stem(f"{args.sheet.stem}-{seed}")
-            runs.append(prove(path, args.seeds, args.steps, args.cfg, sheet))
+        runs = [prove(args.hypernetwork, args.seeds, args.steps, args.cfg, args.sheet)]
+    else:
+        runs = train_and_prove(args)
     print(f"{runs[0][0.0].samples} samples per multiplier and run: {len(HELD_OUT)} held-out prompts x {args.seeds} "
           f"seeds, {args.steps} DPM++ 2M steps, CFG {args.cfg}")  # fmt: skip
     print("multiplier  style  adherence  colour  shape")
-    for k, scores in enumerate(runs):
-        if len(runs) > 1:
-            print(f"training seed {args.train_seeds[k]}")
-        for m, s in scores.items():
+    means = {m: mean_score([scores[m] for scores in runs]) for m in MULTIPLIERS}
+    tables = [means] if len(runs) == 1 else [*runs, means]
+    labels = [f"training seed {seed}" for seed in args.train_seeds or []] + [f"mean of {len(runs)} training seeds"]
+    for k, table in enumerate(tables):
+        if len(tables) > 1:
+            print(labels[k])
+        for m, s in table.items():
             print(f"{m:>10.1f}  {s.style:5.2f}  {s.adherence:9.2f}  {s.colour:6.2f}  {s.shape:5.2f}")
-    if len(runs) > 1:
-        print(f"mean of {len(runs)} training seeds")
-        for m in MULTIPLIERS:
-            s = mean_score([scores[m] for scores in runs])
-            print(f"{m:>10.1f}  {s.style:5.2f}  {s.adherence:9.2f}  {s.colour:6.2f}  {s.shape:5.2f}")
-    base = mean_score([scores[0.0] for scores in runs])
-    styled = mean_score([scores[1.0] for scores in runs])
+    base, styled = means[0.0], means[1.0]
     ok = base.style <= 0.2 and styled.style >= 0.7 and styled.adherence >= 0.7
     print(f"style {base.style:.2f} -> {styled.style:.2f}, adherence at 1: {styled.adherence:.2f}"
           f"{f' (mean of {len(runs)} runs)' if len(runs) > 1 else ''}: "

@@ -21,6 +21,7 @@ from diffusers import (
 from PIL import Image
 
 from hyperlit.models.loader import TINY_BASE_DIR
+from hyperlit.pretrained import OFFLINE
 
 from .shapes import caption, judge
 
@@ -58,8 +59,8 @@ def load_pipeline(folder: str | Path = TINY_BASE_DIR, sampler: str = "dpmpp_2m")
     """A text-to-image pipeline from a diffusers folder, offline, with the named sampler."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler={sampler!r} is not allowed; allowed: {', '.join(SAMPLERS)}")
-    pipe = StableDiffusionPipeline.from_pretrained(  # low_cpu_mem_usage needs accelerate, not a dependency
-        folder, safety_checker=None, requires_safety_checker=False, local_files_only=True, low_cpu_mem_usage=False
+    pipe = StableDiffusionPipeline.from_pretrained(
+        folder, safety_checker=None, requires_safety_checker=False, **OFFLINE
     )
     pipe.scheduler = SAMPLERS[sampler].from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)

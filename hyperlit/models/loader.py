@@ -12,6 +12,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from hyperlit.pretrained import OFFLINE
 from hyperlit.vae.load import load_vae
 
 from .components import SDComponents
@@ -260,12 +261,10 @@ def _folder_of(spec: ModelSpec) -> Path | None:
 
 
 def _load_diffusers_folder(folder: Path, family: ModelFamily) -> FrozenParts:
-    # low_cpu_mem_usage needs accelerate, which is not a dependency; say so instead of letting diffusers warn
-    kw = {"local_files_only": True, "low_cpu_mem_usage": False}
     # the modules are initialised randomly before their weights load: keep that off the run's global RNG
     with torch.random.fork_rng(devices=[]):
-        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kw)
-        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **kw)
+        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **OFFLINE)
+        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **OFFLINE)
         text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", local_files_only=True)
         text_encoder_2 = None
         if "text_encoder_2" in family.text_encoders:

@@ -12,6 +12,7 @@ from typing import Any
 from diffusers import AutoencoderKL
 from torch import Tensor
 
+from hyperlit.pretrained import OFFLINE
 from hyperlit.vae.lpips import load_weights_file
 
 VAE_PREFIXES = ("first_stage_model.", "vae.")
@@ -61,7 +62,7 @@ def load_vae(
         folder = p / "vae" if (p / "vae" / "config.json").is_file() else p
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"{key}={str(path)!r}: a folder without config.json or vae/config.json")
-        vae = AutoencoderKL.from_pretrained(folder, local_files_only=True, low_cpu_mem_usage=False)  # no accelerate
+        vae = AutoencoderKL.from_pretrained(folder, **OFFLINE)
     elif p.is_file():
         sd = _strip_prefix(load_weights_file(p, key))
         if any(k.startswith("decoder.up_blocks.") for k in sd):
