@@ -34,6 +34,7 @@ from hyperlit.attention import hypernetworks_attached
 from hyperlit.demo.quality import Score, Target, generate, grid, load_pipeline, score
 from hyperlit.demo.shapes import HELD_OUT
 from hyperlit.files import load_hypernetwork
+from hyperlit.models.loader import TINY_BASE_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 MULTIPLIERS = (0.0, 1.0)
@@ -66,8 +67,10 @@ def mean_score(scores: list[Score]) -> Score:
     return Score(samples=total, **shares)
 
 
-def prove(hypernetwork: Path, seeds: int, steps: int, cfg: float, sheet: Path | None) -> dict[float, Score]:
-    pipe = load_pipeline()
+def prove(
+    hypernetwork: Path, seeds: int, steps: int, cfg: float, sheet: Path | None, base: Path | None = None
+) -> dict[float, Score]:
+    pipe = load_pipeline(base or TINY_BASE_DIR)
     hn = load_hypernetwork(hypernetwork)
     hn.eval()
     targets = [Target(c, s) for c, s in HELD_OUT for _ in range(seeds)]
@@ -90,11 +93,12 @@ def train_and_prove(args: argparse.Namespace) -> list[dict[float, Score]]:
     with tempfile.TemporaryDirectory() as tmp:
         for k, seed in enumerate(args.train_seeds or [None]):
             overrides = [*args.overrides, *([f"seed={seed}"] if seed is not None else [])]
+            overrides += [f"model.path={args.base}"] if args.base is not None else []
             path, seconds = train_default(Path(tmp) / f"run{k}", overrides, args.threads)
             command = " ".join(["python train.py hypernet=swish_121", *overrides])
             print(f"trained {path.name} in {seconds:.0f} s ({command})")
             sheet = args.sheet if k == 0 or args.sheet is None else args.sheet.with_stem(f"{args.sheet.stem}-{seed}")
-            runs.append(prove(path, args.seeds, args.steps, args.cfg, sheet))
+            runs.append(prove(path, args.seeds, args.steps, args.cfg, sheet, args.base))
     return runs
 
 
@@ -105,6 +109,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="sampling steps (DPM++ 2M)")
     parser.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale")
     parser.add_argument("--sheet", type=Path, help="write the generated images as one PNG here")
+    parser.add_argument("--base", type=Path, default=None,
+                        help="another tiny-family diffusers folder to train and judge on (default: the embedded base, "
+                        "hyperlit/models/tiny_base), e.g. a new datasets/make_base.py run")  # fmt: skip
     parser.add_argument("--threads", type=int, default=None, help="torch threads for training and sampling")
     parser.add_argument("--train-seeds", type=int, nargs="+", default=None,
                         help="train one run per seed (seed=S) and print each and the mean (default: one run, the "
@@ -117,7 +124,7 @@ def main() -> None:
     if args.hypernetwork is not None and args.train_seeds:
         sys.exit("--hypernetwork scores a finished file; --train-seeds trains new runs: give one of them")
     if args.hypernetwork is not None:
-        runs = [prove(args.hypernetwork, args.seeds, args.steps, args.cfg, args.sheet)]
+        runs = [prove(args.hypernetwork, args.seeds, args.steps, args.cfg, args.sheet, args.base)]
     else:
         runs = train_and_prove(args)
     print(f"{runs[0][0.0].samples} samples per multiplier and run: {len(HELD_OUT)} held-out prompts x {args.seeds} "

@@ -45,6 +45,7 @@ def test_train_seeds_train_one_run_per_seed_and_print_the_mean(monkeypatch, caps
 
     lp = learning_proof()
     trained: list[list[str]] = []
+    proved_on: list = []
 
     def fake_train(out, overrides, threads=None):  # noqa: ANN001, ANN202
         trained.append(list(overrides))
@@ -53,7 +54,8 @@ def test_train_seeds_train_one_run_per_seed_and_print_the_mean(monkeypatch, caps
     styles = iter([0.5, 1.0])  # run 1 scores style 0.5 at multiplier 1, run 2 scores 1.0
     base = Score(samples=32, adherence=1.0, colour=1.0, shape=1.0, style=0.0)
 
-    def fake_prove(path, seeds, steps, cfg, sheet):  # noqa: ANN001, ANN202
+    def fake_prove(path, seeds, steps, cfg, sheet, base_dir=None):  # noqa: ANN001, ANN202
+        proved_on.append(base_dir)
         return {0.0: base, 1.0: Score(samples=32, adherence=0.75, colour=1.0, shape=0.75, style=next(styles))}
 
     monkeypatch.setattr(lp, "train_default", fake_train)
@@ -64,6 +66,16 @@ def test_train_seeds_train_one_run_per_seed_and_print_the_mean(monkeypatch, caps
     out = capsys.readouterr().out
     assert "training seed 42" in out and "training seed 7" in out
     assert "style 0.00 -> 0.75, adherence at 1: 0.75 (mean of 2 runs): goal met" in out
+    assert proved_on == [None, None]  # the embedded base
+
+    # --base: each run trains on the other folder (model.path) and is judged on it
+    trained.clear(), proved_on.clear()
+    styles = iter([0.5, 1.0])
+    other = tmp_path / "new_base"
+    monkeypatch.setattr("sys.argv", ["learning_proof.py", "--train-seeds", "42", "--base", str(other)])
+    lp.main()
+    assert trained == [["seed=42", f"model.path={other}"]]
+    assert proved_on == [other]
 
 
 def test_a_finished_file_and_train_seeds_are_refused_together(monkeypatch, tmp_path):
