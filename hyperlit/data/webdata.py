@@ -254,8 +254,10 @@ class ShardStream(IterableDataset):
                 self._fail_if_all_dry()
 
     def _fail_if_all_dry(self) -> None:
-        """Resampled mode: every shard had a complete draw with nothing usable, so no draw ever will have one."""
-        if self._dry is not None and self._usable == 0 and self._dry.all_dry():
+        """Resampled mode: every shard had a complete draw with nothing usable, so no draw ever will have one.
+
+        `_dry` exists only until the first usable sample, so it alone says nothing usable has come yet."""
+        if self._dry is not None and self._dry.all_dry():
             raise ValueError(self._nothing_usable())
 
     def _decode_one(self, sample: dict[str, Any], where: str) -> dict[str, Any] | None:
