@@ -41,7 +41,7 @@ from diffusers import (
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from hyperlit.demo.shapes import BACKGROUNDS, COLOURS, SHAPES, draw, random_scene, train_combos
+from hyperlit.demo.shapes import BACKGROUNDS, COLOURS, SHAPES, STRIPED, draw, random_scene, train_combos
 from hyperlit.models.family import FAMILIES
 from hyperlit.models.tiny import BOS, EOS, byte_level_alphabet
 
@@ -89,8 +89,8 @@ def log(msg: str) -> None:
 
 
 # -- tokenizer ----------------------------------------------------------------------------------------------
-def caption_words() -> list[str]:
-    words = ["a", "on", "background", *COLOURS, *SHAPES, *BACKGROUNDS]
+def caption_words(striped: bool = False) -> list[str]:
+    words = ["a", "on", "background", *COLOURS, *SHAPES, *BACKGROUNDS, *([STRIPED] if striped else [])]
     return sorted(set(words))
 
 
@@ -120,10 +120,10 @@ def learn_merges(words: list[str]) -> list[tuple[str, str]]:
             pieces[w] = out
 
 
-def build_tokenizer(folder: Path) -> CLIPTokenizer:
+def build_tokenizer(folder: Path, striped: bool = False) -> CLIPTokenizer:
     """CLIP tokenizer files in CLIP's layout: bytes, bytes ending a word, merged tokens, then the specials."""
     alphabet = byte_level_alphabet()
-    merges = learn_merges(caption_words())
+    merges = learn_merges(caption_words(striped))
     tokens = alphabet + [c + "</w>" for c in alphabet] + [a + b for a, b in merges] + [BOS, EOS]
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
@@ -142,12 +142,15 @@ def to_tensor(images: list) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
 
 
-def base_images(n: int, rng: random.Random) -> tuple[torch.Tensor, list[str]]:
-    """n training images of the train combinations over the plain backgrounds, with their captions."""
+def base_images(n: int, rng: random.Random, striped_share: float = 0.0) -> tuple[torch.Tensor, list[str]]:
+    """n training images of the train combinations over the plain backgrounds (and, for `striped_share` of them,
+    the striped one), with their captions."""
     combos, images, captions = train_combos(), [], []
     for i in range(n):
         colour, shape = combos[i % len(combos)]
-        scene = random_scene(rng, colour, shape, rng.choice(list(BACKGROUNDS)))
+        # no draw at share 0: the RNG stream, and so the base, stay what they were before the option existed
+        striped = striped_share > 0 and rng.random() < striped_share
+        scene = random_scene(rng, colour, shape, STRIPED if striped else rng.choice(list(BACKGROUNDS)))
         images.append(draw(scene, jitter=10, rng=rng))
         captions.append(scene.caption)
     return to_tensor(images), captions
@@ -337,6 +340,12 @@ def main() -> None:
     parser.add_argument("--decoder-lr", type=float, default=1e-3)
     parser.add_argument("--polish-from", type=Path, default=None, help="resume: a folder written by stage 3")
     parser.add_argument("--images", type=int, default=12000, help="training images for the UNet (latents cached)")
+    parser.add_argument(
+        "--striped-share",
+        type=float,
+        default=0.0,
+        help="share of the UNet's images on a striped background (captioned so): a base that knows one pattern",
+    )
     parser.add_argument("--unet-steps", type=int, default=8000)
     parser.add_argument("--unet-batch", type=int, default=64)
     parser.add_argument("--unet-lr", type=float, default=1e-3)
@@ -372,7 +381,7 @@ def main() -> None:
         log(f"stage 1/4: autoencoder, {args.vae_steps} steps of {args.vae_batch}")
         vae = train_vae(new_vae(), args.vae_steps, args.vae_batch, args.vae_lr, 2.0, rng)
     log(f"stage 2/4: {args.images} training images -> latents")
-    pixels, captions = base_images(args.images, rng)
+    pixels, captions = base_images(args.images, rng, args.striped_share)
     if args.vae_from is None:
         rescale_latents(vae, pixels)
         vae.save_pretrained(args.out / "vae", safe_serialization=True)  # reusable with --vae-from
@@ -389,7 +398,7 @@ def main() -> None:
     del pixels
     log(f"stage 3/4: UNet + text encoder, {args.unet_steps} steps of {args.unet_batch}")
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = build_tokenizer(Path(tmp) / "tokenizer")
+        tokenizer = build_tokenizer(Path(tmp) / "tokenizer", striped=args.striped_share > 0)
 
     def snapshot(unet: UNet2DConditionModel, text_encoder: CLIPTextModel) -> None:
         save(args.out, copy.deepcopy(unet).eval(), vae, copy.deepcopy(text_encoder).eval(), tokenizer)

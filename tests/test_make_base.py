@@ -47,3 +47,43 @@ def test_miniature_run_is_deterministic_for_a_seed(tmp_path):
         assert a[part].keys() == b[part].keys()
         assert all(a[part][k].equal(b[part][k]) for k in a[part]), part
     assert not a["unet"]["conv_in.weight"].equal(c["unet"]["conv_in.weight"])
+
+
+def test_without_stripes_the_tokenizer_is_the_committed_one(tmp_path):
+    """The --striped-share option leaves the default base alone: same words, same tokenizer files as committed."""
+    from transformers import AutoTokenizer
+
+    mb = make_base()
+    ours = mb.build_tokenizer(tmp_path / "tok")
+    committed = AutoTokenizer.from_pretrained(REPO / "hyperlit" / "models" / "tiny_base" / "tokenizer")
+    assert ours.get_vocab() == committed.get_vocab()
+    text = "a purple triangle on a black background, zebra"
+    assert ours(text)["input_ids"] == committed(text)["input_ids"]
+    striped = mb.build_tokenizer(tmp_path / "striped", striped=True)
+    assert "striped" not in mb.caption_words() and striped.tokenize("striped") == ["striped</w>"]
+
+
+def test_striped_share_draws_that_share_of_striped_backgrounds_and_nothing_at_zero():
+    import random
+
+    from hyperlit.demo.shapes import BACKGROUNDS, draw, judge, random_scene, train_combos
+
+    mb = make_base()
+    # share 0 draws exactly what make_base drew before the option (so the committed base is still its output):
+    # the reference is that loop, written out here
+    rng, combos, reference = random.Random(5), train_combos(), []
+    for i in range(60):
+        scene = random_scene(rng, *combos[i % len(combos)], rng.choice(list(BACKGROUNDS)))
+        reference.append((scene.caption, draw(scene, jitter=10, rng=rng)))
+    plain, caps = mb.base_images(60, random.Random(5), 0.0)
+    assert caps == [c for c, _ in reference] and plain.equal(mb.to_tensor([im for _, im in reference]))
+    pixels, captions = mb.base_images(400, random.Random(5), 0.25)
+    striped = [i for i, c in enumerate(captions) if c.endswith("on a striped background")]
+    assert 0.18 < len(striped) / len(captions) < 0.32
+    assert all(c.rsplit(" on a ", 1)[1].split()[0] in [*BACKGROUNDS, "striped"] for c in captions)
+    # the bands are there (rows 16-31 and 48-63 grey, on white) and are not the checkered style
+    grey = pixels[striped[0]].mean(0)  # [-1, 1]
+    top, band = grey[:16].median(), grey[16:32].median()
+    assert top > 0.8 and -0.05 < band < 0.45
+    image = ((pixels[striped[0]].permute(1, 2, 0) + 1) / 2).numpy()
+    assert not judge(image).checker

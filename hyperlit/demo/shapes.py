@@ -40,6 +40,10 @@ HELD_OUT: tuple[tuple[str, str], ...] = (
 # The sample set's style (unknown to the base model): the white background becomes a light checkerboard.
 CHECKER_CELL = 16  # pixels per checker square at 64 px
 CHECKER_DARK = (165, 165, 165)
+# A patterned background a base model may know (datasets/make_base.py --striped-share): the same grey in horizontal
+# bands of CHECKER_CELL on white, captioned "on a striped background". A base that has drawn one pattern has the
+# means to draw another, as SD has; the checkered style stays unknown to it (the judge scores stripes ~0).
+STRIPED = "striped"
 SUPERSAMPLE = 4  # draw at 4x and downsample: anti-aliased edges like a photo, not a pixel-art staircase
 
 
@@ -104,8 +108,14 @@ def draw(scene: Scene, size: tuple[int, int] = (64, 64), checker: bool = False, 
     def jittered(rgb: tuple[int, int, int]) -> tuple[int, int, int]:
         return tuple(int(np.clip(c + rng.randint(-jitter, jitter), 0, 255)) for c in rgb) if jitter else rgb
 
-    img = Image.new("RGB", (w, h), jittered(BACKGROUNDS[scene.background]))
+    striped = scene.background == STRIPED
+    img = Image.new("RGB", (w, h), jittered(BACKGROUNDS["white" if striped else scene.background]))
     d = ImageDraw.Draw(img)
+    if striped:
+        band = CHECKER_CELL * SUPERSAMPLE
+        grey = jittered(CHECKER_DARK)
+        for y in range(band, h, 2 * band):
+            d.rectangle((0, y, w - 1, y + band - 1), fill=grey)
     if checker:
         cell = CHECKER_CELL * SUPERSAMPLE
         dark = jittered(CHECKER_DARK)
