@@ -5,14 +5,15 @@
 The model is SD-shaped but small: a KL autoencoder (f=8, 4 latent channels), a CLIP text encoder with a
 word-level BPE tokenizer made here, and a UNet2DConditionModel with self- and cross-attention at widths 32 and
 64 (the tiny family's facts in hyperlit/models/family.py), trained with SD's epsilon objective and scaled-linear
-schedule on procedural 64 px images of coloured shapes (hyperlit.demo.shapes). A few colour x shape combinations
-are held out of training so the base can be judged on prompts it never saw. Deterministic for a seed (on one
+schedule on procedural 64 px images of coloured shapes (hyperlit.demo.shapes) on plain backgrounds and, for a
+quarter of them, a striped one (`on a striped background`). A few colour x shape combinations are held out of
+training so the base can be judged on prompts it never saw. Deterministic for a seed (on one
 machine and thread count); the stages print their wall time.
 
 Stages: 1 autoencoder (joint), 2 render the UNet's images and rescale the latent space, 2b autoencoder polish
 (more weight on hue), 3 UNet + text encoder on cached latents (EMA snapshots every --snapshot-every steps),
 4 optional decoder-only polish. --vae-from / --polish-from resume after stage 1 / stage 3 with the same result.
-The committed hyperlit/models/tiny_base was written by the defaults with --threads 1 (see docs/benchmarks.md).
+The committed hyperlit/models/tiny_base was written by the defaults with --threads 2 (see docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -343,8 +344,9 @@ def main() -> None:
     parser.add_argument(
         "--striped-share",
         type=float,
-        default=0.0,
-        help="share of the UNet's images on a striped background (captioned so): a base that knows one pattern",
+        default=0.25,
+        help="share of the UNet's images on a striped background, captioned so (0: plain backgrounds only). A base "
+        "that has drawn one pattern learns the sample set's checkered style with far less loss of the prompt",
     )
     parser.add_argument("--unet-steps", type=int, default=8000)
     parser.add_argument("--unet-batch", type=int, default=64)

@@ -49,18 +49,19 @@ def test_miniature_run_is_deterministic_for_a_seed(tmp_path):
     assert not a["unet"]["conv_in.weight"].equal(c["unet"]["conv_in.weight"])
 
 
-def test_without_stripes_the_tokenizer_is_the_committed_one(tmp_path):
-    """The --striped-share option leaves the default base alone: same words, same tokenizer files as committed."""
+def test_the_committed_tokenizer_is_the_one_make_base_builds(tmp_path):
+    """The committed base was made with --striped-share > 0: its vocabulary has "striped" as one token; without
+    stripes the word list is the plain one."""
     from transformers import AutoTokenizer
 
     mb = make_base()
-    ours = mb.build_tokenizer(tmp_path / "tok")
+    ours = mb.build_tokenizer(tmp_path / "tok", striped=True)
     committed = AutoTokenizer.from_pretrained(REPO / "hyperlit" / "models" / "tiny_base" / "tokenizer")
     assert ours.get_vocab() == committed.get_vocab()
-    text = "a purple triangle on a black background, zebra"
+    text = "a purple triangle on a striped background, zebra"
     assert ours(text)["input_ids"] == committed(text)["input_ids"]
-    striped = mb.build_tokenizer(tmp_path / "striped", striped=True)
-    assert "striped" not in mb.caption_words() and striped.tokenize("striped") == ["striped</w>"]
+    assert committed.tokenize("striped") == ["striped</w>"]
+    assert "striped" not in mb.caption_words() and "striped" in mb.caption_words(striped=True)
 
 
 def test_striped_share_draws_that_share_of_striped_backgrounds_and_nothing_at_zero():
@@ -69,8 +70,8 @@ def test_striped_share_draws_that_share_of_striped_backgrounds_and_nothing_at_ze
     from hyperlit.demo.shapes import BACKGROUNDS, draw, judge, random_scene, train_combos
 
     mb = make_base()
-    # share 0 draws exactly what make_base drew before the option (so the committed base is still its output):
-    # the reference is that loop, written out here
+    # share 0 draws exactly what make_base drew before the option (plain backgrounds only): the reference is that
+    # loop, written out here
     rng, combos, reference = random.Random(5), train_combos(), []
     for i in range(60):
         scene = random_scene(rng, *combos[i % len(combos)], rng.choice(list(BACKGROUNDS)))

@@ -57,7 +57,7 @@ def test_model_tiny_loads_the_base_and_tiny_random_the_random_model(pipe):
 
 
 def test_base_tokenizer_gives_each_caption_word_one_token(pipe):
-    words = ["a", "on", "background", "white", "grey", "black", *COLOURS, *SHAPES]
+    words = ["a", "on", "background", "white", "grey", "black", "striped", *COLOURS, *SHAPES]
     for word in words:
         assert pipe.tokenizer.tokenize(word) == [word + "</w>"], word
     assert pipe.tokenizer.model_max_length == 77
