@@ -26,6 +26,9 @@ def test_interrupted_run_leaves_only_complete_files(tmp_path):
         ],
         cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"},
+        # a shell starts background jobs with SIGINT ignored, and children inherit that: restore the default so
+        # Ctrl-C reaches the run however the tests were started (`pytest &` hung here for the 120 s timeout)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         deadline = time.monotonic() + 300
