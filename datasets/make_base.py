@@ -364,6 +364,8 @@ def main() -> None:
     # for two cores ran ~15x slower here than one
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+    if not 0 <= args.striped_share <= 1:  # checked before any training: a typo should not cost a 30-minute run
+        parser.error(f"--striped-share={args.striped_share} is not allowed; use a share from 0 to 1 (e.g. 0.25)")
 
     torch.set_num_threads(args.threads)
     if args.polish_from is not None:  # resume at stage 4 from a folder written by stage 3

@@ -88,3 +88,15 @@ def test_striped_share_draws_that_share_of_striped_backgrounds_and_nothing_at_ze
     assert top > 0.8 and -0.05 < band < 0.45
     image = ((pixels[striped[0]].permute(1, 2, 0) + 1) / 2).numpy()
     assert not judge(image).checker
+
+
+@pytest.mark.parametrize("share", ["1.5", "-0.1"])
+def test_a_striped_share_outside_0_to_1_is_refused_before_training(tmp_path, share):
+    cmd = [sys.executable, str(REPO / "datasets" / "make_base.py"), "--out", str(tmp_path / "out"),
+           "--striped-share", share]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert f"--striped-share={float(share)} is not allowed; use a share from 0 to 1" in done.stderr
+    assert "Traceback" not in done.stderr and "stage 1" not in done.stdout  # refused at the door
+    assert not (tmp_path / "out").exists()
