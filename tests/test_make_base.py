@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,9 @@ from pathlib import Path
 import pytest
 from helpers.scripts import load_script
 from safetensors.torch import load_file
+from transformers import AutoTokenizer
+
+from hyperlit.demo.shapes import BACKGROUNDS, draw, judge, random_scene, train_combos
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,8 +56,6 @@ def test_miniature_run_is_deterministic_for_a_seed(tmp_path):
 def test_the_committed_tokenizer_is_the_one_make_base_builds(tmp_path):
     """The committed base was made with --striped-share > 0: its vocabulary has "striped" as one token; without
     stripes the word list is the plain one."""
-    from transformers import AutoTokenizer
-
     mb = make_base()
     ours = mb.build_tokenizer(tmp_path / "tok", striped=True)
     committed = AutoTokenizer.from_pretrained(REPO / "hyperlit" / "models" / "tiny_base" / "tokenizer")
@@ -65,10 +67,6 @@ def test_the_committed_tokenizer_is_the_one_make_base_builds(tmp_path):
 
 
 def test_striped_share_draws_that_share_of_striped_backgrounds_and_nothing_at_zero():
-    import random
-
-    from hyperlit.demo.shapes import BACKGROUNDS, draw, judge, random_scene, train_combos
-
     mb = make_base()
     # share 0 draws exactly what make_base drew before the option (plain backgrounds only): the reference is that
     # loop, written out here

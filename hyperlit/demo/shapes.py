@@ -111,18 +111,15 @@ def draw(scene: Scene, size: tuple[int, int] = (64, 64), checker: bool = False, 
     striped = scene.background == STRIPED
     img = Image.new("RGB", (w, h), jittered(BACKGROUNDS["white" if striped else scene.background]))
     d = ImageDraw.Draw(img)
-    if striped:
-        band = CHECKER_CELL * SUPERSAMPLE
-        grey = jittered(CHECKER_DARK)
-        for y in range(band, h, 2 * band):
-            d.rectangle((0, y, w - 1, y + band - 1), fill=grey)
-    if checker:
-        cell = CHECKER_CELL * SUPERSAMPLE
-        dark = jittered(CHECKER_DARK)
-        for y in range(0, h, cell):
-            for x in range(0, w, cell):
-                if (x // cell + y // cell) % 2:
-                    d.rectangle((x, y, x + cell - 1, y + cell - 1), fill=dark)
+    cell = CHECKER_CELL * SUPERSAMPLE
+    # the two patterns share the grid and the grey: a cell is dark on odd rows (stripes) or odd row + column (checker)
+    for on, dark_cell in ((striped, lambda x, y: y % 2), (checker, lambda x, y: (x + y) % 2)):
+        if on:
+            dark = jittered(CHECKER_DARK)
+            for y in range(0, h, cell):
+                for x in range(0, w, cell):
+                    if dark_cell(x // cell, y // cell):
+                        d.rectangle((x, y, x + cell - 1, y + cell - 1), fill=dark)
     side = min(w, h)
     cx, cy, r = scene.cx * w, scene.cy * h, scene.r * side
     fill = jittered(COLOURS[scene.colour])
