@@ -55,7 +55,7 @@ def test_grid_cells_multiplier_zero_is_no_hypernetwork(module, tmp_path: Path) -
 
 def test_grid_file_is_written_atomically_with_a_caption(module, tmp_path: Path, monkeypatch) -> None:
     preview = PreviewImages(str(tmp_path / "images"), prompts=["a green star"], multipliers=[0, 1], steps=1)
-    trainer = SimpleNamespace(global_step=7, loggers=[], datamodule=None)
+    trainer = SimpleNamespace(global_step=7, loggers=[], datamodule=None, callbacks=[])
     preview._preview(trainer, module)
     grid = Image.open(tmp_path / "images" / "hn-7.png")
     assert grid.size == (128, 64)

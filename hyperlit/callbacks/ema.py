@@ -5,12 +5,15 @@ else every parameter with ``requires_grad``. The average is updated only after a
 those weights: when the module exposes ``ema_should_update`` it decides (the VAE task sets it after a G step,
 so D steps and skipped NaN steps never count), otherwise an increase of ``trainer.global_step`` does.
 The shadow weights are fp32, live in the checkpoint (callback state) and are swapped in for validation.
+Both tasks use it: the VAE task always (Stability's VAE releases are EMA weights); the hypernetwork task when
+``callbacks.ema.enabled`` (A1111 exports the raw weights), and then its exports, previews and val/loss all see the
+averaged weights (:func:`averaged_weights`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import lightning.pytorch as pl
 import torch
@@ -25,6 +28,7 @@ class EMA(pl.Callback):
         start_step: int = 0,
         update_every: int = 1,
         validate_with_ema: bool = True,
+        enabled: bool = True,
     ) -> None:
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"ema.decay={decay} must be in [0, 1)")
@@ -35,6 +39,7 @@ class EMA(pl.Callback):
         self.start_step = start_step
         self.update_every = update_every
         self.validate_with_ema = validate_with_ema
+        self.enabled = enabled  # off: the callback does nothing and find() does not return it
         self.shadow: dict[str, Tensor] = {}
         self.num_updates = 0  # EMA updates applied
         self.seen_updates = 0  # eligible optimizer updates seen (for start_step / update_every)
@@ -44,7 +49,7 @@ class EMA(pl.Callback):
     # ------------------------------------------------------------------ helpers
     @staticmethod
     def find(trainer: pl.Trainer) -> EMA | None:
-        return next((c for c in trainer.callbacks if isinstance(c, EMA)), None)
+        return next((c for c in trainer.callbacks if isinstance(c, EMA) and c.enabled), None)
 
     @staticmethod
     def _params(pl_module: nn.Module) -> dict[str, nn.Parameter]:
@@ -98,10 +103,14 @@ class EMA(pl.Callback):
 
     # ------------------------------------------------------------------ hooks
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.enabled:
+            return
         self._init_shadow(pl_module)
         self._last_global_step = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        if not self.enabled:
+            return
         flag = getattr(pl_module, "ema_should_update", None)
         stepped = bool(flag) if flag is not None else trainer.global_step > self._last_global_step
         self._last_global_step = trainer.global_step
@@ -116,7 +125,7 @@ class EMA(pl.Callback):
                     self.shadow[n].copy_(p.detach().float())
 
     def _swap_in(self, pl_module: nn.Module) -> None:
-        if self.validate_with_ema and self.shadow:
+        if self.enabled and self.validate_with_ema and self.shadow:
             self._cm = self.swapped(pl_module)
             self._cm.__enter__()
 
@@ -148,3 +157,14 @@ class EMA(pl.Callback):
         self.shadow = {n: t.float() for n, t in state_dict["shadow"].items()}
         self.num_updates = int(state_dict["num_updates"])
         self.seen_updates = int(state_dict.get("seen_updates", self.num_updates))
+
+
+def averaged_weights(
+    trainer: pl.Trainer, pl_module: nn.Module, validation: bool = False
+) -> AbstractContextManager[None]:
+    """The run's EMA weights swapped into `pl_module` for the block, when the run keeps an enabled EMA (and, for
+    `validation`, validates with it); otherwise the live weights, untouched."""
+    ema = EMA.find(trainer)
+    if ema is None or (validation and not ema.validate_with_ema):
+        return nullcontext()
+    return ema.swapped(pl_module)

@@ -5,7 +5,8 @@ Every ``.pt`` stores ``name: <name>`` (the base name, as A1111's trainer does, s
 when the network trains with dropout, ``<name>.comfyui.pt``: the inference copy without Dropout slots that ComfyUI
 needs, since ComfyUI runs Dropout layers at inference (see :mod:`hyperlit.files.clients`).
 
-Only global rank 0 writes; every file goes through a temporary name (see :mod:`hyperlit.io`), so an interrupted
+With ``callbacks.ema.enabled`` every file holds the EMA weights (:mod:`hyperlit.callbacks.ema`). Only global rank
+0 writes; every file goes through a temporary name (see :mod:`hyperlit.io`), so an interrupted
 run leaves the last complete files in place. The final files are also written when training is interrupted,
 as A1111 does.
 """
@@ -18,6 +19,7 @@ from typing import Any
 
 import lightning as L
 
+from hyperlit.callbacks.ema import averaged_weights
 from hyperlit.files import save_hypernetwork, strip_dropout, to_file_content, write_file
 from hyperlit.files.clients import COMFYUI_COPY, HYPERLIT_SAFETENSORS
 
@@ -65,19 +67,22 @@ class HypernetworkExport(L.Callback):
             return
         self._last_saved_step = step
         if trainer.is_global_zero:
-            path = self._write(trainer, pl_module, f"{pl_module.hypernetwork.name}-{step}")
+            with averaged_weights(trainer, pl_module):
+                path = self._write(trainer, pl_module, f"{pl_module.hypernetwork.name}-{step}")
             log.info("saved %s", path)
 
     def save_final(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
         hn = pl_module.hypernetwork
-        self.final_path = self._write(trainer, pl_module, hn.name)
-        if self.safetensors:
-            save_hypernetwork(hn, self.dirpath / f"{hn.name}{HYPERLIT_SAFETENSORS}", name=hn.name)
-        if self.comfyui_copy and hn.config.use_dropout:
-            copy = write_file(self.dirpath / f"{hn.name}{COMFYUI_COPY}", strip_dropout(to_file_content(hn)), hn.name)
-            log.info("saved %s (for ComfyUI, which runs Dropout layers at inference)", copy)
+        with averaged_weights(trainer, pl_module):
+            self.final_path = self._write(trainer, pl_module, hn.name)
+            if self.safetensors:
+                save_hypernetwork(hn, self.dirpath / f"{hn.name}{HYPERLIT_SAFETENSORS}", name=hn.name)
+            if self.comfyui_copy and hn.config.use_dropout:
+                content = strip_dropout(to_file_content(hn))
+                copy = write_file(self.dirpath / f"{hn.name}{COMFYUI_COPY}", content, hn.name)
+                log.info("saved %s (for ComfyUI, which runs Dropout layers at inference)", copy)
         log.info("saved %s", self.final_path)
         if self.log_artifact:
             _log_wandb_artifact(trainer, self.final_path)

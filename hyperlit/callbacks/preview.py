@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from hyperlit.callbacks.ema import averaged_weights
 from hyperlit.io import atomic_path
 from hyperlit.sampling import SampleSettings, check_sampler, check_size, make_pipeline, sample_image
 
@@ -122,7 +123,8 @@ class PreviewImages(L.Callback):
         step = trainer.global_step
         self._last_step = step
         prompts = self.grid_prompts(trainer)
-        grid = paste_grid(self.render(pl_module, prompts))
+        with averaged_weights(trainer, pl_module):  # what the exports hold
+            grid = paste_grid(self.render(pl_module, prompts))
         path = self.dirpath / f"{pl_module.hypernetwork.name}-{step}.png"
         with atomic_path(path, suffix=".png") as tmp:
             grid.save(tmp, format="PNG")

@@ -18,6 +18,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from hyperlit.callbacks.ema import averaged_weights
 from hyperlit.data.heldout import HeldOut
 from hyperlit.models.components import plain_sizes
 
@@ -104,7 +105,8 @@ class ValidationLoss(L.Callback):
         held = self._held_out(trainer)
         if not held:
             return None
-        value = validation_loss(pl_module, held, self.timesteps)
+        with averaged_weights(trainer, pl_module, validation=True):  # what the exports hold
+            value = validation_loss(pl_module, held, self.timesteps)
         self.scores[step] = value
         return value
 
