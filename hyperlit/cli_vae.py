@@ -34,7 +34,14 @@ def add_eval_vae_parser(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("--data", required=True, help="folder of images (recursive)")
-    p.add_argument("--model", action="append", default=[], choices=["tiny"], help="the embedded tiny VAE")
+    p.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        choices=["tiny", "tiny-random"],
+        help="tiny: the embedded tiny base's VAE (what model=tiny trains from); tiny-random: the random tiny VAE "
+        "(model.tiny_random=true, seed 0)",
+    )
     p.add_argument(
         "--model-path",
         action="append",
@@ -85,12 +92,16 @@ def _check_args(args: argparse.Namespace) -> list[str]:
 
 
 def _load_models(args: argparse.Namespace) -> list[tuple[str, str, nn.Module]]:
+    from hyperlit.models.loader import TINY_BASE_DIR
     from hyperlit.models.tiny import build_tiny
     from hyperlit.vae.load import load_vae
 
     models: list[tuple[str, str, nn.Module]] = []
-    for _ in args.model:
-        models.append(("tiny", "the embedded tiny VAE (seed 0)", build_tiny(0)[1]))
+    for name in args.model:
+        if name == "tiny":
+            models.append((name, "the embedded tiny base's VAE", load_vae(TINY_BASE_DIR / "vae")))
+        else:
+            models.append((name, "the random tiny VAE (seed 0)", build_tiny(0)[1]))
     for path in args.model_path:
         models.append(
             (path, str(Path(path).resolve()), load_vae(path, norm_num_groups=args.norm_num_groups, key="--model-path"))

@@ -10,6 +10,8 @@ from helpers.models import make_tiny_vae
 from hydra.utils import instantiate
 from safetensors.torch import load_file, save_file
 
+from hyperlit.models.loader import TINY_BASE_DIR
+from hyperlit.models.tiny import build_tiny
 from hyperlit.tasks.vae.build import build, load_task_vae
 from hyperlit.vae.export import diffusers_to_ldm, save_diffusers_folder
 
@@ -31,6 +33,22 @@ def test_presets_and_tiny_overlay_compose():
     cfg = compose_vae("vae_loss=ft_mse", "model=sd15")
     assert cfg.loss.reconstruction == "mse" and cfg.loss.perceptual.weight == 0.1
     assert cfg.data.resolution == 256 and cfg.train.optimizer.betas == [0.5, 0.9]  # no overlay for real models
+
+
+def test_model_tiny_fine_tunes_the_base_vae_and_tiny_random_the_random_one():
+    """model=tiny means the pretrained base in this task too (its UNet was trained on this VAE's latents)."""
+    base = AutoencoderKL.from_pretrained(TINY_BASE_DIR / "vae")
+    vae, source, embedded = load_task_vae(compose_vae())
+    assert embedded and source == "the embedded tiny base model"
+    assert vae.state_dict().keys() == base.state_dict().keys()
+    assert all(torch.equal(v, base.state_dict()[k]) for k, v in vae.state_dict().items())
+    vae, source, embedded = load_task_vae(compose_vae("model.tiny_random=true", "model.seed=3"))
+    assert embedded and "model.tiny_random=true, seed 3" in source
+    random_vae = build_tiny(3)[1]
+    assert all(torch.equal(v, random_vae.state_dict()[k]) for k, v in vae.state_dict().items())
+    assert not torch.equal(vae.decoder.conv_out.weight, base.decoder.conv_out.weight)
+    with pytest.raises(ValueError, match="model.tiny_random='yes' is not allowed; allowed: true | false"):
+        load_task_vae(compose_vae("model.tiny_random=yes"))
 
 
 def test_real_model_needs_path_and_perceptual_weights(tmp_path):

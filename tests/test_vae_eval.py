@@ -15,6 +15,7 @@ from scipy import linalg
 from scipy.signal import convolve2d
 
 from hyperlit.cli import main
+from hyperlit.models.loader import TINY_BASE_DIR
 from hyperlit.vae.colour import ColourLimits, colour_stats, compare_colours
 from hyperlit.vae.evaluate import load_eval_images
 from hyperlit.vae.export import save_diffusers_folder
@@ -129,19 +130,33 @@ def test_metrics_equal_a_direct_computation(tmp_path: Path, models, capsys) -> N
     assert 10 < score["psnr"] < 60  # a real reconstruction, not identity and not noise
 
 
-def test_two_models_side_by_side_and_fail_if_worse(models, capsys, tmp_path: Path) -> None:
-    fitted = str(models["fitted"])
-    args = ("--data", str(SAMPLE), "--model", "tiny", "--model-path", fitted, "--resolution", str(RES), "--limit", "4")
+def test_model_tiny_is_the_embedded_base_vae_that_model_tiny_trains_from(capsys) -> None:
+    """--model tiny scores the base's VAE (the one `python train.py --config-name vae` fine-tunes): the same row as
+    that folder given by path, and a real reconstruction of the shapes it was trained on, unlike the random one."""
+    base = str(TINY_BASE_DIR / "vae")
+    args = ("--data", str(SAMPLE), "--model", "tiny", "--model", "tiny-random", "--model-path", base,
+            "--resolution", "64", "--limit", "4")  # fmt: skip
     code, out, _ = run(capsys, *args)
     assert code == 0
-    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("tiny", fitted))}
-    assert set(rows) == {"tiny", fitted}
+    rows = {line.split()[0]: line.split()[1:-1] for line in out.splitlines() if line.startswith(("tiny", base))}
+    assert rows["tiny"] == rows[base]  # every figure but the time per image
+    assert float(rows["tiny"][0]) > 20 and float(rows["tiny-random"][0]) < 12
+
+
+def test_two_models_side_by_side_and_fail_if_worse(models, capsys, tmp_path: Path) -> None:
+    fitted = str(models["fitted"])
+    args = ("--data", str(SAMPLE), "--model", "tiny-random", "--model-path", fitted, "--resolution", str(RES),
+            "--limit", "4")  # fmt: skip
+    code, out, _ = run(capsys, *args)
+    assert code == 0
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("tiny-random", fitted))}
+    assert set(rows) == {"tiny-random", fitted}
     assert "resized to 16 px (bicubic), centre crop 16x16" in out  # the protocol is printed with the table
-    assert float(rows[fitted][1]) > float(rows["tiny"][1]) + 5  # the fitted VAE reconstructs, the random one not
+    assert float(rows[fitted][1]) > float(rows["tiny-random"][1]) + 5  # the fitted VAE reconstructs, the random not
 
     code, out, _ = run(capsys, *args, "--fail-if-worse", fitted)
-    assert code == 1 and "worse than" in out and "tiny: PSNR" in out
-    code, _, _ = run(capsys, *args, "--fail-if-worse", "tiny")
+    assert code == 1 and "worse than" in out and "tiny-random: PSNR" in out
+    code, _, _ = run(capsys, *args, "--fail-if-worse", "tiny-random")
     assert code == 0
     # a tolerance larger than the gap accepts the worse model
     code, _, _ = run(capsys, *args, "--fail-if-worse", fitted, "--psnr-tolerance", "100")
