@@ -71,6 +71,7 @@ def _train(
         f"hydra.run.dir={tmp_path / 'out'}", f"data.cache_dir={tmp_path / 'cache'}",
         "~callbacks.progress", "trainer.enable_progress_bar=false", "callbacks.preview.steps=2",
         "data.batch_size=2", f"data.val_count={val_count}",  # 0: the tests below count every sample image
+        "callbacks.ema.enabled=false",  # the final file is compared with the ranks' live weights
         "+callbacks.probe._target_=helpers.ddp_probe.DDPProbe", f"+callbacks.probe.dirpath={tmp_path / 'probe'}",
         *overrides,
     ]
