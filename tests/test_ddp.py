@@ -149,6 +149,21 @@ def test_two_processes_on_folder_data(tmp_path):
 
 
 @pytest.mark.slow
+def test_two_processes_keep_one_average_and_rank_0_exports_it(tmp_path):
+    """callbacks.ema under DDP: every rank updates its average from the same weights, so the averages agree after
+    every step, and the file rank 0 writes is that average (not the last step's weights)."""
+    _train(tmp_path, "callbacks.ema.enabled=true", "callbacks.ema.decay=0.5", "callbacks.preview.every=0",
+           "callbacks.preview.at_end=false", steps=4)  # fmt: skip
+    rank0, rank1 = _digests(tmp_path)
+    assert rank0 == rank1
+    averages = [(tmp_path / "probe" / f"average-rank{r}.txt").read_text().splitlines() for r in (0, 1)]
+    assert [line.split()[0] for line in averages[0]] == ["1", "2", "3", "4"]
+    assert averages[0] == averages[1]
+    final = state_digest(files.load_hypernetwork(tmp_path / "out" / "hypernetworks" / "linear_121.pt"))
+    assert final == averages[0][-1].split()[1] and final != rank0[-1].split()[1]
+
+
+@pytest.mark.slow
 def test_two_processes_on_webdataset_shards(tmp_path):
     from hyperlit.data import make_shards
 

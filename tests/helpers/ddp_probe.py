@@ -1,5 +1,5 @@
 """Test-only callback for multi-process runs: each rank records what it trained on and the hypernetwork after
-every optimizer step. Enabled from the command line with
+every optimizer step (and its EMA, when the run keeps one). Enabled from the command line with
 ``+callbacks.probe._target_=helpers.ddp_probe.DDPProbe +callbacks.probe.dirpath=DIR`` and ``PYTHONPATH=tests``.
 
 It writes one file per rank on purpose (that is what the test compares); nothing in hyperlit does that.
@@ -14,6 +14,7 @@ from typing import Any
 
 import lightning as L
 
+from hyperlit.callbacks.ema import EMA, averaged_weights
 from hyperlit.io import atomic_write_text
 
 
@@ -29,6 +30,7 @@ class DDPProbe(L.Callback):
     def __init__(self, dirpath: str) -> None:
         self.dirpath = Path(dirpath)
         self.digests: list[str] = []
+        self.averages: list[str] = []
         self.batches: list[dict[str, Any]] = []
         self.info: dict[str, Any] = {}
 
@@ -50,10 +52,15 @@ class DDPProbe(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         self.digests.append(f"{trainer.global_step} {state_digest(pl_module.hypernetwork)}")
+        if EMA.find(trainer) is not None:  # the run's average too (this callback comes after the EMA's update)
+            with averaged_weights(trainer, pl_module):
+                self.averages.append(f"{trainer.global_step} {state_digest(pl_module.hypernetwork)}")
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         rank = trainer.global_rank
         self.dirpath.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.dirpath / f"digest-rank{rank}.txt", "\n".join(self.digests) + "\n")
+        if self.averages:
+            atomic_write_text(self.dirpath / f"average-rank{rank}.txt", "\n".join(self.averages) + "\n")
         record = {**self.info, "batches": self.batches, "global_step": trainer.global_step}
         atomic_write_text(self.dirpath / f"probe-rank{rank}.json", json.dumps(record, indent=1))
