@@ -92,16 +92,14 @@ def _check_args(args: argparse.Namespace) -> list[str]:
 
 
 def _load_models(args: argparse.Namespace) -> list[tuple[str, str, nn.Module]]:
-    from hyperlit.models.loader import TINY_BASE_DIR
-    from hyperlit.models.tiny import build_tiny
+    from hyperlit.models.loader import embedded_tiny_vae
     from hyperlit.vae.load import load_vae
 
     models: list[tuple[str, str, nn.Module]] = []
     for name in args.model:
-        if name == "tiny":
-            models.append((name, "the embedded tiny base's VAE", load_vae(TINY_BASE_DIR / "vae")))
-        else:
-            models.append((name, "the random tiny VAE (seed 0)", build_tiny(0)[1]))
+        random = name == "tiny-random"
+        source = "the random tiny VAE (seed 0)" if random else "the embedded tiny base's VAE"
+        models.append((name, source, embedded_tiny_vae(tiny_random=random)))
     for path in args.model_path:
         models.append(
             (path, str(Path(path).resolve()), load_vae(path, norm_num_groups=args.norm_num_groups, key="--model-path"))

@@ -78,7 +78,7 @@ def no_weights(monkeypatch):
 
     monkeypatch.setattr(models, "load_components", refuse)
     monkeypatch.setattr(vae_build, "load_vae", refuse)
-    monkeypatch.setattr(vae_build, "build_tiny", refuse)
+    monkeypatch.setattr(vae_build, "embedded_tiny_vae", refuse)
     monkeypatch.setattr(files, "read_file", refuse)
     monkeypatch.delenv("HYPERLIT_DEBUG", raising=False)
 

@@ -149,8 +149,7 @@ def validate_model_config(
         raise ValueError(f"model.seed={seed!r} is not allowed; allowed: an integer")
     if not isinstance(clip_skip, int) or isinstance(clip_skip, bool) or clip_skip < 1:
         raise ValueError(f"model.clip_skip={clip_skip!r} is not allowed; allowed: an integer >= 1 (1 = no skip)")
-    if not isinstance(tiny_random, bool):
-        raise ValueError(f"model.tiny_random={tiny_random!r} is not allowed; allowed: true | false")
+    check_tiny_random(tiny_random)
     if source is not None and source not in SOURCES:
         raise ValueError(f"model.source={source!r} is not allowed; allowed: {', '.join(SOURCES)} (or null to infer)")
 
@@ -164,11 +163,8 @@ def validate_model_config(
                 f"({', '.join(SINGLE_FILE_EXTENSIONS)}); only family tiny is built without one"
             )
         src = "tiny"
-        if fam.name == "tiny" and not tiny_random and not (TINY_BASE_DIR / "unet" / "config.json").is_file():
-            raise FileNotFoundError(
-                f"the embedded tiny base model is missing at {TINY_BASE_DIR}; rebuild it with "
-                f"`python datasets/make_base.py`, or set model.tiny_random=true for the random tiny model"
-            )
+        if fam.name == "tiny" and not tiny_random:
+            check_tiny_base()
     else:
         if tiny_random:
             raise ValueError(f"model.tiny_random=true builds the random tiny model and takes no model.path (got {p})")
@@ -249,6 +245,29 @@ def _noise_scheduler(spec: ModelSpec) -> DDPMScheduler:
     config["prediction_type"] = spec.prediction_type
     config["clip_sample"] = False  # sampling-time clamp; never wanted in training (PNDM configs omit it)
     return DDPMScheduler.from_config(config)
+
+
+def check_tiny_random(tiny_random: object) -> None:
+    if not isinstance(tiny_random, bool):
+        raise ValueError(f"model.tiny_random={tiny_random!r} is not allowed; allowed: true | false")
+
+
+def check_tiny_base() -> None:
+    if not (TINY_BASE_DIR / "unet" / "config.json").is_file():
+        raise FileNotFoundError(
+            f"the embedded tiny base model is missing at {TINY_BASE_DIR}; rebuild it with "
+            f"`python datasets/make_base.py`, or set model.tiny_random=true for the random tiny model"
+        )
+
+
+def embedded_tiny_vae(tiny_random: bool = False, seed: int = 0) -> AutoencoderKL:
+    """The VAE `model=tiny` uses, read alone (the VAE task, eval-vae): the base's, or with `tiny_random` the
+    random one drawn from `seed`."""
+    check_tiny_random(tiny_random)
+    if tiny_random:
+        return build_tiny(seed)[1]
+    check_tiny_base()
+    return load_vae(TINY_BASE_DIR / "vae")
 
 
 def _folder_of(spec: ModelSpec) -> Path | None:

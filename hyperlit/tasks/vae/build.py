@@ -16,8 +16,7 @@ from torch import nn
 from hyperlit.data.paths import resolve_path
 from hyperlit.errors import strip_unsafe_advice
 from hyperlit.models.family import ModelFamily, get_family
-from hyperlit.models.loader import TINY_BASE_DIR
-from hyperlit.models.tiny import build_tiny
+from hyperlit.models.loader import embedded_tiny_vae
 from hyperlit.options import build_options
 from hyperlit.tasks.base import TaskParts
 from hyperlit.tasks.vae.module import VAEDecoderTask
@@ -98,15 +97,11 @@ def load_task_vae(cfg: Any) -> tuple[nn.Module, str, bool]:
     if p is None:
         # what model=tiny means everywhere: the pretrained base, or with model.tiny_random=true the random model
         model = plain(cfg.get("model"))
-        tiny_random = model.get("tiny_random", False)
-        if not isinstance(tiny_random, bool):
-            raise ValueError(f"model.tiny_random={tiny_random!r} is not allowed; allowed: true | false")
+        tiny_random, seed = model.get("tiny_random", False), int(model.get("seed", 0))
+        vae, embedded = embedded_tiny_vae(tiny_random, seed), True
+        source = "the embedded tiny base model"
         if tiny_random:
-            seed = int(model.get("seed", 0))
-            vae, source = build_tiny(seed)[1], f"the random tiny model (model.tiny_random=true, seed {seed})"
-        else:
-            vae, source = read_vae(TINY_BASE_DIR / "vae"), "the embedded tiny base model"
-        embedded = True
+            source = f"the random tiny model (model.tiny_random=true, seed {seed})"
     else:
         # single files carry no factors: the family's apply; a diffusers folder keeps its config's
         factors: dict[str, Any] = {}
