@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import functools
+import re
 
 import pytest
 import torch
 from helpers.audit_oracles import sd1_context
 
 from hyperlit.hypernetwork import Hypernetwork, HypernetworkConfig
+from hyperlit.tasks.hypernetwork.build import check_timestep_range
 from hyperlit.tasks.hypernetwork.module import HypernetworkTask, min_snr_weights
 
 
@@ -25,13 +27,13 @@ def _batch(components, weight: bool = False) -> dict:
     return batch
 
 
-def _hand_loss(components, batch, seed, prediction_type="epsilon", offset=0.0, gamma=None):
+def _hand_loss(components, batch, seed, prediction_type="epsilon", offset=0.0, gamma=None, timesteps=(0, 1000)):
     g = torch.Generator().manual_seed(seed)
     x0 = batch["latents"]
     noise = torch.randn(x0.shape, generator=g)
     if offset:
         noise = noise + offset * torch.randn((x0.shape[0], x0.shape[1], 1, 1), generator=g)
-    t = torch.randint(0, 1000, (x0.shape[0],), generator=g)
+    t = torch.randint(*timesteps, (x0.shape[0],), generator=g)
     alpha_bar = components.noise_scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
     noisy = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
     target = noise if prediction_type == "epsilon" else alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0
@@ -49,14 +51,39 @@ def _hand_loss(components, batch, seed, prediction_type="epsilon", offset=0.0, g
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-@pytest.mark.parametrize(("offset", "gamma", "weight"), [(0.0, None, False), (0.1, 5.0, True)])
-def test_loss_matches_the_hand_computation(tiny_components, prediction_type, offset, gamma, weight):
-    task = _task(tiny_components, prediction_type=prediction_type, noise_offset=offset, min_snr_gamma=gamma)
+@pytest.mark.parametrize(
+    ("offset", "gamma", "weight", "timesteps"),
+    [(0.0, None, False, (0, None)), (0.1, 5.0, True, (0, None)), (0.0, None, False, (100, 400))],
+)
+def test_loss_matches_the_hand_computation(tiny_components, prediction_type, offset, gamma, weight, timesteps):
+    low, high = timesteps
+    task = _task(
+        tiny_components, prediction_type=prediction_type, noise_offset=offset, min_snr_gamma=gamma,
+        min_timestep=low, max_timestep=high,
+    )  # fmt: skip
     batch = _batch(tiny_components, weight=weight)
     with torch.no_grad():
         ours = task.compute_loss(batch, generator=torch.Generator().manual_seed(7))
-    expected = _hand_loss(tiny_components, batch, 7, prediction_type, offset, gamma)
+    expected = _hand_loss(tiny_components, batch, 7, prediction_type, offset, gamma, (low, high or 1000))
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("low", "high"), [(0, None), (0, 500), (250, 750), (999, None)])
+def test_timesteps_are_drawn_uniformly_from_the_configured_range(tiny_components, monkeypatch, low, high):
+    task = _task(tiny_components, min_timestep=low, max_timestep=high)
+    drawn = []
+    monkeypatch.setattr(task, "loss_at", lambda latents, noise, t, cond, weight: drawn.append(t) or t.float())
+    generator = torch.Generator().manual_seed(3)
+    batch = {"latents": torch.zeros(64, 4, 8, 8), "context": torch.zeros(64, 77, 48)}
+    for _ in range(16):
+        task.compute_loss(batch, generator=generator)
+    t = torch.cat(drawn)
+    top = 1000 if high is None else high
+    assert int(t.min()) >= low and int(t.max()) < top
+    # 1024 draws: both ends of the range are reached (within 5 % of its width) and the mean sits in its middle
+    width = top - low
+    assert int(t.min()) <= low + 0.05 * width and int(t.max()) >= top - 1 - 0.05 * width
+    assert abs(t.float().mean().item() - (low + top - 1) / 2) <= 0.05 * width + 0.5
 
 
 def test_min_snr_weights_formula():
@@ -82,8 +109,26 @@ def test_captions_are_encoded_when_no_context_is_cached(tiny_components):
         ({"prediction_type": "sample"}, "train.prediction_type"),
         ({"min_snr_gamma": 0.0}, "train.min_snr_gamma"),
         ({"noise_offset": -0.1}, "train.noise_offset"),
+        ({"min_timestep": -1}, "train.min_timestep"),
+        ({"min_timestep": 500, "max_timestep": 500}, "train.min_timestep: 500, train.max_timestep: 500"),
     ],
 )
 def test_invalid_objective_options_name_the_key(tiny_components, kwargs, fragment):
     with pytest.raises(ValueError, match=fragment):
         _task(tiny_components, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("low", "high", "schedule", "fragment"),
+    [
+        (0, 1001, 1000, "train.max_timestep: 1001 is not allowed; use at most 1000"),
+        (1000, None, 1000, "train.min_timestep: 1000 is not allowed; use less than 1000"),
+        (0, 600, 500, "train.max_timestep: 600"),
+        (True, None, None, "train.min_timestep: True"),
+        (0, "500", None, "train.max_timestep: '500'"),
+    ],
+)
+def test_timestep_range_is_checked_against_the_schedule(low, high, schedule, fragment):
+    with pytest.raises(ValueError, match=re.escape(fragment)):
+        check_timestep_range(low, high, schedule)
+    check_timestep_range(0, schedule, schedule)  # the whole schedule is allowed

@@ -112,9 +112,28 @@ def check_train_options(train: DictConfig) -> None:
         raise not_allowed("train.min_snr_gamma", train.min_snr_gamma, "use null or a number > 0")
     if float(train.noise_offset) < 0:
         raise not_allowed("train.noise_offset", train.noise_offset, "use 0 or more")
+    check_timestep_range(train.get("min_timestep", 0), train.get("max_timestep"))
     for key in ("gradient_checkpointing", "compile"):
         if not isinstance(train.get(key, False), bool):
             raise not_allowed(f"train.{key}", train.get(key), "use true or false")
+
+
+def check_timestep_range(low: Any, high: Any, schedule_length: int | None = None) -> None:
+    """train.min_timestep / max_timestep: whole numbers with 0 <= min < max <= the schedule's length (known once the
+    model's scheduler has loaded; before that, only the rest is checked)."""
+    for key, value in (("train.min_timestep", low), ("train.max_timestep", high)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise not_allowed(key, value, "use a whole number of timesteps" + (" or null" if "max" in key else ""))
+    if low is None or low < 0:
+        raise not_allowed("train.min_timestep", low, "use 0 or more")
+    if high is not None and high <= low:
+        raise not_allowed("train.max_timestep", high, f"use more than train.min_timestep ({low}), or null")
+    if schedule_length is None:
+        return
+    if high is not None and high > schedule_length:
+        raise not_allowed("train.max_timestep", high, f"use at most {schedule_length} (this model's schedule) or null")
+    if low >= schedule_length:
+        raise not_allowed("train.min_timestep", low, f"use less than {schedule_length} (this model's schedule)")
 
 
 def native_size(data_cfg: DictConfig, spec: ModelSpec) -> dict[str, int]:
@@ -144,6 +163,10 @@ def build(cfg: DictConfig) -> TaskParts:
 
     def load_module() -> HypernetworkTask:
         components = instantiate(cfg.model)
+        check_timestep_range(
+            cfg.train.get("min_timestep", 0), cfg.train.get("max_timestep"),
+            components.noise_scheduler.config.num_train_timesteps,
+        )  # fmt: skip
         datamodule.encoder = components
         hypernetwork = build_hypernetwork(cfg, config, components.unet)
         log.info(
@@ -163,6 +186,8 @@ def build(cfg: DictConfig) -> TaskParts:
             max_steps=max_steps,
             min_snr_gamma=cfg.train.min_snr_gamma,
             noise_offset=float(cfg.train.noise_offset),
+            min_timestep=int(cfg.train.get("min_timestep", 0)),
+            max_timestep=cfg.train.get("max_timestep"),
             prediction_type=cfg.train.prediction_type,
             initial_step=hypernetwork.step,
             gradient_checkpointing=bool(cfg.train.get("gradient_checkpointing", False)),

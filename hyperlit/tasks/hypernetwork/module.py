@@ -50,6 +50,8 @@ class HypernetworkTask(L.LightningModule):
         max_steps: int = 1000,
         min_snr_gamma: float | None = None,
         noise_offset: float = 0.0,
+        min_timestep: int = 0,
+        max_timestep: int | None = None,
         prediction_type: str | None = None,
         initial_step: int = 0,
         gradient_checkpointing: bool = False,
@@ -75,6 +77,13 @@ class HypernetworkTask(L.LightningModule):
             raise ValueError(f"train.min_snr_gamma: {min_snr_gamma} is not allowed; use null or a number > 0")
         if noise_offset < 0:
             raise ValueError(f"train.noise_offset: {noise_offset} is not allowed; use 0 or more")
+        self.min_timestep = min_timestep
+        self.max_timestep = max_timestep  # None: the noise schedule's length
+        if min_timestep < 0 or (max_timestep is not None and max_timestep <= min_timestep):
+            raise ValueError(
+                f"train.min_timestep: {min_timestep}, train.max_timestep: {max_timestep} are not allowed; "
+                "use 0 <= min_timestep < max_timestep (null: the schedule's length)"
+            )
         # Steps already in an init_from file; A1111 metadata counts from there.
         self.initial_step = initial_step
         self.gradient_checkpointing = gradient_checkpointing
@@ -149,7 +158,8 @@ class HypernetworkTask(L.LightningModule):
         return error.mean(dim=(1, 2, 3))
 
     def compute_loss(self, batch: dict, generator: torch.Generator | None = None) -> Tensor:
-        """Per-sample diffusion loss: noise a latent at a uniform timestep, MSE of the UNet's prediction."""
+        """Per-sample diffusion loss: noise a latent at a uniform timestep in [min_timestep, max_timestep), MSE of the
+        UNet's prediction."""
         latents = batch["latents"].float()
         cond = self.condition_for(batch)
         scheduler = self.components.noise_scheduler
@@ -159,9 +169,8 @@ class HypernetworkTask(L.LightningModule):
             # A per-sample, per-channel constant lets the model learn overall brightness (Guttenberg 2023).
             offset = torch.randn((batch_size, latents.shape[1], 1, 1), generator=generator, device=latents.device)
             noise = noise + self.noise_offset * offset
-        timesteps = torch.randint(
-            0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator, device=latents.device
-        )
+        high = scheduler.config.num_train_timesteps if self.max_timestep is None else self.max_timestep
+        timesteps = torch.randint(self.min_timestep, high, (batch_size,), generator=generator, device=latents.device)
         per_sample = self.loss_at(latents, noise, timesteps, cond, batch.get("weight"))
         if self.min_snr_gamma is not None:
             per_sample = per_sample * min_snr_weights(
