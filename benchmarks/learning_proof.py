@@ -12,14 +12,17 @@ style = share in the checkered style, adherence = share with the asked colour an
 same hypernetwork at multiplier 0 (= the base), measured in the same run. Goal: style <= 0.2 -> >= 0.7 with
 adherence >= 0.7.
 
-One run says little about a recipe: on the demo, runs that differ only in the training seed scored style 0.53-0.59
-and adherence 0.50-0.72 (docs/benchmarks.md). --train-seeds trains once per seed and prints each run and the mean,
-which is what a recipe change should be judged by.
+Two sources of noise, both measured (docs/benchmarks.md). The sample: each share is a count over 4 prompts x
+--seeds images, with a standard error of sqrt(p (1 - p) / n), about 0.08 at 32 samples and 0.04 at the default 128;
+recipes picked as best among several on 32 samples each scored 0.1 lower when re-judged on 128. The run: training
+seeds (and thread counts) move a run's figures by a few hundredths more. --train-seeds trains once per seed and
+prints each run and the mean, which is what a recipe change should be judged by.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import subprocess
 import sys
@@ -67,6 +70,11 @@ def mean_score(scores: list[Score]) -> Score:
     return Score(samples=total, **shares)
 
 
+def standard_error(share: float, samples: int) -> float:
+    """The binomial standard error of a share measured on `samples` independent images."""
+    return math.sqrt(share * (1 - share) / samples)
+
+
 def prove(
     hypernetwork: Path, seeds: int, steps: int, cfg: float, sheet: Path | None, base: Path | None = None
 ) -> dict[float, Score]:
@@ -105,7 +113,7 @@ def train_and_prove(args: argparse.Namespace) -> list[dict[float, Score]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hypernetwork", type=Path, help="a finished run's .pt/.safetensors (skips training)")
-    parser.add_argument("--seeds", type=int, default=8, help="seeds per held-out prompt")
+    parser.add_argument("--seeds", type=int, default=32, help="seeds per held-out prompt (4 prompts: 128 samples)")
     parser.add_argument("--steps", type=int, default=20, help="sampling steps (DPM++ 2M)")
     parser.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale")
     parser.add_argument("--sheet", type=Path, help="write the generated images as one PNG here")
@@ -140,6 +148,9 @@ def main() -> None:
             print(f"{m:>10.1f}  {s.style:5.2f}  {s.adherence:9.2f}  {s.colour:6.2f}  {s.shape:5.2f}")
     base, styled = means[0.0], means[1.0]
     ok = base.style <= 0.2 and styled.style >= 0.7 and styled.adherence >= 0.7
+    print(f"standard error of a share at multiplier 1 ({styled.samples} samples): style "
+          f"{standard_error(styled.style, styled.samples):.2f}, adherence "
+          f"{standard_error(styled.adherence, styled.samples):.2f}")  # fmt: skip
     print(f"style {base.style:.2f} -> {styled.style:.2f}, adherence at 1: {styled.adherence:.2f}"
           f"{f' (mean of {len(runs)} runs)' if len(runs) > 1 else ''}: "
           f"{'goal met' if ok else 'goal NOT met'} (style <= 0.2 -> >= 0.7, adherence >= 0.7)")  # fmt: skip

@@ -41,6 +41,13 @@ def test_mean_score_weights_each_run_by_its_samples():
     assert mean == Score(samples=48, adherence=7 / 12, colour=5 / 6, shape=7 / 12, style=2 / 3)
 
 
+def test_standard_error_is_the_binomial_one():
+    lp = learning_proof()
+    assert lp.standard_error(0.5, 100) == pytest.approx(0.05)  # sqrt(0.25 / 100)
+    assert lp.standard_error(0.75, 128) == pytest.approx((0.75 * 0.25 / 128) ** 0.5)
+    assert lp.standard_error(0.0, 128) == 0.0 and lp.standard_error(1.0, 32) == 0.0
+
+
 def test_train_seeds_train_one_run_per_seed_and_print_the_mean(monkeypatch, capsys, tmp_path):
     from hyperlit.demo.quality import Score
 
@@ -67,6 +74,8 @@ def test_train_seeds_train_one_run_per_seed_and_print_the_mean(monkeypatch, caps
     out = capsys.readouterr().out
     assert "training seed 42" in out and "training seed 7" in out
     assert "style 0.00 -> 0.75, adherence at 1: 0.75 (mean of 2 runs): goal met" in out
+    # the sampling error of the mean's shares, over both runs' 64 samples: sqrt(0.75 * 0.25 / 64) = 0.054
+    assert "standard error of a share at multiplier 1 (64 samples): style 0.05, adherence 0.05" in out
     assert proved_on == [None, None]  # the embedded base
 
     # --base: each run trains on the other folder (model.path) and is judged on it
