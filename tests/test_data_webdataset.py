@@ -291,6 +291,30 @@ def test_nothing_usable_in_shards_is_an_error_with_reasons(tmp_path):
     assert "zero_byte: 1" in str(err.value) and "not_an_image: 1" in str(err.value)
 
 
+def shape_tar(path, colours, keys):
+    """A shard of one plain-colour PNG per key, each with a caption."""
+    members = [(f"{k}.png", png_bytes(colour=c)) for k, c in zip(keys, colours, strict=True)]
+    return write_tar(path, [m for k, png in zip(keys, members, strict=True) for m in (png, (f"{k}.txt", b"a shape"))])
+
+
+def test_a_rank_whose_shards_hold_only_held_out_copies_says_so(tmp_path):
+    # shard 0: four distinct images, the first held out for validation; shard 1 (rank 1's only shard): two copies of
+    # that held-out image under other keys. Rank 1 has nothing to train on, and its message must say why.
+    colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30)]
+    urls = [shape_tar(tmp_path / "s0.tar", colours, "abcd"), shape_tar(tmp_path / "s1.tar", colours[:1] * 2, "xy")]
+    dm = WebDataModule(urls=urls, encoder=FakeEncoder(), resolution=64, batch_size=1, epoch_length=4, num_workers=0,
+                       shuffle_buffer=0, shuffle=False, val_count=1)  # fmt: skip
+    dm.trainer = type("T", (), {"global_rank": 1, "world_size": 2, "current_epoch": 0})()
+    dm.setup("fit")
+    assert [h.key for h in dm.held_out] == [hashlib.sha256(png_bytes(colour=colours[0])).hexdigest()]
+    with pytest.raises(ValueError, match="no usable sample") as err:
+        list(dm.train_dataloader())
+    message = str(err.value)
+    assert message.endswith("reasons with counts:\n  held_out_copy: 2  (the same bytes as an image data.val_count "
+                            "holds out for validation: never trained on)"), message  # fmt: skip
+    assert "no files were found" not in message
+
+
 class Hung(BaseException):
     """Not an Exception: the stream's handlers count and skip those (a bad tar member, an unreadable header)."""
 

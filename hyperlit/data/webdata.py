@@ -134,6 +134,7 @@ class ShardStream(IterableDataset):
         self.max_image_pixels = max_image_pixels
         self.epoch = 0
         self._dry: _DryShards | None = None  # resampled mode, until the first usable sample
+        self._held_out_copies = 0  # samples dropped as copies of held-out images (reset per iteration)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -180,9 +181,12 @@ class ShardStream(IterableDataset):
         return islice(src, self.rank, None, self.world_size)
 
     def _nothing_usable(self) -> str:
-        return f"data.urls: no usable sample in {len(self.urls)} shard(s); reasons with counts:\n" + (
-            self._skips.describe()
-        )
+        copies = self._held_out_copies
+        reasons = [] if copies and not self._skips.counts else [self._skips.describe()]
+        if copies:  # not a bad sample (so not in the skip log), but the reason this stream may be empty
+            reasons.append(f"  held_out_copy: {copies}  (the same bytes as an image data.val_count holds out for "
+                           "validation: never trained on)")  # fmt: skip
+        return f"data.urls: no usable sample in {len(self.urls)} shard(s); reasons with counts:\n" + "\n".join(reasons)
 
     def _tar_handler(self, exn: Exception) -> bool:
         """Count and continue. webdataset reports a member that cannot be read from the member iterator
@@ -270,6 +274,7 @@ class ShardStream(IterableDataset):
         meta = self._json(sample, where)
         sha = sha256_bytes(data)
         if sha in self.exclude:
+            self._held_out_copies += 1
             return None
         item: dict[str, Any] = {"sha": sha, "filewords": caption}
         latent = self._precomputed_latent(sample, meta, where)
@@ -416,6 +421,7 @@ class ShardStream(IterableDataset):
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         self._skips = SkipLog()
         self._usable = 0
+        self._held_out_copies = 0
         self._dry = _DryShards(self.urls) if self.resampled else None
         if self.resampled:
             # Endless random shards: each rank and worker draws its own stream, so no node/worker split.
