@@ -293,8 +293,8 @@ def test_nothing_usable_in_shards_is_an_error_with_reasons(tmp_path):
 
 def shape_tar(path, colours, keys):
     """A shard of one plain-colour PNG per key, each with a caption."""
-    members = [(f"{k}.png", png_bytes(colour=c)) for k, c in zip(keys, colours, strict=True)]
-    return write_tar(path, [m for k, png in zip(keys, members, strict=True) for m in (png, (f"{k}.txt", b"a shape"))])
+    pairs = zip(keys, colours, strict=True)
+    return write_tar(path, [m for k, c in pairs for m in ((f"{k}.png", png_bytes(colour=c)), (f"{k}.txt", b"a shape"))])
 
 
 def test_a_rank_whose_shards_hold_only_held_out_copies_says_so(tmp_path):

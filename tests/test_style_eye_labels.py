@@ -17,6 +17,7 @@ called in the style, and report a share that lies between the eye's confident sh
 from __future__ import annotations
 
 import csv
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ TILE = 64
 COLUMNS = 16
 
 
+@cache  # every test reads the same 160 judgements: judge them once
 def labelled_tiles() -> list[tuple[dict[str, str], bool]]:
     """(label row, the judge's style call) for every tile, in the labels file's order."""
     sheet = np.asarray(Image.open(DATA / "tiles.png").convert("RGB"))
@@ -67,12 +69,13 @@ def test_the_judge_finds_nearly_every_tile_the_eye_called_in_the_style():
 
 
 def test_the_judges_share_lies_between_the_eyes_confident_and_generous_shares():
-    at_one = [(row, called) for row, called in labelled_tiles() if row["multiplier"] == "1"]
+    cases = labelled_tiles()
+    at_one = [(row, called) for row, called in cases if row["multiplier"] == "1"]
     judged = np.mean([called for _, called in at_one])
     confident = np.mean([row["style"] == "yes" for row, _ in at_one])
     generous = np.mean([row["style"] in ("yes", "partly") for row, _ in at_one])
     # measured: eye 0.43 (yes) and 0.99 (yes or partly); judge 0.65
     assert confident + 0.1 <= judged <= generous - 0.1, (confident, judged, generous)
     # and at multiplier 0 (the base alone) neither the eye nor the judge sees the style
-    at_zero = [(row, called) for row, called in labelled_tiles() if row["multiplier"] == "0"]
+    at_zero = [(row, called) for row, called in cases if row["multiplier"] == "0"]
     assert not any(called or row["style"] != "no" for row, called in at_zero)
