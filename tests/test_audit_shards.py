@@ -74,7 +74,7 @@ def test_passes_count_up_and_each_pass_gets_its_own_shuffle_seed(monkeypatch: py
     seen: list = []
     real_pass_urls = single._pass_urls
     single._pass_urls = lambda n: (seen.append(n), real_pass_urls(n))[1]
-    assert list(single._passes(wid=0)) == [] and seen == [0]
+    assert list(single._passes(wid=0, nw=1)) == [] and seen == [0]
     assert len(shuffles) == 1 and shuffles[0][:2] == (200, 100)
     # with an epoch length the passes go on (0, 1, 2, ...) until one finds nothing usable
     endless = stream([], shuffle_buffer=2, epoch_batches=4)
@@ -90,7 +90,7 @@ def test_passes_count_up_and_each_pass_gets_its_own_shuffle_seed(monkeypatch: py
     endless._pass_urls = pass_urls
     shuffles.clear()
     with pytest.raises(ValueError) as info:
-        list(endless._passes(wid=1))
+        list(endless._passes(wid=1, nw=2))
     assert passes == [0, 1, 2]
     assert str(info.value) == "data.urls: no usable sample in 0 shard(s); reasons with counts:\n  (no files were found)"
     seeds = [seed for _, _, seed in shuffles]
@@ -98,8 +98,8 @@ def test_passes_count_up_and_each_pass_gets_its_own_shuffle_seed(monkeypatch: py
     assert all(isinstance(seed, int) and 0 <= seed < 2**31 for seed in seeds) and len(set(seeds)) == 3
     # no sample shuffle without shuffle, or with a buffer of one sample
     shuffles.clear()
-    list(stream([], shuffle=False, shuffle_buffer=200)._passes(wid=0))
-    list(stream([], shuffle_buffer=1)._passes(wid=0))
+    list(stream([], shuffle=False, shuffle_buffer=200)._passes(wid=0, nw=1))
+    list(stream([], shuffle_buffer=1)._passes(wid=0, nw=1))
     assert shuffles == []
 
 

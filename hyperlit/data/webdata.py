@@ -152,7 +152,7 @@ class ShardStream(IterableDataset):
             random.Random(f"shards:{self.seed}:{self.epoch}:{n}").shuffle(urls)
         return iter([{"url": url} for url in urls])
 
-    def _passes(self, wid: int) -> Iterator[dict[str, Any]]:
+    def _passes(self, wid: int, nw: int) -> Iterator[dict[str, Any]]:
         """Decoded samples of this rank and worker, pass after pass; endless when the epoch length is explicit.
 
         Each pass is its own pipeline so the sample shuffle buffer never spans two passes: a buffer fed from the
@@ -172,21 +172,28 @@ class ShardStream(IterableDataset):
             yield from wds.DataPipeline(*stages, self._decode)
             if self.epoch_batches is None:
                 return
-            if self._usable == 0:
-                raise ValueError(self._nothing_usable())
+            if self._usable == 0:  # this rank and worker read only their share of the shards: say which
+                read = len(self.urls[self.rank :: self.world_size][wid::nw])
+                raise ValueError(self._nothing_usable((self.rank, wid, read)))
             n += 1
 
     def _split_node(self, src: Iterator[Any]) -> Iterator[Any]:
         # Explicit node splitter from the trainer's rank: works with spawn workers and without RANK in env.
         return islice(src, self.rank, None, self.world_size)
 
-    def _nothing_usable(self) -> str:
+    def _nothing_usable(self, share: tuple[int, int, int] | None = None) -> str:
+        """The error of a stream that yields nothing; `share`: (rank, worker, shards read) when the stream reads
+        only part of data.urls, so the message counts the shards that were actually read."""
+        where = f"{len(self.urls)} shard(s)"
+        if share is not None and share[2] != len(self.urls):
+            rank, worker, read = share
+            where = f"the {read} of {len(self.urls)} shard(s) that rank {rank}, DataLoader worker {worker} reads"
         copies = self._held_out_copies
         reasons = [] if copies and not self._skips.counts else [self._skips.describe()]
         if copies:  # not a bad sample (so not in the skip log), but the reason this stream may be empty
             reasons.append(f"  held_out_copy: {copies}  (the same bytes as an image data.val_count holds out for "
                            "validation: never trained on)")  # fmt: skip
-        return f"data.urls: no usable sample in {len(self.urls)} shard(s); reasons with counts:\n" + "\n".join(reasons)
+        return f"data.urls: no usable sample in {where}; reasons with counts:\n" + "\n".join(reasons)
 
     def _tar_handler(self, exn: Exception) -> bool:
         """Count and continue. webdataset reports a member that cannot be read from the member iterator
@@ -436,7 +443,7 @@ class ShardStream(IterableDataset):
                 stages.append(wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), seed=seed))
             stages.append(self._decode)
         else:
-            stages = [partial(self._passes, wid)]  # node/worker split, tar, per-pass shuffle and decode
+            stages = [partial(self._passes, wid, nw)]  # node/worker split, tar, per-pass shuffle and decode
         pipeline = wds.DataPipeline(*stages, self._batch)
         if self.epoch_batches is not None:
             # Exact per-rank total: worker w yields its share of epoch_batches (the DataLoader interleaves).
