@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from hyperlit.attention import hypernetworks_attached
-from hyperlit.demo.quality import Score, Target, generate, grid, load_pipeline, score
+from hyperlit.demo.quality import SAMPLERS, Score, Target, generate, grid, load_pipeline, score
 from hyperlit.demo.shapes import HELD_OUT
 from hyperlit.files import load_hypernetwork
 from hyperlit.models.loader import TINY_BASE_DIR
@@ -80,9 +80,15 @@ def standard_error(share: float, samples: int) -> float:
 
 
 def prove(
-    hypernetwork: Path, seeds: int, steps: int, cfg: float, sheet: Path | None, base: Path | None = None
+    hypernetwork: Path,
+    seeds: int,
+    steps: int,
+    cfg: float,
+    sheet: Path | None,
+    base: Path | None = None,
+    sampler: str = "dpmpp_2m",
 ) -> dict[float, Score]:
-    pipe = load_pipeline(base or TINY_BASE_DIR)
+    pipe = load_pipeline(base or TINY_BASE_DIR, sampler)
     hn = load_hypernetwork(hypernetwork)
     hn.eval()
     targets = [Target(c, s) for c, s in HELD_OUT for _ in range(seeds)]
@@ -110,7 +116,7 @@ def train_and_prove(args: argparse.Namespace) -> list[dict[float, Score]]:
             command = " ".join(["python train.py hypernet=swish_121", *overrides])
             print(f"trained {path.name} in {seconds:.0f} s ({command})")
             sheet = args.sheet if k == 0 or args.sheet is None else args.sheet.with_stem(f"{args.sheet.stem}-{seed}")
-            runs.append(prove(path, args.seeds, args.steps, args.cfg, sheet, args.base))
+            runs.append(prove(path, args.seeds, args.steps, args.cfg, sheet, args.base, args.sampler))
     return runs
 
 
@@ -118,7 +124,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hypernetwork", type=Path, help="a finished run's .pt/.safetensors (skips training)")
     parser.add_argument("--seeds", type=int, default=32, help="seeds per held-out prompt (4 prompts: 128 samples)")
-    parser.add_argument("--steps", type=int, default=20, help="sampling steps (DPM++ 2M)")
+    parser.add_argument("--steps", type=int, default=20, help="sampling steps")
+    parser.add_argument("--sampler", default="dpmpp_2m", choices=list(SAMPLERS),
+                        help="the diffusers scheduler that samples (default dpmpp_2m: A1111's DPM++ 2M)")  # fmt: skip
     parser.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale")
     parser.add_argument("--sheet", type=Path, help="write the generated images as one PNG here")
     parser.add_argument("--base", type=Path, default=None,
@@ -136,11 +144,11 @@ def main() -> None:
     if args.hypernetwork is not None and args.train_seeds:
         sys.exit("--hypernetwork scores a finished file; --train-seeds trains new runs: give one of them")
     if args.hypernetwork is not None:
-        runs = [prove(args.hypernetwork, args.seeds, args.steps, args.cfg, args.sheet, args.base)]
+        runs = [prove(args.hypernetwork, args.seeds, args.steps, args.cfg, args.sheet, args.base, args.sampler)]
     else:
         runs = train_and_prove(args)
     print(f"{runs[0][0.0].samples} samples per multiplier and run: {len(HELD_OUT)} held-out prompts x {args.seeds} "
-          f"seeds, {args.steps} DPM++ 2M steps, CFG {args.cfg}")  # fmt: skip
+          f"seeds, {args.steps} {args.sampler} steps, CFG {args.cfg}")  # fmt: skip
     print("multiplier  style  adherence  colour  shape")
     means = {m: mean_score([scores[m] for scores in runs]) for m in MULTIPLIERS}
     tables = [means] if len(runs) == 1 else [*runs, means]

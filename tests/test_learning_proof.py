@@ -62,13 +62,14 @@ def test_train_seeds_train_one_run_per_seed_and_print_the_mean(monkeypatch, caps
     styles = iter([0.5, 1.0])  # run 1 scores style 0.5 at multiplier 1, run 2 scores 1.0
     base = Score(samples=32, adherence=1.0, colour=1.0, shape=1.0, style=0.0)
 
-    def fake_prove(path, seeds, steps, cfg, sheet, base_dir=None):  # noqa: ANN001, ANN202
-        proved_on.append(base_dir)
+    def fake_prove(path, seeds, steps, cfg, sheet, base_dir=None, sampler="dpmpp_2m"):  # noqa: ANN001, ANN202
+        proved_on.append((base_dir, sampler))
         return {0.0: base, 1.0: Score(samples=32, adherence=0.75, colour=1.0, shape=0.75, style=next(styles))}
 
     monkeypatch.setattr(lp, "train_default", fake_train)
     monkeypatch.setattr(lp, "prove", fake_prove)
-    monkeypatch.setattr("sys.argv", ["learning_proof.py", "--train-seeds", "42", "7", "--", "train.max_steps=5"])
+    argv = ["learning_proof.py", "--train-seeds", "42", "7", "--sampler", "euler", "--", "train.max_steps=5"]
+    monkeypatch.setattr("sys.argv", argv)
     lp.main()
     assert trained == [["train.max_steps=5", "seed=42"], ["train.max_steps=5", "seed=7"]]
     out = capsys.readouterr().out
@@ -76,7 +77,8 @@ def test_train_seeds_train_one_run_per_seed_and_print_the_mean(monkeypatch, caps
     assert "style 0.00 -> 0.75, adherence at 1: 0.75 (mean of 2 runs): goal met" in out
     # the sampling error of the mean's shares, over both runs' 64 samples: sqrt(0.75 * 0.25 / 64) = 0.054
     assert "standard error of a share at multiplier 1 (64 samples): style 0.05, adherence 0.05" in out
-    assert proved_on == [None, None]  # the embedded base
+    assert proved_on == [(None, "euler")] * 2  # the embedded base, sampled with the sampler asked for
+    assert "20 euler steps, CFG 5.0" in out
 
     # --base: each run trains on the other folder (model.path) and is judged on it
     trained.clear(), proved_on.clear()
@@ -85,7 +87,7 @@ def test_train_seeds_train_one_run_per_seed_and_print_the_mean(monkeypatch, caps
     monkeypatch.setattr("sys.argv", ["learning_proof.py", "--train-seeds", "42", "--base", str(other)])
     lp.main()
     assert trained == [["seed=42", f"model.path={other}"]]
-    assert proved_on == [other]
+    assert proved_on == [(other, "dpmpp_2m")]  # and with the default sampler
 
 
 def test_a_finished_file_and_train_seeds_are_refused_together(monkeypatch, tmp_path):
