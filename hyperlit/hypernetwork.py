@@ -34,9 +34,7 @@ _A1111_BASE_ACTIVATIONS: dict[str, type[nn.Module] | None] = {
 }
 
 # Activations ComfyUI's hypernetwork loader understands; it refuses files with any other one.
-COMFYUI_ACTIVATIONS = frozenset(
-    {"linear", "relu", "leakyrelu", "elu", "swish", "tanh", "sigmoid", "softsign", "mish"}
-)
+COMFYUI_ACTIVATIONS = frozenset({"linear", "relu", "leakyrelu", "elu", "swish", "tanh", "sigmoid", "softsign", "mish"})
 
 
 def _parameter_free_torch_activations() -> dict[str, type[nn.Module]]:
@@ -96,8 +94,7 @@ class HypernetworkConfig:
         self.layer_structure = _validate_layer_structure(self.layer_structure)
         if not isinstance(self.activation, str) or self.activation not in ACTIVATIONS:
             raise ValueError(
-                f"hypernet.activation: {self.activation!r} is not supported; allowed: "
-                f"{_allowed(sorted(ACTIVATIONS))}"
+                f"hypernet.activation: {self.activation!r} is not supported; allowed: {_allowed(sorted(ACTIVATIONS))}"
             )
         for key in ("activate_output", "layer_norm"):
             if not isinstance(getattr(self, key), bool):
@@ -183,9 +180,7 @@ def _validate_dropout(value: object, length: int) -> list[float] | None:
     if value is None:
         return None
     if isinstance(value, str) or not isinstance(value, Sequence):
-        raise ValueError(
-            f"hypernet.dropout_structure: {value!r} is not a list; use null or {length} numbers in [0, 1)"
-        )
+        raise ValueError(f"hypernet.dropout_structure: {value!r} is not a list; use null or {length} numbers in [0, 1)")
     items = list(value)
     if len(items) != length:
         raise ValueError(
@@ -293,8 +288,10 @@ class Hypernetwork(nn.Module):
         self.optional_info: str | None = None
         self.source_layout: str | None = None  # which historical file layout it was read from, if any
         self.pairs = nn.ModuleDict(
-            {str(width): nn.ModuleList([HypernetworkModule(width, config), HypernetworkModule(width, config)])
-             for width in sizes}
+            {
+                str(width): nn.ModuleList([HypernetworkModule(width, config), HypernetworkModule(width, config)])
+                for width in sizes
+            }
         )
 
     @property
@@ -328,8 +325,10 @@ class Hypernetwork(nn.Module):
     def layer_state_dicts(self) -> dict[int, tuple[dict[str, Tensor], dict[str, Tensor]]]:
         return {
             int(width): tuple(
-                {key: value.detach().to("cpu", torch.float32).contiguous().clone()
-                 for key, value in module.state_dict().items()}
+                {
+                    key: value.detach().to("cpu", torch.float32).contiguous().clone()
+                    for key, value in module.state_dict().items()
+                }
                 for module in pair
             )
             for width, pair in self.pairs.items()
@@ -342,9 +341,7 @@ class Hypernetwork(nn.Module):
         missing = sorted(set(self.sizes) - set(layers))
         extra = sorted(set(layers) - set(self.sizes))
         if missing or extra:
-            raise ValueError(
-                f"{source}: widths {sorted(layers)} do not match the hypernetwork's widths {self.sizes}"
-            )
+            raise ValueError(f"{source}: widths {sorted(layers)} do not match the hypernetwork's widths {self.sizes}")
         for width, states in layers.items():
             for path, module, state in zip(("K", "V"), self.pairs[str(width)], states, strict=True):
                 try:

@@ -32,8 +32,18 @@ from hyperlit.files import safetensors as safetensors_codec
 from hyperlit.hypernetwork import Hypernetwork, HypernetworkConfig
 
 METADATA_KEYS = {
-    "step", "name", "layer_structure", "activation_func", "is_layer_norm", "weight_initialization", "sd_checkpoint",
-    "sd_checkpoint_name", "activate_output", "use_dropout", "dropout_structure", "last_layer_dropout",
+    "step",
+    "name",
+    "layer_structure",
+    "activation_func",
+    "is_layer_norm",
+    "weight_initialization",
+    "sd_checkpoint",
+    "sd_checkpoint_name",
+    "activate_output",
+    "use_dropout",
+    "dropout_structure",
+    "last_layer_dropout",
     "optional_info",
 }
 
@@ -57,6 +67,7 @@ def assert_same_function(hn: Hypernetwork, pairs: ref.Pairs, widths: list[int], 
 
 
 # --- the written .pt ---------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     ("options", "last_layer_dropout"),
@@ -110,14 +121,21 @@ def test_linear_activation_is_written_as_string(tmp_path: Path) -> None:
 
 
 def test_written_pt_is_a_zip_every_a1111_accepts_and_mmap_reads(tmp_path: Path) -> None:
-    config = HypernetworkConfig(layer_structure=[1, 2, 2, 1], activation="relu", layer_norm=True,
-                                activate_output=True, dropout_structure=[0, 0.1, 0.2, 0])
+    config = HypernetworkConfig(
+        layer_structure=[1, 2, 2, 1],
+        activation="relu",
+        layer_norm=True,
+        activate_output=True,
+        dropout_structure=[0, 0.1, 0.2, 0],
+    )
     hn = randomised(config, sizes=[8, 12])
     path = save_hypernetwork(hn, tmp_path / "safe.pt")
     assert zipfile.is_zipfile(path)
     with zipfile.ZipFile(path) as archive:  # no byteorder / serialization id that A1111 < 07cf95c refuses
         assert sorted(n.split("/", 1)[1] for n in archive.namelist()) == [
-            "data.pkl", *sorted(f"data/{i}" for i in range(len(archive.namelist()) - 2)), "version"
+            "data.pkl",
+            *sorted(f"data/{i}" for i in range(len(archive.namelist()) - 2)),
+            "version",
         ]
     (body,) = ref.a1111_safe_check(path)  # the oldest member-name check, then the restricted unpickler
     ref.a1111_safe_check(path, relaxed_zip_names=True)
@@ -153,6 +171,7 @@ def test_restricted_unpickler_refuses_disallowed_globals(tmp_path: Path) -> None
 
 
 # --- historical layouts --------------------------------------------------------------------------------------
+
 
 def _save_raw(tmp_path: Path, name: str, raw: dict, zip_format: bool = True) -> Path:
     path = tmp_path / f"{name}.pt"
@@ -242,7 +261,13 @@ def test_current_layout_with_dropout_structure(tmp_path: Path) -> None:
     assert hn.step == 777 and hn.optional_info == "made by hand"
     assert hn.config.layer_norm and hn.config.activate_output and hn.config.dropout_structure == [0, 0.1, 0]
     assert [type(layer) for layer in hn.pairs["8"][0].linear] == [
-        nn.Linear, nn.ReLU, nn.LayerNorm, nn.Dropout, nn.Linear, nn.ReLU, nn.LayerNorm
+        nn.Linear,
+        nn.ReLU,
+        nn.LayerNorm,
+        nn.Dropout,
+        nn.Linear,
+        nn.ReLU,
+        nn.LayerNorm,
     ]
     assert_same_function(hn, ref.a1111_load(path), [8, 12])
 
@@ -292,8 +317,13 @@ AGREEING_CONFIGS = [
     dict(layer_structure=[1, 2, 2, 1], activation="elu", dropout_structure=[0, 0.3, 0.3, 0]),
     dict(layer_structure=[1, 2, 1], activation="mish", dropout_structure=[0, 0.2, 0], activate_output=True),
     dict(layer_structure=[1, 1.5, 1], activation="softsign"),
-    dict(layer_structure=[1, 2, 1], activation="swish", layer_norm=True, activate_output=True,
-         dropout_structure=[0, 0.3, 0]),
+    dict(
+        layer_structure=[1, 2, 1],
+        activation="swish",
+        layer_norm=True,
+        activate_output=True,
+        dropout_structure=[0, 0.3, 0],
+    ),
     dict(layer_structure=[1, 2, 2, 1], activation="sigmoid", activate_output=True),
     dict(layer_structure=[1, 2, 1], activation="leakyrelu", layer_norm=False),
     dict(layer_structure=[1, 2, 4, 2, 1], activation="relu", dropout_structure=[0, 0.3, 0.3, 0, 0]),
@@ -347,6 +377,7 @@ def test_comfyui_refuses_activations_it_does_not_know(tmp_path: Path) -> None:
 
 # --- pickles that would run code ---------------------------------------------------------------------------
 
+
 def write_marker(path: str) -> None:
     Path(path).write_text("pwned")
 
@@ -375,8 +406,9 @@ class RunsExec:
         return (builtins.exec, (f"open({str(self.marker)!r}, 'w').write('x')",))
 
 
-@pytest.mark.parametrize(("payload", "global_name"),
-                         [(RunsShell, "system"), (RunsFunction, "write_marker"), (RunsExec, "exec")])
+@pytest.mark.parametrize(
+    ("payload", "global_name"), [(RunsShell, "system"), (RunsFunction, "write_marker"), (RunsExec, "exec")]
+)
 @pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
 def test_pickle_that_would_run_code_is_refused(
     tmp_path: Path, payload: type, global_name: str, zip_format: bool
@@ -403,6 +435,7 @@ def test_pickle_that_would_run_code_is_refused(
 
 
 # --- bad input ---------------------------------------------------------------------------------------------
+
 
 def _kohya_pair(d: int = 8, seed: int = 0) -> tuple:
     return tuple(ref.kohya_file(widths=(d,), seed=seed)[d])
@@ -443,8 +476,11 @@ def _bad_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     save("tensor-width", {torch.tensor(8): (k_state, v_state)}, "neither a width nor a metadata name")
     save("bool-width", {True: (k_state, v_state)}, "not a width")
     save("not-a-pair", {8: k_state}, "expected a (K, V) pair")
-    save("unknown-activation", {8: (k_state, v_state), "activation_func": "swooshy"},
-         "activation_func 'swooshy' is not supported")
+    save(
+        "unknown-activation",
+        {8: (k_state, v_state), "activation_func": "swooshy"},
+        "activation_func 'swooshy' is not supported",
+    )
     save("structure-mismatch", {8: (k_state, v_state), "layer_structure": [1, 2, 2, 1]}, "does not fit the structure")
     save("layer-norm-mismatch", {8: (k_state, v_state), "is_layer_norm": True}, "does not fit the structure")
     save("width-mismatch", {12: (k_state, v_state)}, "does not match its first Linear")
@@ -453,9 +489,25 @@ def _bad_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
 
 
 BAD_FILE_NAMES = [
-    "truncated-zip", "truncated-legacy", "empty", "garbage", "missing", "tensor", "no-widths", "kv-mismatch",
-    "zero-width", "negative-width", "float-width", "tensor-width", "bool-width", "not-a-pair", "unknown-activation",
-    "structure-mismatch", "layer-norm-mismatch", "width-mismatch", "bad-structure-meta",
+    "truncated-zip",
+    "truncated-legacy",
+    "empty",
+    "garbage",
+    "missing",
+    "tensor",
+    "no-widths",
+    "kv-mismatch",
+    "zero-width",
+    "negative-width",
+    "float-width",
+    "tensor-width",
+    "bool-width",
+    "not-a-pair",
+    "unknown-activation",
+    "structure-mismatch",
+    "layer-norm-mismatch",
+    "width-mismatch",
+    "bad-structure-meta",
 ]
 
 
@@ -476,8 +528,19 @@ def test_bad_file_is_a_clear_error(bad_files: dict, name: str) -> None:
     assert phrase in message, message
 
 
-@pytest.mark.parametrize("name", ["truncated-zip", "empty", "tensor", "kv-mismatch", "tensor-width",
-                                  "unknown-activation", "structure-mismatch", "missing"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "truncated-zip",
+        "empty",
+        "tensor",
+        "kv-mismatch",
+        "tensor-width",
+        "unknown-activation",
+        "structure-mismatch",
+        "missing",
+    ],
+)
 def test_cli_inspect_reports_bad_file_without_traceback(
     bad_files: dict, name: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -493,6 +556,7 @@ def test_cli_inspect_reports_bad_file_without_traceback(
 
 
 # --- atomic write ------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
 def test_failed_write_leaves_existing_file_untouched(
@@ -519,6 +583,7 @@ def test_failed_write_leaves_existing_file_untouched(
 
 
 # --- .pt.optim ---------------------------------------------------------------------------------------------
+
 
 def _optimizer_after_one_step(hn: Hypernetwork, x_width: int) -> torch.optim.AdamW:
     optimizer = torch.optim.AdamW(hn.parameters(), lr=1e-3)

@@ -85,7 +85,10 @@ def test_hypernet_presets_are_valid_configs(option):
 def test_novelai_preset_is_the_original_layout():
     config = hypernetwork_config(compose_config("train", ["hypernet=linear_121", "paths.output_dir=/x"]).hypernet)
     assert (config.layer_structure, config.activation, config.layer_norm, config.dropout_structure) == (
-        [1, 2, 1], "linear", False, None
+        [1, 2, 1],
+        "linear",
+        False,
+        None,
     )
 
 

@@ -66,13 +66,22 @@ def _train(
     work = tmp_path / "work"
     work.mkdir(exist_ok=True)
     command = [
-        sys.executable, str(REPO_ROOT / "train.py"),
-        "trainer=ddp_cpu", "hypernet=linear_121", "logger=csv", f"train.max_steps={steps}",
-        f"hydra.run.dir={tmp_path / 'out'}", f"data.cache_dir={tmp_path / 'cache'}",
-        "~callbacks.progress", "trainer.enable_progress_bar=false", "callbacks.preview.steps=2",
-        "data.batch_size=2", f"data.val_count={val_count}",  # 0: the tests below count every sample image
+        sys.executable,
+        str(REPO_ROOT / "train.py"),
+        "trainer=ddp_cpu",
+        "hypernet=linear_121",
+        "logger=csv",
+        f"train.max_steps={steps}",
+        f"hydra.run.dir={tmp_path / 'out'}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "~callbacks.progress",
+        "trainer.enable_progress_bar=false",
+        "callbacks.preview.steps=2",
+        "data.batch_size=2",
+        f"data.val_count={val_count}",  # 0: the tests below count every sample image
         "callbacks.ema.enabled=false",  # the final file is compared with the ranks' live weights
-        "+callbacks.probe._target_=helpers.ddp_probe.DDPProbe", f"+callbacks.probe.dirpath={tmp_path / 'probe'}",
+        "+callbacks.probe._target_=helpers.ddp_probe.DDPProbe",
+        f"+callbacks.probe.dirpath={tmp_path / 'probe'}",
         *overrides,
     ]
     result = subprocess.run(command, cwd=work, env=_env(tmp_path), capture_output=True, text=True, timeout=timeout)
@@ -123,13 +132,18 @@ def _assert_identical_hypernetworks(tmp_path: Path, final_pt: Path, steps: int =
 @pytest.mark.slow
 def test_two_processes_on_folder_data(tmp_path):
     _train(
-        tmp_path, "callbacks.preview.every=4", "callbacks.export.save_every=4",
-        "callbacks.checkpoint.every_n_train_steps=4", steps=8,
+        tmp_path,
+        "callbacks.preview.every=4",
+        "callbacks.export.save_every=4",
+        "callbacks.checkpoint.every_n_train_steps=4",
+        steps=8,
     )
     out = tmp_path / "out"
     probes = _probes(tmp_path)
     assert [(p["global_rank"], p["world_size"], p["strategy"]) for p in probes] == [
-        (0, 2, "DDPStrategy"), (1, 2, "DDPStrategy")]
+        (0, 2, "DDPStrategy"),
+        (1, 2, "DDPStrategy"),
+    ]
     _assert_identical_hypernetworks(tmp_path, out / "hypernetworks" / "linear_121.pt", steps=8)
 
     # 16 images, batch 2, 2 ranks: 4 steps per epoch on each rank; 8 steps = 2 epochs.
@@ -140,7 +154,11 @@ def test_two_processes_on_folder_data(tmp_path):
 
     # One set of outputs, in the one run dir both ranks share; previews ran mid-training without a deadlock.
     assert sorted(p.name for p in (out / "hypernetworks").iterdir()) == [
-        "linear_121-4.pt", "linear_121-8.pt", "linear_121.hyperlit.safetensors", "linear_121.pt"]
+        "linear_121-4.pt",
+        "linear_121-8.pt",
+        "linear_121.hyperlit.safetensors",
+        "linear_121.pt",
+    ]
     assert sorted(p.name for p in (out / "images").iterdir()) == ["linear_121-4.png", "linear_121-8.png"]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last.ckpt"]  # save_top_k=0: last only
     assert [p.parent.name for p in tmp_path.rglob(".hydra")] == ["out"]
@@ -171,8 +189,14 @@ def test_two_processes_on_webdataset_shards(tmp_path):
     assert len(shards) == 4
     urls = str(tmp_path / "shards" / "shard-{000000..000003}.tar")
     _train(
-        tmp_path, "data=webdataset", f"data.urls='{urls}'", "data.epoch_length=16", "data.num_workers=0",
-        "data.resolution=64", "callbacks.preview.every=0", steps=8,  # default shuffle buffer (1000)
+        tmp_path,
+        "data=webdataset",
+        f"data.urls='{urls}'",
+        "data.epoch_length=16",
+        "data.num_workers=0",
+        "data.resolution=64",
+        "callbacks.preview.every=0",
+        steps=8,  # default shuffle buffer (1000)
     )
     out = tmp_path / "out"
     _assert_identical_hypernetworks(tmp_path, out / "hypernetworks" / "linear_121.pt", steps=8)
@@ -180,7 +204,9 @@ def test_two_processes_on_webdataset_shards(tmp_path):
     # (16 samples in 4 shards, 2 shards per rank, batch 2: 4 steps per epoch; 8 steps = 2 epochs).
     _assert_each_sample_once_per_epoch(_probes(tmp_path), epochs=2, steps_per_epoch=4)
     assert sorted(p.name for p in (out / "hypernetworks").iterdir()) == [
-        "linear_121.hyperlit.safetensors", "linear_121.pt"]
+        "linear_121.hyperlit.safetensors",
+        "linear_121.pt",
+    ]
     assert [p.parent.name for p in tmp_path.rglob(".hydra")] == ["out"]
 
 
@@ -285,8 +311,13 @@ def test_torchrun_world_that_does_not_match_devices_is_an_error_before_the_model
 
     _fail_if_model_loads(monkeypatch)
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
-    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2",
-                       "GROUP_RANK": "0"}.items():
+    for key, value in {
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "4",
+        "LOCAL_WORLD_SIZE": "2",
+        "GROUP_RANK": "0",
+    }.items():
         monkeypatch.setenv(key, value)
     with pytest.raises(ValueError, match=r"trainer.devices=4: torchrun started 2 process\(es\) per node"):
         run(train_cfg("trainer=ddp_cpu", "trainer.devices=4"))
@@ -299,8 +330,13 @@ def test_slurm_nodes_and_tasks_that_do_not_match_are_errors(train_cfg, monkeypat
 
     _fail_if_model_loads(monkeypatch)
     monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
-    for key, value in {"SLURM_NTASKS": "8", "SLURM_JOB_NAME": "hn", "SLURM_NNODES": "2",
-                       "SLURM_NTASKS_PER_NODE": "4", "SLURM_PROCID": "0"}.items():
+    for key, value in {
+        "SLURM_NTASKS": "8",
+        "SLURM_JOB_NAME": "hn",
+        "SLURM_NNODES": "2",
+        "SLURM_NTASKS_PER_NODE": "4",
+        "SLURM_PROCID": "0",
+    }.items():
         monkeypatch.setenv(key, value)
     assert distributed.launcher() == "slurm"
     with pytest.raises(ValueError, match=r"trainer.num_nodes=1: the SLURM job has 2 node\(s\)"):
@@ -322,13 +358,19 @@ def test_webdataset_url_matching_no_shard_is_an_error_before_the_model_loads(tra
 
 
 def test_multirun_with_the_relaunching_ddp_strategy_is_refused():
-    for trainer in ({"strategy": "ddp", "devices": 2}, {"strategy": "auto", "devices": 2},
-                    {"strategy": {"_target_": "lightning.pytorch.strategies.DDPStrategy"}, "devices": [0, 1]},
-                    {"strategy": "ddp", "devices": 1, "num_nodes": 2}):
+    for trainer in (
+        {"strategy": "ddp", "devices": 2},
+        {"strategy": "auto", "devices": 2},
+        {"strategy": {"_target_": "lightning.pytorch.strategies.DDPStrategy"}, "devices": [0, 1]},
+        {"strategy": "ddp", "devices": 1, "num_nodes": 2},
+    ):
         with pytest.raises(ValueError, match="trainer.strategy=ddp_spawn"):
             distributed.check_launch(trainer, multirun=True)
-    for trainer in ({"strategy": "ddp_spawn", "devices": 2}, {"strategy": "ddp", "devices": 1},
-                    {"strategy": "auto", "devices": 1}):
+    for trainer in (
+        {"strategy": "ddp_spawn", "devices": 2},
+        {"strategy": "ddp", "devices": 1},
+        {"strategy": "auto", "devices": 1},
+    ):
         distributed.check_launch(trainer, multirun=True)
     distributed.check_launch({"strategy": "ddp", "devices": 2}, multirun=False)
 
@@ -336,9 +378,20 @@ def test_multirun_with_the_relaunching_ddp_strategy_is_refused():
 @pytest.mark.slow
 def test_multirun_with_ddp_from_the_command_line_says_what_to_use(tmp_path):
     result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "train.py"), "-m", "trainer=ddp_cpu", "hypernet=swish_121,linear_121",
-         f"hydra.sweep.dir={tmp_path / 'multi'}", "logger=none"],
-        cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            str(REPO_ROOT / "train.py"),
+            "-m",
+            "trainer=ddp_cpu",
+            "hypernet=swish_121,linear_121",
+            f"hydra.sweep.dir={tmp_path / 'multi'}",
+            "logger=none",
+        ],
+        cwd=tmp_path,
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode != 0
     assert "cannot run inside a Hydra multirun" in result.stderr and "ddp_spawn" in result.stderr
@@ -405,17 +458,37 @@ def test_torchrun_processes_share_one_run_dir(tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     result = subprocess.run(
-        [str(torchrun), "--standalone", "--nproc_per_node=2", str(REPO_ROOT / "train.py"), "trainer=ddp_cpu",
-         "hypernet=linear_121", "logger=none", "train.max_steps=3", f"hydra.run.dir={tmp_path / 'out'}",
-         f"data.cache_dir={tmp_path / 'cache'}", "callbacks.preview.every=0", "callbacks.preview.at_end=false",
-         "data.batch_size=2", "~callbacks.progress", "trainer.enable_progress_bar=false",
-         "+callbacks.probe._target_=helpers.ddp_probe.DDPProbe", f"+callbacks.probe.dirpath={tmp_path / 'probe'}"],
-        cwd=work, env=_env(tmp_path), capture_output=True, text=True, timeout=240,
+        [
+            str(torchrun),
+            "--standalone",
+            "--nproc_per_node=2",
+            str(REPO_ROOT / "train.py"),
+            "trainer=ddp_cpu",
+            "hypernet=linear_121",
+            "logger=none",
+            "train.max_steps=3",
+            f"hydra.run.dir={tmp_path / 'out'}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "callbacks.preview.every=0",
+            "callbacks.preview.at_end=false",
+            "data.batch_size=2",
+            "~callbacks.progress",
+            "trainer.enable_progress_bar=false",
+            "+callbacks.probe._target_=helpers.ddp_probe.DDPProbe",
+            f"+callbacks.probe.dirpath={tmp_path / 'probe'}",
+        ],
+        cwd=work,
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     rank0, rank1 = _digests(tmp_path)
     assert len(rank0) == 3 and rank0 == rank1
     assert [p["global_rank"] for p in _probes(tmp_path)] == [0, 1]
     assert sorted(p.name for p in (tmp_path / "out" / "hypernetworks").iterdir()) == [
-        "linear_121.hyperlit.safetensors", "linear_121.pt"]
+        "linear_121.hyperlit.safetensors",
+        "linear_121.pt",
+    ]
     assert [p.parent.name for p in tmp_path.rglob(".hydra")] == ["out"] and list(work.iterdir()) == []

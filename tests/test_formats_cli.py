@@ -21,8 +21,15 @@ from hyperlit.hypernetwork import Hypernetwork, HypernetworkConfig
 VENV_BIN = Path(sys.executable).parent
 SUBPROCESS_ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
-CONFIG = dict(layer_structure=[1, 2, 2, 1], activation="relu", activate_output=True, layer_norm=True,
-              dropout_structure=[0.0, 0.25, 0.1, 0.0], weight_init="XavierNormal", multiplier=1.0)
+CONFIG = dict(
+    layer_structure=[1, 2, 2, 1],
+    activation="relu",
+    activate_output=True,
+    layer_norm=True,
+    dropout_structure=[0.0, 0.25, 0.1, 0.0],
+    weight_init="XavierNormal",
+    multiplier=1.0,
+)
 
 
 def randomised(config: HypernetworkConfig, sizes: list[int], seed: int = 0) -> Hypernetwork:
@@ -58,8 +65,7 @@ def assert_same_metadata(loaded: Hypernetwork, original: Hypernetwork, stem: str
     assert loaded.step == original.step
     assert loaded.sd_checkpoint == original.sd_checkpoint
     assert loaded.sd_checkpoint_name == original.sd_checkpoint_name
-    for key in ("layer_structure", "activation", "activate_output", "layer_norm", "dropout_structure",
-                "weight_init"):
+    for key in ("layer_structure", "activation", "activate_output", "layer_norm", "dropout_structure", "weight_init"):
         assert getattr(loaded.config, key) == getattr(original.config, key), key
     assert loaded.config.use_dropout is True
 
@@ -94,8 +100,9 @@ def test_safetensors_holds_no_pickle(tmp_path: Path, original: Hypernetwork) -> 
     assert json.loads(metadata["config"])["sizes"] == [12, 8]
 
 
-def test_convert_in_process_pt_safetensors_pt(tmp_path: Path, original: Hypernetwork,
-                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_convert_in_process_pt_safetensors_pt(
+    tmp_path: Path, original: Hypernetwork, capsys: pytest.CaptureFixture[str]
+) -> None:
     source = save_hypernetwork(original, tmp_path / "source.pt")
     middle, back = tmp_path / "middle.safetensors", tmp_path / "back.pt"
     assert cli.main(["convert", str(source), str(middle)]) == 0
@@ -138,8 +145,9 @@ def test_convert_historical_file_writes_current_layout(tmp_path: Path) -> None:
     assert raw["activate_output"] is True and raw["dropout_structure"] == [0.0, 0.0, 0.0]
     x = torch.randn(3, 8)
     for pairs in (ref.a1111_load(source), ref.a1111_load(target)):
-        torch.testing.assert_close(ref.apply_pairs(pairs, x)[0], load_hypernetwork(source).forward_kv(x)[0],
-                                   atol=1e-6, rtol=0)
+        torch.testing.assert_close(
+            ref.apply_pairs(pairs, x)[0], load_hypernetwork(source).forward_kv(x)[0], atol=1e-6, rtol=0
+        )
 
 
 def test_convert_as_subprocess_with_console_script(tmp_path: Path, original: Hypernetwork) -> None:
@@ -147,8 +155,13 @@ def test_convert_as_subprocess_with_console_script(tmp_path: Path, original: Hyp
     target = tmp_path / "sub.safetensors"
     script = VENV_BIN / "hyperlit"
     assert script.is_file()
-    done = subprocess.run([str(script), "convert", str(source), str(target)], capture_output=True, text=True,
-                          env=SUBPROCESS_ENV, timeout=120)
+    done = subprocess.run(
+        [str(script), "convert", str(source), str(target)],
+        capture_output=True,
+        text=True,
+        env=SUBPROCESS_ENV,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert target.is_file()
     loaded = load_hypernetwork(target)
@@ -190,14 +203,18 @@ def _inspect_json(path: Path, capsys: pytest.CaptureFixture[str]) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
-def test_inspect_json_reports_everything(tmp_path: Path, original: Hypernetwork,
-                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_inspect_json_reports_everything(
+    tmp_path: Path, original: Hypernetwork, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = save_hypernetwork(original, tmp_path / "inspected.pt")
     info = _inspect_json(path, capsys)
     expected_parameters = 2 * sum(
-        (d * 2 * d + 2 * d) + 2 * (2 * d)  # Linear d->2d, LayerNorm(2d)
-        + (2 * d * 2 * d + 2 * d) + 2 * (2 * d)  # Linear 2d->2d, LayerNorm(2d)
-        + (2 * d * d + d) + 2 * d  # Linear 2d->d, LayerNorm(d)
+        (d * 2 * d + 2 * d)
+        + 2 * (2 * d)  # Linear d->2d, LayerNorm(2d)
+        + (2 * d * 2 * d + 2 * d)
+        + 2 * (2 * d)  # Linear 2d->2d, LayerNorm(2d)
+        + (2 * d * d + d)
+        + 2 * d  # Linear 2d->d, LayerNorm(d)
         for d in (12, 8)
     )
     assert expected_parameters == original.parameter_count()
@@ -234,41 +251,77 @@ def test_inspect_json_reports_everything(tmp_path: Path, original: Hypernetwork,
 @pytest.mark.parametrize(
     ("builder", "layout", "expected"),
     [
-        (lambda: ref.novelai_file(widths=(8,)), a1111.LAYOUT_NOVELAI,
-         dict(activation="linear", activate_output=True, dropout_structure=[0.0, 0.0, 0.0], step=0)),
-        (lambda: ref.oct2022_file(widths=(8,)), a1111.LAYOUT_OCT_2022,
-         dict(activation="relu", activate_output=True, step=1200, sd_checkpoint="a9e2bd1b")),
-        (lambda: ref.nov2022_file(True, widths=(8,)), a1111.LAYOUT_NOV_2022,
-         dict(activation="swish", activate_output=False, dropout_structure=[0.0, 0.3, 0.3, 0.3, 0.0])),
-        (lambda: ref.nov2022_file(False, widths=(8,)), a1111.LAYOUT_NOV_2022,
-         dict(dropout_structure=[0.0, 0.3, 0.3, 0.0, 0.0], layer_structure=[1, 2, 4, 2, 1])),
-        (lambda: ref.current_file(widths=(8,)), a1111.LAYOUT_CURRENT,
-         dict(layer_norm=True, dropout_structure=[0.0, 0.1, 0.0], name="current", optional_info="made by hand",
-              weight_init="KaimingNormal", comfyui_same_function=False)),  # dropout stays active in ComfyUI
-        (lambda: ref.kohya_file(widths=(8,)), a1111.LAYOUT_NO_METADATA,
-         dict(activation="linear", layer_structure=[1, 2, 1], name="hist")),
+        (
+            lambda: ref.novelai_file(widths=(8,)),
+            a1111.LAYOUT_NOVELAI,
+            dict(activation="linear", activate_output=True, dropout_structure=[0.0, 0.0, 0.0], step=0),
+        ),
+        (
+            lambda: ref.oct2022_file(widths=(8,)),
+            a1111.LAYOUT_OCT_2022,
+            dict(activation="relu", activate_output=True, step=1200, sd_checkpoint="a9e2bd1b"),
+        ),
+        (
+            lambda: ref.nov2022_file(True, widths=(8,)),
+            a1111.LAYOUT_NOV_2022,
+            dict(activation="swish", activate_output=False, dropout_structure=[0.0, 0.3, 0.3, 0.3, 0.0]),
+        ),
+        (
+            lambda: ref.nov2022_file(False, widths=(8,)),
+            a1111.LAYOUT_NOV_2022,
+            dict(dropout_structure=[0.0, 0.3, 0.3, 0.0, 0.0], layer_structure=[1, 2, 4, 2, 1]),
+        ),
+        (
+            lambda: ref.current_file(widths=(8,)),
+            a1111.LAYOUT_CURRENT,
+            dict(
+                layer_norm=True,
+                dropout_structure=[0.0, 0.1, 0.0],
+                name="current",
+                optional_info="made by hand",
+                weight_init="KaimingNormal",
+                comfyui_same_function=False,
+            ),
+        ),  # dropout stays active in ComfyUI
+        (
+            lambda: ref.kohya_file(widths=(8,)),
+            a1111.LAYOUT_NO_METADATA,
+            dict(activation="linear", layer_structure=[1, 2, 1], name="hist"),
+        ),
         (lambda: ref.numeric_string_file(widths=(8,)), a1111.LAYOUT_NO_METADATA, dict(widths=[8])),
     ],
     ids=["novelai", "oct-2022", "nov-2022-lld", "nov-2022", "current", "kohya", "string-keys"],
 )
-def test_inspect_historical_layouts(tmp_path: Path, capsys: pytest.CaptureFixture[str], builder, layout: str,
-                                    expected: dict) -> None:
+def test_inspect_historical_layouts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], builder, layout: str, expected: dict
+) -> None:
     raw = builder()
     path = tmp_path / "hist.pt"
     torch.save(raw, path)
     info = _inspect_json(path, capsys)
     assert info["layout"] == layout
     assert info["widths"] == [8]
-    parameters = sum(t.numel() for key, pair in raw.items() if not isinstance(key, str) or key.isdigit()
-                     for state in pair for t in state.values())
+    parameters = sum(
+        t.numel()
+        for key, pair in raw.items()
+        if not isinstance(key, str) or key.isdigit()
+        for state in pair
+        for t in state.values()
+    )
     assert info["parameters"] == parameters
     for key, value in expected.items():
         assert info[key] == value, key
 
 
 def test_layout_names_are_distinct() -> None:
-    names = [a1111.LAYOUT_NOVELAI, a1111.LAYOUT_NO_METADATA, a1111.LAYOUT_OCT_2022, a1111.LAYOUT_NOV_2022,
-             a1111.LAYOUT_CURRENT, LAYOUT_SAFETENSORS]
+    names = [
+        a1111.LAYOUT_NOVELAI,
+        a1111.LAYOUT_NO_METADATA,
+        a1111.LAYOUT_OCT_2022,
+        a1111.LAYOUT_NOV_2022,
+        a1111.LAYOUT_CURRENT,
+        LAYOUT_SAFETENSORS,
+    ]
     assert len(set(names)) == len(names)
 
 
@@ -283,8 +336,9 @@ def test_layout_names_are_distinct() -> None:
     ],
     ids=["same-file", "missing", "bad-extension-out", "bad-extension-in", "foreign-safetensors"],
 )
-def test_cli_errors_exit_2_without_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str], argv_builder,
-                                             phrase: str) -> None:
+def test_cli_errors_exit_2_without_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv_builder, phrase: str
+) -> None:
     from safetensors.torch import save_file
 
     pt = save_hypernetwork(Hypernetwork(HypernetworkConfig(), sizes=[8]), tmp_path / "net.pt")

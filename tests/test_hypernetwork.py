@@ -72,10 +72,16 @@ def test_worked_index_table(options: dict, layer_types: list[type], keys: list[s
                 (int(width * structure[i + 1]), int(width * structure[i])) for i in range(len(structure) - 1)
             ]
     # The same keys as an A1111-style Sequential built independently from the spec's rule.
-    reference = ReferenceModule(a1111_sequential(
-        d, options["layer_structure"], options["activation"], options.get("activate_output", False),
-        options.get("layer_norm", False), options.get("dropout_structure") or [0.0] * len(options["layer_structure"]),
-    ))
+    reference = ReferenceModule(
+        a1111_sequential(
+            d,
+            options["layer_structure"],
+            options["activation"],
+            options.get("activate_output", False),
+            options.get("layer_norm", False),
+            options.get("dropout_structure") or [0.0] * len(options["layer_structure"]),
+        )
+    )
     assert _keys(reference) == keys
     assert {k: v.shape for k, v in reference.state_dict().items()} == {
         k: v.shape for k, v in hn.pairs[str(d)][0].state_dict().items()
@@ -97,6 +103,7 @@ def test_parameter_count_default_sizes() -> None:
 
 
 # --- initialisation (A1111's schemes) ---
+
 
 def _linears_and_norms(hn: Hypernetwork) -> tuple[list[nn.Linear], list[nn.LayerNorm]]:
     layers = [layer for module in hn.modules() if isinstance(module, HypernetworkModule) for layer in module.linear]
@@ -160,6 +167,7 @@ def test_xavier_and_kaiming_statistics(weight_init: str, activation: str) -> Non
 
 
 # --- forward (residual; multiplier 1 in training mode) ---
+
 
 def test_forward_is_residual_times_multiplier_in_eval() -> None:
     hn = randomised(HypernetworkConfig(layer_structure=[1, 2, 1], activation="tanh"), sizes=[8]).eval()
@@ -233,6 +241,7 @@ def test_all_activation_names_build_and_swish_is_hardswish() -> None:
 
 # --- config validation: every error names the field and the allowed values ---
 
+
 @pytest.mark.parametrize(
     ("options", "field", "allowed"),
     [
@@ -282,8 +291,9 @@ def test_unknown_activation_message_lists_allowed_names() -> None:
 
 
 def test_valid_config_normalises_values() -> None:
-    config = HypernetworkConfig(layer_structure=[1.0, 2.0, 1.5, 1.0], dropout_structure=[0, 0.3, 0, 0],
-                                sizes=[768, 320], multiplier=1)
+    config = HypernetworkConfig(
+        layer_structure=[1.0, 2.0, 1.5, 1.0], dropout_structure=[0, 0.3, 0, 0], sizes=[768, 320], multiplier=1
+    )
     assert config.layer_structure == [1, 2, 1.5, 1]
     assert config.dropout_structure == [0.0, 0.3, 0.0, 0.0]
     assert config.use_dropout and isinstance(config.multiplier, float)

@@ -18,6 +18,7 @@ import hyperlit
 
 Graph = Mapping[str, Iterable[str]]
 
+
 def package_modules(package: object = hyperlit) -> dict[str, tuple[Path, bool]]:
     """Every module of ``package``: name -> (source file, is a package)."""
     found = {package.__name__: (Path(package.__file__), True)}

@@ -20,11 +20,21 @@ def test_interrupted_run_leaves_only_complete_files(tmp_path):
     out = tmp_path / "out"
     process = subprocess.Popen(
         [
-            sys.executable, str(REPO_ROOT / "train.py"), "train.max_steps=100000", "callbacks.export.save_every=2",
-            "callbacks.preview.every=0", "callbacks.preview.at_end=false", "logger=none", f"hydra.run.dir={out}",
-            f"data.cache_dir={tmp_path / 'cache'}", "callbacks.checkpoint.every_n_train_steps=2",
+            sys.executable,
+            str(REPO_ROOT / "train.py"),
+            "train.max_steps=100000",
+            "callbacks.export.save_every=2",
+            "callbacks.preview.every=0",
+            "callbacks.preview.at_end=false",
+            "logger=none",
+            f"hydra.run.dir={out}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "callbacks.checkpoint.every_n_train_steps=2",
         ],
-        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
         env={**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"},
         # a shell starts background jobs with SIGINT ignored, and children inherit that: restore the default so
         # Ctrl-C reaches the run however the tests were started (`pytest &` hung here for the 120 s timeout)

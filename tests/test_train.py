@@ -93,11 +93,20 @@ def test_train_py_as_a_subprocess(tmp_path):
     out = tmp_path / "out"
     result = subprocess.run(
         [
-            sys.executable, str(REPO_ROOT / "train.py"), "hypernet=linear_121", "train.max_steps=2", "logger=csv",
-            f"hydra.run.dir={out}", f"data.cache_dir={tmp_path / 'cache'}", "callbacks.preview.every=0",
+            sys.executable,
+            str(REPO_ROOT / "train.py"),
+            "hypernet=linear_121",
+            "train.max_steps=2",
+            "logger=csv",
+            f"hydra.run.dir={out}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "callbacks.preview.every=0",
             "callbacks.preview.steps=2",
         ],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
         env={**os.environ, "WANDB_MODE": "disabled"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -109,8 +118,13 @@ def test_train_py_as_a_subprocess(tmp_path):
 
 
 def test_resume_continues_at_the_saved_step_with_the_saved_optimizer_state(train_cfg, tmp_path):
-    common = ("callbacks.preview.every=0", "callbacks.preview.at_end=false", "callbacks.export.save_every=0",
-              "callbacks.checkpoint.every_n_train_steps=3", "train.learning_rate='5e-4:4, 1e-4:6'")
+    common = (
+        "callbacks.preview.every=0",
+        "callbacks.preview.at_end=false",
+        "callbacks.export.save_every=0",
+        "callbacks.checkpoint.every_n_train_steps=3",
+        "train.learning_rate='5e-4:4, 1e-4:6'",
+    )
     first = build_run(train_cfg(*common, steps=3))
     fit(first, train_cfg(*common, steps=3))
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
@@ -127,8 +141,9 @@ def test_resume_continues_at_the_saved_step_with_the_saved_optimizer_state(train
             if "step" not in seen:
                 seen["step"] = trainer.global_step
                 seen["lr"] = trainer.optimizers[0].param_groups[0]["lr"]
-                seen["exp_avg"] = trainer.optimizers[0].state[
-                    next(iter(pl_module.hypernetwork.parameters()))]["exp_avg"].clone()
+                seen["exp_avg"] = (
+                    trainer.optimizers[0].state[next(iter(pl_module.hypernetwork.parameters()))]["exp_avg"].clone()
+                )
                 seen["weights"] = {k: v.clone() for k, v in pl_module.hypernetwork.state_dict().items()}
 
     cfg = train_cfg(*common, f"ckpt_path={last}", steps=6)
@@ -179,8 +194,13 @@ def test_init_from_continues_a_file_and_rejects_one_that_does_not_fit(train_cfg,
 
     copy = tmp_path / "start.pt"
     copy.write_bytes(produced.read_bytes())
-    cfg2 = train_cfg("callbacks.preview.every=0", "callbacks.preview.at_end=false", f"hypernet.init_from={copy}",
-                     f"paths.output_dir={tmp_path / 'run2'}", steps=2)
+    cfg2 = train_cfg(
+        "callbacks.preview.every=0",
+        "callbacks.preview.at_end=false",
+        f"hypernet.init_from={copy}",
+        f"paths.output_dir={tmp_path / 'run2'}",
+        steps=2,
+    )
     built = build_run(cfg2)
     start = files.load_hypernetwork(copy)
     for key, value in start.state_dict().items():
@@ -198,9 +218,14 @@ def test_init_from_continues_a_file_and_rejects_one_that_does_not_fit(train_cfg,
 
 @pytest.mark.parametrize("stop_at", [3, 4], ids=["end-of-epoch", "mid-epoch"])  # 3 batches per epoch
 def test_resumed_run_reaches_the_same_weights_as_an_uninterrupted_one(train_cfg, tmp_path, stop_at):
-    common = ("callbacks.preview.every=0", "callbacks.preview.at_end=false", "callbacks.export.save_every=0",
-              "callbacks.checkpoint.every_n_train_steps=1", "train.learning_rate=1e-3",
-              "hypernet=swish_121_dropout")  # dropout masks come from the RNG too
+    common = (
+        "callbacks.preview.every=0",
+        "callbacks.preview.at_end=false",
+        "callbacks.export.save_every=0",
+        "callbacks.checkpoint.every_n_train_steps=1",
+        "train.learning_rate=1e-3",
+        "hypernet=swish_121_dropout",
+    )  # dropout masks come from the RNG too
     straight = build_run(train_cfg(*common, f"paths.output_dir={tmp_path / 'a'}", steps=6))
     fit(straight, train_cfg(*common, f"paths.output_dir={tmp_path / 'a'}", steps=6))
 

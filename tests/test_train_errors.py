@@ -57,8 +57,14 @@ def test_unreadable_image_is_skipped_counted_and_reported(train_cfg, tmp_path, c
     folder = tmp_path / "mixed"
     shutil.copytree(SAMPLE_DIR, folder)
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
-    cfg = train_cfg("data=folder", f"data.path={folder}", "data.resolution=64", "callbacks.preview.every=0",
-                    "callbacks.preview.at_end=false", steps=1)
+    cfg = train_cfg(
+        "data=folder",
+        f"data.path={folder}",
+        "data.resolution=64",
+        "callbacks.preview.every=0",
+        "callbacks.preview.at_end=false",
+        steps=1,
+    )
     built = build_run(cfg)
     with caplog.at_level(logging.WARNING, logger="hyperlit"):
         loss = fit(built, cfg)
@@ -130,9 +136,19 @@ def test_the_command_line_prints_the_message_without_a_traceback(tmp_path):
     import sys
 
     result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "train.py"), "data=folder", f"data.path={tmp_path / 'missing'}",
-         "logger=none", f"hydra.run.dir={tmp_path / 'out'}"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, "WANDB_MODE": "disabled"},
+        [
+            sys.executable,
+            str(REPO_ROOT / "train.py"),
+            "data=folder",
+            f"data.path={tmp_path / 'missing'}",
+            "logger=none",
+            f"hydra.run.dir={tmp_path / 'out'}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "WANDB_MODE": "disabled"},
     )
     assert result.returncode == 2
     assert "hyperlit: error: data.path=" in result.stderr and "missing" in result.stderr

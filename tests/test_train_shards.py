@@ -16,8 +16,22 @@ pytestmark = pytest.mark.slow
 
 def test_make_shards_then_train(train_cfg, tmp_path, monkeypatch):
     shards = tmp_path / "shards"
-    assert main(["make-shards", str(SAMPLE_DIR), str(shards), "--model", "tiny",
-                 "--resolution", "64", "--samples-per-shard", "6"]) == 0
+    assert (
+        main(
+            [
+                "make-shards",
+                str(SAMPLE_DIR),
+                str(shards),
+                "--model",
+                "tiny",
+                "--resolution",
+                "64",
+                "--samples-per-shard",
+                "6",
+            ]
+        )
+        == 0
+    )
     tars = sorted(shards.glob("*.tar"))
     assert [t.name for t in tars] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
     with tarfile.open(tars[0]) as tar:
@@ -25,9 +39,16 @@ def test_make_shards_then_train(train_cfg, tmp_path, monkeypatch):
     assert len([n for n in names if n.endswith(".latent.npy")]) == 6
     assert len([n for n in names if n.endswith(".txt")]) == 6
 
-    cfg = train_cfg("data=webdataset", f"data.urls='{shards}/shard-{{000000..000002}}.tar'", "data.resolution=64",
-                    "data.num_workers=0", "data.batch_size=4", "callbacks.preview.every=0",
-                    "callbacks.preview.at_end=false", steps=3)
+    cfg = train_cfg(
+        "data=webdataset",
+        f"data.urls='{shards}/shard-{{000000..000002}}.tar'",
+        "data.resolution=64",
+        "data.num_workers=0",
+        "data.batch_size=4",
+        "callbacks.preview.every=0",
+        "callbacks.preview.at_end=false",
+        steps=3,
+    )
     built = build_run(cfg)
     vae = built.module.components.vae
     calls = {"encode": 0}

@@ -34,9 +34,19 @@ LAYOUT_NOV_2022 = "a1111 nov-2022 (activate_output, no dropout_structure)"
 LAYOUT_CURRENT = "a1111 v1.x (dropout_structure)"
 
 METADATA_KEYS = (
-    "step", "name", "layer_structure", "activation_func", "is_layer_norm", "weight_initialization",
-    "sd_checkpoint", "sd_checkpoint_name", "activate_output", "use_dropout", "dropout_structure",
-    "last_layer_dropout", "optional_info",
+    "step",
+    "name",
+    "layer_structure",
+    "activation_func",
+    "is_layer_norm",
+    "weight_initialization",
+    "sd_checkpoint",
+    "sd_checkpoint_name",
+    "activate_output",
+    "use_dropout",
+    "dropout_structure",
+    "last_layer_dropout",
+    "optional_info",
 )
 
 
@@ -81,7 +91,7 @@ def _rename_novelai_keys(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], b
     for key, value in state.items():
         for old, new in (("linear1.", "linear.0."), ("linear2.", "linear.1.")):
             if key.startswith(old):
-                key, legacy = new + key[len(old):], True
+                key, legacy = new + key[len(old) :], True
         renamed[key] = value
     return renamed, legacy
 

@@ -28,6 +28,7 @@ def _in_module_order(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     safetensors stores names sorted as text (linear.0.bias, linear.0.weight, linear.10..., linear.2...); a ``.pt``
     written in that order breaks ComfyUI, which rebuilds the layers from the ``*.weight`` keys in stored order.
     """
+
     def order(key: str) -> tuple[int, int, str]:
         parts = key.split(".")
         index = int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else -1

@@ -46,7 +46,7 @@ def diffusers_to_ldm_key(key: str, num_up_blocks: int) -> str:
     simple = {"conv_in.": "conv_in.", "conv_out.": "conv_out.", "conv_norm_out.": "norm_out."}
     for new, old in simple.items():
         if rest.startswith(new):
-            return f"{part}.{old}{rest[len(new):]}"
+            return f"{part}.{old}{rest[len(new) :]}"
     m = re.match(r"mid_block\.resnets\.(\d+)\.(.+)$", rest)
     if m:
         return f"{part}.mid.block_{int(m.group(1)) + 1}.{_resnet(m.group(2))}"
@@ -111,8 +111,9 @@ def save_diffusers_folder(vae, dirpath: str | os.PathLike, dtype: torch.dtype | 
     try:
         # config.json via diffusers itself; weights written here so a dtype cast never touches the live model
         vae.save_config(tmp)
-        save_file(_contiguous(vae.state_dict(), dtype), tmp / "diffusion_pytorch_model.safetensors",
-                  metadata={"format": "pt"})
+        save_file(
+            _contiguous(vae.state_dict(), dtype), tmp / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"}
+        )
         if dirpath.exists():
             old = dirpath.with_name(f".{dirpath.name}.old-{os.getpid()}")
             os.replace(dirpath, old)

@@ -115,8 +115,12 @@ def a1111_sequential(
 
 
 def _fix_old_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    renames = {"linear1.bias": "linear.0.bias", "linear1.weight": "linear.0.weight",
-               "linear2.bias": "linear.1.bias", "linear2.weight": "linear.1.weight"}
+    renames = {
+        "linear1.bias": "linear.0.bias",
+        "linear1.weight": "linear.0.weight",
+        "linear2.bias": "linear.1.bias",
+        "linear2.weight": "linear.1.weight",
+    }
     return {renames.get(key, key): value for key, value in state.items()}
 
 
@@ -154,7 +158,11 @@ def a1111_load(path: str | Path, accept_numeric_strings: bool = False, multiplie
         modules = []
         for state in (value[0], value[1]):
             sequential = a1111_sequential(
-                width, meta["layer_structure"], meta["activation"], meta["activate_output"], meta["layer_norm"],
+                width,
+                meta["layer_structure"],
+                meta["activation"],
+                meta["activate_output"],
+                meta["layer_norm"],
                 meta["dropout_structure"],
             )
             module = ReferenceModule(sequential, multiplier)
@@ -184,8 +192,14 @@ class ComfyUIUnsupported(ValueError):
     """ComfyUI logs 'Unsupported Hypernetwork format' and leaves the model unpatched."""
 
 
-def _comfyui_sequential(state: dict[str, Tensor], activation: str, is_layer_norm: bool, use_dropout: bool,
-                        activate_output: bool, last_layer_dropout: bool) -> nn.Sequential:
+def _comfyui_sequential(
+    state: dict[str, Tensor],
+    activation: str,
+    is_layer_norm: bool,
+    use_dropout: bool,
+    activate_output: bool,
+    last_layer_dropout: bool,
+) -> nn.Sequential:
     weight_keys = [key for key in state if key.endswith(".weight")]
     n = len(weight_keys)
     layers: list[nn.Module] = []
@@ -235,8 +249,10 @@ def comfyui_load(path: str | Path, strength: float = 1.0, eval_mode: bool = Fals
         except (TypeError, ValueError):
             continue
         # ComfyUI never switches these modules to eval mode: Dropout layers stay active at inference.
-        modules = tuple(ReferenceModule(_comfyui_sequential(dict(state), **options), strength).train(not eval_mode)
-                        for state in (value[0], value[1]))
+        modules = tuple(
+            ReferenceModule(_comfyui_sequential(dict(state), **options), strength).train(not eval_mode)
+            for state in (value[0], value[1])
+        )
         pairs[width] = modules
     return pairs
 
@@ -313,8 +329,11 @@ def a1111_safe_check(path: str | Path, relaxed_zip_names: bool = False) -> list[
             for member in names:
                 if not pattern.match(member):
                     raise RefusedFile(f"bad file inside {path}: {member}")
-            return [RestrictedUnpickler(io.BytesIO(archive.read(member))).load()
-                    for member in names if member.endswith("/data.pkl")]
+            return [
+                RestrictedUnpickler(io.BytesIO(archive.read(member))).load()
+                for member in names
+                if member.endswith("/data.pkl")
+            ]
     with open(path, "rb") as handle:
         unpickler = RestrictedUnpickler(handle)
         return [unpickler.load() for _ in range(5)]
@@ -339,23 +358,39 @@ def norm_keys(index: int, width: int) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def _pairs(widths: tuple[int, ...], keys_for, seed: int, container=tuple) -> dict:
-    return {d: container((random_state(keys_for(d), seed + 2 * d), random_state(keys_for(d), seed + 2 * d + 1)))
-            for d in widths}
+    return {
+        d: container((random_state(keys_for(d), seed + 2 * d), random_state(keys_for(d), seed + 2 * d + 1)))
+        for d in widths
+    }
 
 
 def novelai_file(widths: tuple[int, ...] = (8, 12), seed: int = 0) -> dict:
     """NovelAI original: linear1 (d->2d), linear2 (2d->d), no activation, no metadata."""
+
     def keys(d: int) -> list:
-        return [("linear1.weight", (2 * d, d)), ("linear1.bias", (2 * d,)),
-                ("linear2.weight", (d, 2 * d)), ("linear2.bias", (d,))]
+        return [
+            ("linear1.weight", (2 * d, d)),
+            ("linear1.bias", (2 * d,)),
+            ("linear2.weight", (d, 2 * d)),
+            ("linear2.bias", (d,)),
+        ]
+
     return _pairs(widths, keys, seed)
 
 
 def oct2022_file(widths: tuple[int, ...] = (8, 12), seed: int = 10) -> dict:
     """Oct 2022: layer_structure and activation_func, no activate_output: ReLU after both Linears (0, 2)."""
     raw = _pairs(widths, lambda d: linear_keys(0, d, 2 * d) + linear_keys(2, 2 * d, d), seed)
-    raw.update(layer_structure=[1, 2, 1], activation_func="relu", is_layer_norm=False, use_dropout=False,
-               step=1200, name="oct", sd_checkpoint="a9e2bd1b", sd_checkpoint_name="model-v1")
+    raw.update(
+        layer_structure=[1, 2, 1],
+        activation_func="relu",
+        is_layer_norm=False,
+        use_dropout=False,
+        step=1200,
+        name="oct",
+        sd_checkpoint="a9e2bd1b",
+        sd_checkpoint_name="model-v1",
+    )
     return raw
 
 
@@ -368,25 +403,53 @@ def nov2022_file(last_layer_dropout: bool, widths: tuple[int, ...] = (8,), seed:
     last = 9 if last_layer_dropout else 8
 
     def keys(d: int) -> list:
-        return (linear_keys(0, d, 2 * d) + linear_keys(3, 2 * d, 4 * d) + linear_keys(6, 4 * d, 2 * d)
-                + linear_keys(last, 2 * d, d))
+        return (
+            linear_keys(0, d, 2 * d)
+            + linear_keys(3, 2 * d, 4 * d)
+            + linear_keys(6, 4 * d, 2 * d)
+            + linear_keys(last, 2 * d, d)
+        )
+
     raw = _pairs(widths, keys, seed)
-    raw.update(layer_structure=[1, 2, 4, 2, 1], activation_func="swish", is_layer_norm=False,
-               weight_initialization="Normal", activate_output=False, use_dropout=True,
-               last_layer_dropout=last_layer_dropout, step=5, name="nov", sd_checkpoint=None, sd_checkpoint_name=None)
+    raw.update(
+        layer_structure=[1, 2, 4, 2, 1],
+        activation_func="swish",
+        is_layer_norm=False,
+        weight_initialization="Normal",
+        activate_output=False,
+        use_dropout=True,
+        last_layer_dropout=last_layer_dropout,
+        step=5,
+        name="nov",
+        sd_checkpoint=None,
+        sd_checkpoint_name=None,
+    )
     return raw
 
 
 def current_file(widths: tuple[int, ...] = (8, 12), seed: int = 30) -> dict:
     """v1.x: dropout_structure [0, 0.1, 0], relu, activate_output, layer norm: Lin 0, ReLU 1, LN 2, Drop 3,
     Lin 4, ReLU 5, LN 6."""
+
     def keys(d: int) -> list:
         return linear_keys(0, d, 2 * d) + norm_keys(2, 2 * d) + linear_keys(4, 2 * d, d) + norm_keys(6, d)
+
     raw = _pairs(widths, keys, seed)
-    raw.update(step=777, name="current", layer_structure=[1.0, 2.0, 1.0], activation_func="relu", is_layer_norm=True,
-               weight_initialization="KaimingNormal", sd_checkpoint="0123456789", sd_checkpoint_name="sd15",
-               activate_output=True, use_dropout=True, dropout_structure=[0.0, 0.1, 0.0], last_layer_dropout=True,
-               optional_info="made by hand")
+    raw.update(
+        step=777,
+        name="current",
+        layer_structure=[1.0, 2.0, 1.0],
+        activation_func="relu",
+        is_layer_norm=True,
+        weight_initialization="KaimingNormal",
+        sd_checkpoint="0123456789",
+        sd_checkpoint_name="sd15",
+        activate_output=True,
+        use_dropout=True,
+        dropout_structure=[0.0, 0.1, 0.0],
+        last_layer_dropout=True,
+        optional_info="made by hand",
+    )
     return raw
 
 
