@@ -1,9 +1,10 @@
 """Draw the embedded sample dataset (datasets/sample): coloured shapes in a style the tiny base does not know.
 
-The style is a light checkerboard background (hyperlit.demo.shapes.CHECKER_*); the base model only ever saw plain
-backgrounds. Captions describe the content only (`a red circle on a white background`), so a hypernetwork trained
-on the set must learn the style itself. Each training colour x shape combination of the base appears once, at a
-random size and position; the held-out combinations stay unseen for the learning proof.
+The style is a light checkerboard background (hyperlit.demo.shapes.CHECKER_CELL, SAMPLE_CHECKER_DARK); the base
+model only ever drew plain and striped backgrounds. Captions describe the content only (`a red circle on a white
+background`), so a hypernetwork trained on the set must learn the style itself. Each training colour x shape
+combination of the base appears once, at a random size and position; the held-out combinations stay unseen for the
+learning proof.
 
 Deterministic: running it again rewrites the same files. Every image but the last has a same-stem .txt caption;
 the last has none, so its caption comes from its file name (A1111 strips the leading number).
@@ -15,7 +16,7 @@ import argparse
 import random
 from pathlib import Path
 
-from hyperlit.demo.shapes import draw, random_scene, train_combos
+from hyperlit.demo.shapes import SAMPLE_CHECKER_DARK, draw, random_scene, train_combos
 
 
 def make_sample(out: Path, seed: int = 1234) -> list[Path]:
@@ -27,7 +28,7 @@ def make_sample(out: Path, seed: int = 1234) -> list[Path]:
     written = []
     for i, (colour, shape) in enumerate(combos):
         scene = random_scene(rng, colour, shape, "white")
-        img = draw(scene, checker=True)
+        img = draw(scene, checker=True, dark=SAMPLE_CHECKER_DARK)
         last = i == len(combos) - 1
         stem = f"{i + 1:02d}-{scene.caption}" if last else f"{i + 1:02d}-{colour} {shape}"
         path = out / f"{stem}.png"

@@ -6,13 +6,17 @@ import random
 
 import numpy as np
 import pytest
+from helpers.paths import REPO_ROOT, SAMPLE_DIR
+from helpers.scripts import load_script
 from PIL import Image, ImageFilter
 
 from hyperlit.demo.shapes import (
     BACKGROUNDS,
     CHECKER_CELL,
+    CHECKER_DARK,
     COLOURS,
     HELD_OUT,
+    SAMPLE_CHECKER_DARK,
     SHAPES,
     STYLE_SCORE,
     Scene,
@@ -103,3 +107,33 @@ def test_style_line_separates_noisy_plain_backgrounds_from_faint_partial_checker
         faint = plain - 25.0 * dark[..., None] + rng.normal(0, 4, plain.shape)  # a third of the drawn contrast
         img = Image.fromarray(np.clip(faint, 0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(1.5))
         assert judge(img).checker, judge(img).checker_score
+
+
+def test_the_committed_sample_set_is_what_make_sample_draws(tmp_path):
+    """datasets/sample is regenerated whenever the drawing or its grey changes (and nothing else is in it)."""
+    make_sample = load_script(REPO_ROOT / "datasets" / "make_sample.py").make_sample
+    make_sample(tmp_path)
+    drawn = sorted(p.name for p in tmp_path.iterdir())
+    assert drawn == sorted(p.name for p in SAMPLE_DIR.iterdir()) and len(drawn) == 31  # 16 images, 15 captions
+    for name in drawn:
+        if name.endswith(".png"):
+            assert np.array_equal(np.asarray(Image.open(tmp_path / name)), np.asarray(Image.open(SAMPLE_DIR / name)))
+        else:
+            assert (tmp_path / name).read_text() == (SAMPLE_DIR / name).read_text(), name
+
+
+def test_the_sample_sets_checker_uses_its_own_lighter_grey_and_make_base_keeps_its_own():
+    scene = Scene("red", "circle", "white", 0.8, 0.8, 0.16)  # the top-left cells are background
+    sample = np.asarray(draw(scene, checker=True, dark=SAMPLE_CHECKER_DARK))
+    base = np.asarray(draw(scene, checker=True))  # make_base.py's autoencoder checkers and stripes
+    # cell (0, 1) is dark, cell (0, 0) light (white)
+    assert (
+        tuple(sample[4, CHECKER_CELL + 4]) == SAMPLE_CHECKER_DARK and tuple(base[4, CHECKER_CELL + 4]) == CHECKER_DARK
+    )
+    assert tuple(sample[4, 4]) == tuple(base[4, 4]) == BACKGROUNDS["white"]
+    assert judge(Image.fromarray(sample)).checker and judge(Image.fromarray(base)).checker
+    # and the committed images carry it: a fifth or more of their pixels (cell interiors), never make_base's grey
+    for path in sorted(SAMPLE_DIR.glob("*.png")):
+        pixels = np.asarray(Image.open(path).convert("RGB")).reshape(-1, 3)
+        assert (pixels == SAMPLE_CHECKER_DARK).all(1).mean() > 0.2, path
+        assert not (pixels == CHECKER_DARK).all(1).any(), path
