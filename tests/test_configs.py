@@ -102,11 +102,11 @@ def test_demo_recipe_applies_to_the_embedded_demo_only():
     """conf/recipe/sample_tiny.yaml tunes data=sample x model=tiny; real models keep A1111's defaults."""
     demo = compose_config("train", [])
     assert (demo.train.learning_rate, demo.train.max_steps, demo.data.tag_dropout) == (2e-3, 2000, 0.1)
-    assert demo.train.min_timestep == 250
+    assert demo.train.min_timestep == 250 and demo.data.batch_size == 6
     assert demo.callbacks.ema.enabled and demo.callbacks.ema.decay == 0.99
     real = compose_config("train", ["model=sd15", "model.path=/m.safetensors", "data=folder", "data.path=/d"])
     assert (real.train.learning_rate, real.train.max_steps, real.data.tag_dropout) == (1e-5, 300, 0.0)
-    assert real.train.min_timestep == 0  # A1111 trains on every timestep
+    assert real.train.min_timestep == 0 and real.data.batch_size == 1  # A1111: every timestep, one image a step
     assert not real.callbacks.ema.enabled  # A1111 writes the last step's weights
     # a command-line override still wins over the recipe
     tuned = compose_config("train", ["data.tag_dropout=0.0", "train.max_steps=5"])

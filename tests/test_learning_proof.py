@@ -21,13 +21,13 @@ def test_default_run_moves_held_out_prompts_into_the_style(tmp_path):
     scores = lp.prove(hypernetwork, seeds=32, steps=20, cfg=5.0, sheet=None)  # the benchmark's 128 samples
     base, styled = scores[0.0], scores[1.0]
     assert base.style <= 0.2 and base.adherence >= 0.6, base  # the base draws the prompt, not the style
-    # The goal (style >= 0.7 with adherence >= 0.7) is NOT met by the demo recipe: the mean of training seeds
-    # 42, 1, 2, 3, 4 is style 0.65, adherence 0.81 (one thread each, docs/benchmarks.md), and this run (seed 42, two
-    # threads, as the README's) scores 0.66 / 0.62 / colour 1.00. The test guards what the run does reach, with about
-    # three standard errors (0.04 at 128 samples) of room for other thread counts and machines: a run that learns no
-    # style, or that draws it by losing the prompt's colour or most of its shapes, fails.
-    assert styled.style >= base.style + 0.5, (base, styled)  # the hypernetwork adds the style
-    assert styled.adherence >= 0.5 and styled.colour >= 0.85, styled  # and keeps the prompt's colour and shape
+    # The goal (style >= 0.7 with adherence >= 0.7) is met by the demo recipe at the line: the mean of training
+    # seeds 42, 1, 2, 3, 4 is style 0.70, adherence 0.83 (one thread each, docs/benchmarks.md), and this run (seed 42,
+    # two threads, as the README's) scores 0.73 / 0.81 / colour 1.00. The weaker form leaves about three standard
+    # errors (0.04 at 128 samples) of room for other thread counts and machines: a run that learns little of the
+    # style, or that draws it by losing the prompt's colour or shapes, fails.
+    assert styled.style >= 0.6 and styled.style >= base.style + 0.5, (base, styled)  # the hypernetwork adds the style
+    assert styled.adherence >= 0.65 and styled.colour >= 0.9, styled  # and keeps the prompt's colour and shape
 
 
 def test_mean_score_weights_each_run_by_its_samples():
