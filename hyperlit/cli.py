@@ -11,16 +11,15 @@ from pathlib import Path
 
 from hyperlit import files
 from hyperlit.cli_vae import add_eval_vae_parser, is_vae_file, run_inspect_vae
-from hyperlit.files import HypernetworkFile, clients
+from hyperlit.files import HypernetworkFile, clients, comfyui
 
 
 def describe(content: HypernetworkFile, path: str | Path | None = None) -> dict:
     """Everything `hyperlit inspect` reports, as plain data."""
     config = content.config
     parameters = sum(t.numel() for pair in content.layers.values() for state in pair for t in state.values())
-    comfy_ok, comfy_reason = config.comfyui_compatible()
-    if comfy_reason:
-        comfy_reason += clients.comfyui_advice(content.name, config.comfyui_dropout_layers() > 0)
+    comfy = comfyui.verdict(content)
+    comfy_reason = comfy.reason + clients.comfyui_advice(content.name, comfy.dropout_layers > 0) if comfy.reason else ""
     return {
         "name": content.name,
         "layout": content.layout,
@@ -36,7 +35,7 @@ def describe(content: HypernetworkFile, path: str | Path | None = None) -> dict:
         "sd_checkpoint": content.sd_checkpoint,
         "sd_checkpoint_name": content.sd_checkpoint_name,
         "optional_info": content.optional_info,
-        "comfyui_same_function": comfy_ok,
+        "comfyui_same_function": comfy.same_function,
         "comfyui_note": comfy_reason or None,
         "clients": clients.readers(path) if path is not None else None,
     }

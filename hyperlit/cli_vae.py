@@ -15,6 +15,7 @@ from hyperlit.vae.evaluate import (
     PSNR_TOLERANCE,
     evaluate,
     format_table,
+    fp16_fidelity,
     load_eval_images,
     save_png,
     worse_than,
@@ -55,6 +56,12 @@ def add_eval_vae_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--inception-weights", default=None, help="pt_inception-2015-12-05-6726825d.pth for rFID")
     p.add_argument("--limit", type=int, default=None, help="use at most N images (sorted by path)")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument(
+        "--fp16",
+        action="store_true",
+        help="also decode in fp16: PSNR of each model's fp16 output against the FIRST model's fp32 output of the same "
+        "latents (nan: inf/NaN in fp16); give the original VAE first to see what an fp16 fix kept",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--panel", default=None, help="PNG of each model's worst reconstructions, side by side")
     p.add_argument("--panel-count", type=int, default=4, help="worst images per model in the panel")
@@ -122,6 +129,9 @@ def run_eval_vae(args: argparse.Namespace) -> int:
         rfid = RFID(load_inception(args.inception_weights))
     models = _load_models(args)
     scores = evaluate(models, images, batch_size=args.batch_size, lpips=lpips, rfid=rfid)
+    if args.fp16:
+        for score, value in zip(scores, fp16_fidelity(models, images, args.batch_size), strict=True):
+            score.fp16_psnr = value
     failures = (
         worse_than(scores, args.fail_if_worse, args.psnr_tolerance, args.lpips_tolerance)
         if args.fail_if_worse is not None
@@ -154,6 +164,8 @@ def run_eval_vae(args: argparse.Namespace) -> int:
         print(f"protocol: {images.protocol()}")
         if lpips is not None:
             print("LPIPS: VGG16 backbone, lpips v0.1 heads, inputs in [-1, 1]")
+        if args.fp16:
+            print(f"fp16 PSNR: each model's fp16 decode against {scores[0].label}'s fp32 decode of the same latents")
         print(format_table(scores))
         for s in scores:
             for w in s.colour.warnings:

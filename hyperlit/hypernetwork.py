@@ -33,9 +33,6 @@ _A1111_BASE_ACTIVATIONS: dict[str, type[nn.Module] | None] = {
     "sigmoid": nn.Sigmoid,
 }
 
-# Activations ComfyUI's hypernetwork loader understands; it refuses files with any other one.
-COMFYUI_ACTIVATIONS = frozenset({"linear", "relu", "leakyrelu", "elu", "swish", "tanh", "sigmoid", "softsign", "mish"})
-
 
 def _parameter_free_torch_activations() -> dict[str, type[nn.Module]]:
     """Lower-cased name -> class for every class of torch.nn.modules.activation that A1111 can build.
@@ -117,39 +114,6 @@ class HypernetworkConfig:
 
     def dropout_probabilities(self) -> list[float]:
         return list(self.dropout_structure) if self.dropout_structure else [0.0] * len(self.layer_structure)
-
-    def comfyui_dropout_layers(self) -> int:
-        """How many Dropout layers ComfyUI's loader builds per module for a file with this config.
-
-        ComfyUI uses the pre-`dropout_structure` rule: Dropout after the layer at position `pos` of the file's
-        `*.weight` keys (Linears and LayerNorms alike) when `pos < n - 3`, or `pos < n - 2` with last_layer_dropout;
-        with a LayerNorm the position is the LayerNorm's. So a [1, 2, 1] file without layer norm gets none.
-        """
-        if not self.use_dropout:
-            return 0
-        per_linear = 2 if self.layer_norm else 1
-        linears = len(self.layer_structure) - 1
-        n = linears * per_linear
-        last_layer_dropout = self.dropout_probabilities()[-2] != 0  # as written into the file
-        positions = [i * per_linear + per_linear - 1 for i in range(linears)]
-        return sum(pos < n - 3 or (last_layer_dropout and pos < n - 2) for pos in positions)
-
-    def comfyui_compatible(self) -> tuple[bool, str]:
-        """Whether ComfyUI's loader computes the same function as A1111 for this architecture, and why not."""
-        if self.comfyui_dropout_layers():
-            return False, (
-                "ComfyUI builds Dropout(0.3) layers for this file (use_dropout true) and never switches them to eval "
-                "mode, so they drop activations at every generation: random, different outputs each time (A1111 "
-                "evaluates with dropout off)"
-            )
-        if self.activation not in COMFYUI_ACTIVATIONS:
-            return False, f"ComfyUI does not load activation {self.activation!r}"
-        if self.layer_norm and self.activation != "linear" and not self.activate_output:
-            return False, (
-                "with layer_norm and a non-linear activation ComfyUI adds an activation after the last Linear "
-                "unless activate_output is true"
-            )
-        return True, ""
 
     def to_dict(self) -> dict:
         return asdict(self)

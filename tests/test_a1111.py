@@ -22,7 +22,9 @@ from torch import nn
 from hyperlit.files import (
     HypernetworkFileError,
     a1111,
+    comfyui,
     load_hypernetwork,
+    read_file,
     save_hypernetwork,
     strip_dropout,
     to_file_content,
@@ -341,14 +343,15 @@ def test_written_files_load_the_same_in_a1111_and_comfyui(tmp_path: Path, option
     assert_same_function(load_hypernetwork(path), ref.a1111_load(path), widths)
     comfy_dropout = [m for pair in ref.comfyui_load(path).values() for mod in pair for m in mod.modules()
                      if isinstance(m, nn.Dropout)]  # fmt: skip
-    assert config.comfyui_dropout_layers() * 2 * len(widths) == len(comfy_dropout)  # the rule, against the reference
+    verdict = comfyui.verdict(read_file(path))
+    assert verdict.dropout_layers == len(comfy_dropout)  # the rule, against the reference
+    assert verdict == comfyui.verdict(to_file_content(hn))  # the file as written, and the content written
     if not comfy_dropout:
-        assert config.comfyui_compatible() == (True, "")
+        assert verdict == comfyui.ComfyUIVerdict(True, 0, "")
         assert_same_function(hn, ref.comfyui_load(path), widths)
         return
     # ComfyUI keeps its Dropout layers active at inference: flagged, and the inference copy computes A1111's function
-    ok, reason = config.comfyui_compatible()
-    assert not ok and "Dropout" in reason and "eval" in reason
+    assert not verdict.same_function and "Dropout" in verdict.reason and "eval" in verdict.reason
     copy = write_file(tmp_path / "agree.comfyui.pt", strip_dropout(to_file_content(hn)))
     assert_same_function(hn, ref.comfyui_load(copy), widths)
 
@@ -356,9 +359,14 @@ def test_written_files_load_the_same_in_a1111_and_comfyui(tmp_path: Path, option
 def test_layer_norm_without_activate_output_differs_in_comfyui(tmp_path: Path) -> None:
     """ComfyUI's divergence (layer_norm + non-linear activation without activate_output) is real, and flagged."""
     config = HypernetworkConfig(layer_structure=[1, 2, 1], activation="relu", layer_norm=True)
-    ok, reason = config.comfyui_compatible()
-    assert not ok and "activate_output" in reason
     hn = randomised(config, sizes=[8])
+    assert comfyui.verdict(to_file_content(hn)) == comfyui.ComfyUIVerdict(
+        False,
+        0,
+        "ComfyUI builds Linear, ReLU, LayerNorm, Linear, ReLU, LayerNorm where A1111 builds Linear, ReLU, LayerNorm, "
+        "Linear, LayerNorm (width 8 K); with layer_norm and a non-linear activation ComfyUI adds an activation after "
+        "the last Linear unless activate_output is true",
+    )
     path = save_hypernetwork(hn, tmp_path / "diverge.pt")
     assert_same_function(hn, ref.a1111_load(path), [8])
     x = torch.randn(4, 8)
@@ -368,8 +376,10 @@ def test_layer_norm_without_activate_output_differs_in_comfyui(tmp_path: Path) -
 
 def test_comfyui_refuses_activations_it_does_not_know(tmp_path: Path) -> None:
     config = HypernetworkConfig(activation="gelu")
-    assert config.comfyui_compatible()[0] is False
     path = save_hypernetwork(randomised(config, sizes=[8]), tmp_path / "gelu.pt")
+    assert comfyui.verdict(read_file(path)) == comfyui.ComfyUIVerdict(
+        False, 0, "ComfyUI does not load activation 'gelu'"
+    )
     with pytest.raises(ref.ComfyUIUnsupported):
         ref.comfyui_load(path)
     assert_same_function(load_hypernetwork(path), ref.a1111_load(path), [8])

@@ -107,40 +107,6 @@ def test_sizes_auto_is_kept_and_explicit_sizes_build_the_network():
     )
 
 
-def test_comfyui_divergence_messages():
-    with_dropout = HypernetworkConfig(layer_structure=[1, 2, 2, 1], dropout_structure=[0, 0.3, 0.3, 0])
-    assert with_dropout.comfyui_compatible() == (
-        False,
-        "ComfyUI builds Dropout(0.3) layers for this file (use_dropout true) and never switches them to eval mode, so "
-        "they drop activations at every generation: random, different outputs each time (A1111 evaluates with dropout "
-        "off)",
-    )
-    config = HypernetworkConfig(activation="relu", layer_norm=True)
-    assert config.comfyui_compatible() == (
-        False,
-        "with layer_norm and a non-linear activation ComfyUI adds an activation after the last Linear unless "
-        "activate_output is true",
-    )
-
-
-@pytest.mark.parametrize(
-    ("structure", "layer_norm", "dropout", "expected"),
-    [
-        # hand-counted from ComfyUI's rule: n = number of *.weight keys; Dropout after the key at position pos
-        # (the LayerNorm's when there is one) if pos < n - 3, or pos < n - 2 when the file's last_layer_dropout is set
-        ([1, 2, 1], False, [0, 0.3, 0], 0),  # n = 2: no position qualifies
-        ([1, 2, 4, 2, 1], False, [0, 0.3, 0.3, 0, 0], 1),  # n = 4, positions 0..3: only 0 < 1
-        ([1, 2, 4, 2, 1], False, [0, 0.3, 0.3, 0.3, 0], 2),  # last_layer_dropout: positions 0, 1 < 2
-        ([1, 2, 2, 1], True, [0, 0.1, 0, 0], 1),  # n = 6, LayerNorm positions 1, 3, 5: only 1 < 3
-        ([1, 2, 2, 1], True, [0, 0.1, 0.1, 0], 2),  # last_layer_dropout: 1, 3 < 4
-        ([1, 2, 2, 1], True, None, 0),  # no dropout at all
-    ],
-)
-def test_comfyui_dropout_layer_count(structure, layer_norm, dropout, expected):
-    config = HypernetworkConfig(layer_structure=structure, layer_norm=layer_norm, dropout_structure=dropout)
-    assert config.comfyui_dropout_layers() == expected
-
-
 def test_layer_state_dicts_are_fp32_cpu_copies_of_each_path():
     hn = Hypernetwork(HypernetworkConfig(layer_structure=[1, 2, 1]), sizes=[4, 6]).to(torch.bfloat16)
     layers = hn.layer_state_dicts()

@@ -63,15 +63,19 @@ def test_dropout_run_exports_an_inference_copy_for_comfyui(dropout_run):
 
 
 def test_comfyui_dropout_rule_is_comfyuis(tmp_path):
-    """ComfyUI places Dropout by its own (pre-dropout_structure) rule: a [1, 2, 1] file gets none, so it computes
-    A1111's function there; inspect flags exactly the files where ComfyUI builds Dropout layers."""
+    """ComfyUI places Dropout after the Linear at position i of the weight-key list unless i is last, or penultimate
+    without last_layer_dropout: a [1, 2, 1] file with dropout [0, 0.3, 0] (last_layer_dropout true) gets one, and
+    inspect flags it; with dropout only after the output Linear it gets none."""
+    from hyperlit.files import comfyui
     from hyperlit.hypernetwork import Hypernetwork, HypernetworkConfig
 
-    plain = Hypernetwork(HypernetworkConfig(activation="swish", dropout_structure=[0, 0.3, 0]), sizes=[8])
-    path = files.save_hypernetwork(plain, tmp_path / "plain.pt")
-    modules = [m for pair in comfyui_load(path).values() for mod in pair for m in mod.modules()]
-    assert not any(isinstance(m, torch.nn.Dropout) for m in modules)
-    assert plain.config.comfyui_compatible() == (True, "")
+    for dropout, expected in (([0, 0.3, 0], 2), ([0, 0, 0.2], 0)):
+        hn = Hypernetwork(HypernetworkConfig(activation="swish", dropout_structure=dropout), sizes=[8])
+        path = files.save_hypernetwork(hn, tmp_path / "plain.pt")
+        modules = [m for pair in comfyui_load(path).values() for mod in pair for m in mod.modules()]
+        assert sum(isinstance(m, torch.nn.Dropout) for m in modules) == expected
+        verdict = comfyui.verdict(files.read_file(path))
+        assert (verdict.dropout_layers, verdict.same_function) == (expected, expected == 0)
 
 
 def test_inspect_says_comfyui_differs_for_dropout_files(dropout_run, capsys):

@@ -9,7 +9,8 @@ from helpers.config import compose_config
 from helpers.paths import CONF_DIR
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from hyperlit.hypernetwork import HypernetworkConfig
+from hyperlit.files import comfyui, to_file_content
+from hyperlit.hypernetwork import Hypernetwork, HypernetworkConfig
 from hyperlit.tasks.hypernetwork.build import hypernetwork_config
 
 TOP_LEVEL = sorted(p.stem for p in CONF_DIR.glob("*.yaml"))
@@ -74,12 +75,12 @@ def test_hypernet_presets_are_valid_configs(option):
     config = hypernetwork_config(cfg.hypernet)
     assert isinstance(config, HypernetworkConfig)
     assert cfg.hypernet.name == option  # output files are named after the preset unless overridden
-    ok, reason = config.comfyui_compatible()
+    verdict = comfyui.verdict(to_file_content(Hypernetwork(config, sizes=[8])))
     # every shipped preset computes the same function in A1111 and ComfyUI, except that ComfyUI keeps Dropout active
-    # (runs with dropout also write <name>.comfyui.pt, which does)
-    assert ok or (config.use_dropout and "Dropout" in reason), reason
-    if config.use_dropout:
-        assert HypernetworkConfig(**{**config.to_dict(), "dropout_structure": None}).comfyui_compatible()[0]
+    # (those runs also write <name>.comfyui.pt, which does)
+    assert verdict.same_function or verdict.reason == comfyui.DROPOUT_REASON, verdict.reason
+    stripped = HypernetworkConfig(**{**config.to_dict(), "dropout_structure": None})
+    assert comfyui.verdict(to_file_content(Hypernetwork(stripped, sizes=[8]))).same_function
 
 
 def test_novelai_preset_is_the_original_layout():

@@ -2,8 +2,9 @@
 
 Every ``.pt`` stores ``name: <name>`` (the base name, as A1111's trainer does, snapshots included). At the end,
 ``<name>.hyperlit.safetensors`` (hyperlit's own pickle-free copy, named so nobody takes it for a client file) and,
-when the network trains with dropout, ``<name>.comfyui.pt``: the inference copy without Dropout slots that ComfyUI
-needs, since ComfyUI runs Dropout layers at inference (see :mod:`hyperlit.files.clients`).
+when ComfyUI's loader would build Dropout layers for the final ``.pt``, ``<name>.comfyui.pt``: the inference copy
+without Dropout slots that ComfyUI needs, since ComfyUI runs Dropout layers at inference (see
+:mod:`hyperlit.files.comfyui`).
 
 With ``callbacks.ema.enabled`` every file holds the EMA weights (:mod:`hyperlit.callbacks.ema`). Only global rank
 0 writes; every file goes through a temporary name (see :mod:`hyperlit.io`), so an interrupted
@@ -20,7 +21,7 @@ from typing import Any
 import lightning as L
 
 from hyperlit.callbacks.ema import averaged_weights
-from hyperlit.files import save_hypernetwork, strip_dropout, to_file_content, write_file
+from hyperlit.files import comfyui, save_hypernetwork, strip_dropout, to_file_content, write_file
 from hyperlit.files.clients import COMFYUI_COPY, HYPERLIT_SAFETENSORS
 
 log = logging.getLogger(__name__)
@@ -79,9 +80,9 @@ class HypernetworkExport(L.Callback):
             self.final_path = self._write(trainer, pl_module, hn.name)
             if self.safetensors:
                 save_hypernetwork(hn, self.dirpath / f"{hn.name}{HYPERLIT_SAFETENSORS}", name=hn.name)
-            if self.comfyui_copy and hn.config.use_dropout:
-                content = strip_dropout(to_file_content(hn))
-                copy = write_file(self.dirpath / f"{hn.name}{COMFYUI_COPY}", content, hn.name)
+            content = to_file_content(hn)
+            if self.comfyui_copy and comfyui.verdict(content).dropout_layers:  # exactly where ComfyUI builds Dropout
+                copy = write_file(self.dirpath / f"{hn.name}{COMFYUI_COPY}", strip_dropout(content), hn.name)
                 log.info("saved %s (for ComfyUI, which runs Dropout layers at inference)", copy)
         log.info("saved %s", self.final_path)
         if self.log_artifact:

@@ -1,4 +1,5 @@
-"""After training, decode one validation batch in fp16 and report each decoder block's largest activation."""
+"""fp16 callbacks of the VAE task: fp16_fix's closed-form rescale at fit start, and after training the fp16 decode of
+one validation batch with each decoder block's largest activation."""
 
 from __future__ import annotations
 
@@ -11,6 +12,15 @@ from hyperlit.callbacks.ema import EMA
 from hyperlit.vae.fp16 import FP16_MAX, BlockStat, format_report, fp16_decode_report, fp16_verdict
 
 log = logging.getLogger(__name__)
+
+
+class Fp16ClosedForm(pl.Callback):
+    """``loss.kind=fp16_fix``: rescale the decoder in closed form when fitting starts (see
+    :mod:`hyperlit.vae.fp16_rescale`). A task callback, so it runs before the config's callbacks: the EMA copies the
+    weights in its own ``on_fit_start`` and must copy the rescaled ones."""
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pl_module.fp16_closed_form(trainer)
 
 
 class FP16Check(pl.Callback):

@@ -113,4 +113,4 @@ def strip_dropout(content: HypernetworkFile) -> HypernetworkFile:
     with torch.no_grad():
         for dst, src in zip(target.parameters(), source.parameters(), strict=True):
             dst.copy_(src)
-    return replace(content, config=stripped_config, layers=target.layer_state_dicts())
+    return replace(content, config=stripped_config, layers=target.layer_state_dicts(), metadata=None)

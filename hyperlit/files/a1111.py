@@ -204,6 +204,7 @@ def parse(path: str | Path, raw: object) -> HypernetworkFile:
         optional_info=_optional_str(meta.get("optional_info")),
         layout=layout,
         extra={k: v for k, v in meta.items() if k not in METADATA_KEYS},
+        metadata=meta,
     )
 
 
@@ -217,17 +218,11 @@ def read_pt(path: str | Path) -> HypernetworkFile:
     return parse(path, raw)
 
 
-def to_pt_dict(content: HypernetworkFile) -> dict:
-    """The current A1111 layout: int width keys, (K, V) state dicts, and every metadata key explicit."""
+def metadata(content: HypernetworkFile) -> dict:
+    """The metadata keys hyperlit writes for ``content``: every key of the current A1111 layout, explicit."""
     config = content.config
     dropout = config.dropout_probabilities()
-    out: dict = {}
-    for width, (k_state, v_state) in content.layers.items():
-        out[int(width)] = tuple(
-            OrderedDict((key, t.detach().to("cpu", torch.float32).contiguous().clone()) for key, t in state.items())
-            for state in (k_state, v_state)
-        )
-    out.update(
+    return dict(
         step=int(content.step),
         name=content.name,
         layer_structure=[float(x) for x in config.layer_structure],
@@ -242,6 +237,17 @@ def to_pt_dict(content: HypernetworkFile) -> dict:
         last_layer_dropout=bool(dropout[-2] != 0),
         optional_info=content.optional_info,
     )
+
+
+def to_pt_dict(content: HypernetworkFile) -> dict:
+    """The current A1111 layout: int width keys, (K, V) state dicts, and every metadata key explicit."""
+    out: dict = {}
+    for width, (k_state, v_state) in content.layers.items():
+        out[int(width)] = tuple(
+            OrderedDict((key, t.detach().to("cpu", torch.float32).contiguous().clone()) for key, t in state.items())
+            for state in (k_state, v_state)
+        )
+    out.update(metadata(content))
     return out
 
 

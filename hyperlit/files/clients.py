@@ -2,22 +2,22 @@
 
 A1111 lists `**/*.pt` and ComfyUI reads `.pt` too; our `.safetensors` is hyperlit's own (A1111 does not list it, and
 ComfyUI, which lists any `.safetensors`, finds no width entries in it and silently applies nothing), so its name
-carries `.hyperlit`. Runs that train with dropout also write `<name>.comfyui.pt`, an inference copy without Dropout
-slots, because ComfyUI runs a file's Dropout layers at inference.
+carries `.hyperlit`. Runs whose final `.pt` makes ComfyUI build Dropout layers (see :mod:`hyperlit.files.comfyui`)
+also write `<name>.comfyui.pt`, an inference copy without Dropout slots, because ComfyUI runs them at inference.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-COMFYUI_COPY = ".comfyui.pt"  # <name>.comfyui.pt: the copy to give ComfyUI when the network trained with dropout
+COMFYUI_COPY = ".comfyui.pt"  # <name>.comfyui.pt: the copy to give ComfyUI when it would build Dropout layers
 HYPERLIT_SAFETENSORS = ".hyperlit.safetensors"  # <name>.hyperlit.safetensors: hyperlit's pickle-free copy
 _CLIENT_TAGS = (".comfyui", ".hyperlit")
 
 
-def comfyui_advice(name: str, use_dropout: bool) -> str:
-    """What to give ComfyUI instead of a file trained with dropout."""
-    if not use_dropout:
+def comfyui_advice(name: str, comfyui_dropout: bool) -> str:
+    """What to give ComfyUI instead of a file for which it builds Dropout layers."""
+    if not comfyui_dropout:
         return ""
     return (
         f"; give ComfyUI the inference copy {name}{COMFYUI_COPY} (written next to the final .pt, or: hyperlit "

@@ -31,3 +31,6 @@ class HypernetworkFile:
     layout: str | None = None
     # Metadata keys the codec does not interpret, kept for inspection.
     extra: dict = field(default_factory=dict)
+    # Every metadata key exactly as a client-read `.pt` stores it (what ComfyUI's loader reads, with its own
+    # defaults); None for content built in memory or read from hyperlit's `.safetensors`.
+    metadata: dict | None = None

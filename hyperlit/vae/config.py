@@ -31,11 +31,15 @@ class Fp16FixConfig:
     penalty_weight: float = 1.0  # weight of the activation-magnitude penalty against the teacher term
     target: float = 4094.0  # activation peak the penalty pushes below (fp16 max / 8 headroom / 2)
     gain_lr: float = 0.03  # Adam lr of the per-layer log gains (relative weight/bias scaling per step)
+    closed_form: bool = True  # first rescale exactly every layer only a normalisation reads (fp16_rescale.py)
+    measure_images: int = 64  # training images whose fp32 activation peaks the closed form measures
+    train_weights: bool = False  # the fine-tuned layers' weights train too (at train.optimizer.lr), not only gains
 
     def __post_init__(self) -> None:
         check_min("loss.fp16_fix.penalty_weight", self.penalty_weight, 0)
         check_min("loss.fp16_fix.target", self.target, 0, strict=True)
         check_min("loss.fp16_fix.gain_lr", self.gain_lr, 0, strict=True)
+        check_min("loss.fp16_fix.measure_images", self.measure_images, 1)
 
 
 LOSS_KINDS = ("reconstruction", "fp16_fix")

@@ -7,6 +7,7 @@ repeat exactly), decoded in fp32, and the reconstruction is clamped and rounded 
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import time
@@ -83,6 +84,8 @@ class ModelScore:
     colour: ColourCheck
     per_image_psnr: list[float] = field(repr=False)
     seconds: float = 0.0
+    # --fp16: PSNR of this model's fp16 decode against the first model's fp32 decode (nan: the fp16 decode overflowed)
+    fp16_psnr: float | None = None
 
     def worst(self, k: int) -> list[int]:
         return sorted(range(len(self.per_image_psnr)), key=lambda i: self.per_image_psnr[i])[:k]
@@ -99,6 +102,7 @@ class ModelScore:
             "warnings": self.colour.warnings,
             "worst": [names[i] for i in self.worst(3)],
             "seconds": self.seconds,
+            "fp16_psnr": self.fp16_psnr,
         }
 
 
@@ -197,6 +201,40 @@ def evaluate(
     ]
 
 
+@torch.no_grad()
+def fp16_fidelity(models: list[tuple[str, str, nn.Module]], images: EvalImages, batch_size: int = 8) -> list[float]:
+    """Per model: PSNR (dB, on [0, 1], mean over images) of its fp16 decode against the *first* model's fp32 decode
+    of the same latents (the first model's posterior modes): how well an fp16-fixed decoder keeps the original's
+    output, as fp16_fix is measured. nan when the fp16 decode holds inf/NaN (the symptom: black images)."""
+    first = models[0][2].eval()
+    dtype = next(first.parameters()).dtype
+    halves = [half_copy(vae) for _, _, vae in models]
+    per_model: list[list[Tensor]] = [[] for _ in models]
+    for i in range(0, len(images.names), batch_size):
+        x = images.pixels[i : i + batch_size].float().div(127.5).sub(1.0).to(dtype)
+        z = first.encode(x).latent_dist.mode()
+        reference = first.decode(z).sample.float().clamp(-1, 1).cpu()
+        for scores, half in zip(per_model, halves, strict=True):
+            device = next(half.parameters()).device
+            out = half.decode(z.to(device=device, dtype=torch.float16)).sample.float().cpu()
+            finite = torch.isfinite(out).flatten(1).all(1)
+            mse = ((out.clamp(-1, 1) - reference) / 2).pow(2).flatten(1).mean(1)
+            scores.append(torch.where(finite, -10 * torch.log10(mse), torch.nan))
+    return [math.nan if torch.cat(v).isnan().any() else _finite_mean(torch.cat(v)) for v in per_model]
+
+
+def half_copy(vae: nn.Module) -> nn.Module:
+    """An fp16 copy of ``vae`` (diffusers' advice to keep it in fp32 silenced: the cast is the point)."""
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        return copy.deepcopy(vae).to(torch.float16).eval()
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+
+
 def _fmt(v: float | None, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
@@ -204,6 +242,9 @@ def _fmt(v: float | None, spec: str) -> str:
 def format_table(scores: list[ModelScore]) -> str:
     """One row per model; colour columns are reconstruction / input ratios and the largest channel-mean shift."""
     head = ["model", "PSNR", "SSIM", "LPIPS", "rFID", "sat", "contrast", "shift", "s/img"]
+    fp16 = any(s.fp16_psnr is not None for s in scores)
+    if fp16:
+        head.append("fp16 PSNR")
     rows = [head]
     for s in scores:
         n = max(len(s.per_image_psnr), 1)
@@ -220,6 +261,7 @@ def format_table(scores: list[ModelScore]) -> str:
                 f"{shift:+.3f}",
                 f"{s.seconds / n:.3f}",
             ]
+            + ([_fmt(s.fp16_psnr, ".2f")] if fp16 else [])
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = [

@@ -62,6 +62,20 @@ def make_fp16_unsafe(vae: nn.Module, factor: float) -> None:
                 up.conv.bias.mul_(factor)
 
 
+@torch.no_grad()
+def scale_layer(vae: nn.Module, layer: str, factor: float, reader: str | None = None) -> None:
+    """Multiply one layer's weight and bias by ``factor`` (test and benchmark fixture). Function-preserving in fp32
+    when a GroupNorm alone reads the layer's output (a resnet's conv1); with ``reader``, the linear layer that reads
+    it directly gets its weight divided by ``factor``, which keeps the function with no normalisation in between
+    (post_quant_conv -> decoder.conv_in, an attention's to_v -> to_out.0)."""
+    modules = dict(vae.named_modules())
+    modules[layer].weight.mul_(factor)
+    if modules[layer].bias is not None:
+        modules[layer].bias.mul_(factor)
+    if reader is not None:
+        modules[reader].weight.div_(factor)
+
+
 class LayerGains(nn.Module):
     """Two log gains (weight, bias) per decoder layer, applied to the layer's output while ``applied()`` is active:
     ``out -> exp(g_w)·(out - b) + exp(g_b)·b``, i.e. the layer with weight ``exp(g_w)·W`` and bias ``exp(g_b)·b``.

@@ -205,6 +205,7 @@ def _comfyui_sequential(
     layers: list[nn.Module] = []
     pos = 0
     while pos < n:
+        linear_pos = pos  # "last" / "penultimate" are judged at the Linear's own position
         weight_key = weight_keys[pos]
         weight = state[weight_key]
         linear = nn.Linear(weight.shape[1], weight.shape[0])
@@ -220,7 +221,8 @@ def _comfyui_sequential(
             norm = nn.LayerNorm(state[ln_key].shape[0])
             norm.load_state_dict({"weight": state[ln_key], "bias": state[ln_key[: -len("weight")] + "bias"]})
             layers.append(norm)
-        if use_dropout and (pos < n - 3 or (last_layer_dropout and pos < n - 2)):
+        is_last, is_penultimate = linear_pos == n - 1, linear_pos == n - 2
+        if use_dropout and not is_last and (not is_penultimate or last_layer_dropout):
             layers.append(nn.Dropout(p=0.3))
         pos += 1
     return nn.Sequential(*layers)

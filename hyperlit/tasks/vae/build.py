@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors import SafetensorError
 from torch import nn
 
+from hyperlit.callbacks.fp16 import Fp16ClosedForm
 from hyperlit.data.paths import resolve_path
 from hyperlit.errors import strip_unsafe_advice
 from hyperlit.models.family import ModelFamily, get_family
@@ -184,4 +185,5 @@ def build(cfg: DictConfig) -> TaskParts:
             log.error("VAE training stopped early: %s", module.diverged)
         return module.diverged
 
-    return TaskParts(load_module, datamodule, trainer_kwargs=ddp_overrides(cfg), report=report)
+    callbacks = [Fp16ClosedForm()] if tcfg.loss.kind == "fp16_fix" else []
+    return TaskParts(load_module, datamodule, callbacks, trainer_kwargs=ddp_overrides(cfg), report=report)

@@ -25,7 +25,8 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 from hyperlit.vae.colour import ColourAccumulator, ColourCheck, compare_colours
 from hyperlit.vae.config import VAETaskConfig
 from hyperlit.vae.discriminator import PatchDiscriminator
-from hyperlit.vae.fp16_fix import ActivationMonitor, Fp16FixLoss, LayerGains
+from hyperlit.vae.fp16_fix import ActivationMonitor, Fp16FixLoss, LayerGains, decoder_layers
+from hyperlit.vae.fp16_rescale import RescaleReport, fine_tune_scope, rescale_decoder
 from hyperlit.vae.losses import adversarial_factor, discriminator_loss, generator_loss, reconstruction_loss
 from hyperlit.vae.lpips import LPIPS
 from hyperlit.vae.panels import image_panel, log_image_panel
@@ -96,6 +97,17 @@ class VAEDecoderTask(pl.LightningModule):
             | ({"post_quant_conv": copy.deepcopy(self.vae.post_quant_conv)} if self.vae.post_quant_conv else {})
         ).requires_grad_(False)
         self.gains = LayerGains(self.vae) if self.fp16_fix else None
+        if self.fp16_fix and not cfg.loss.fp16_fix.train_weights:
+            # only the log gains train: Adam's absolute steps would swamp weights the rescaling made tiny
+            self.vae.decoder.requires_grad_(False)
+            if self.vae.post_quant_conv is not None:
+                self.vae.post_quant_conv.requires_grad_(False)
+        # fp16_fix: the closed form runs once (a resumed run keeps its result) and names the layers fine-tuning may
+        # change: None = every layer, [] = none (then there is nothing to fine-tune)
+        self.fp16_rescaled = False
+        self.fp16_scope: list[str] | None = None
+        self.fp16_report: RescaleReport | None = None
+        self._no_update: list[Tensor] = []  # parameters whose gradient is dropped before each step
         self.disc = (
             PatchDiscriminator(int(vae.config.out_channels), cfg.disc.ndf, cfg.disc.n_layers, cfg.disc.norm)
             if cfg.disc.enabled and not self.fp16_fix
@@ -282,6 +294,8 @@ class VAEDecoderTask(pl.LightningModule):
     def _update(self, opt: Any, loss: Tensor) -> None:
         opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)
+        for p in self._no_update:  # outside fp16_fix's fine-tuning scope: Adam skips a parameter without a grad
+            p.grad = None
         clip = self.config.optimizer.grad_clip
         if clip:
             self.clip_gradients(opt, gradient_clip_val=clip, gradient_clip_algorithm="norm")
@@ -352,6 +366,10 @@ class VAEDecoderTask(pl.LightningModule):
         """Teacher reproduction + activation penalty; the gains are folded into the weights after each update,
         so the VAE always holds the current function (EMA, exports and checkpoints see plain weights)."""
         cfg = self.config.loss.fp16_fix
+        if self.fp16_scope == []:
+            log.info("fp16_fix: the closed form left no layer over the target; nothing to fine-tune, stopping")
+            self.trainer.should_stop = True
+            return
         teacher = self.start_decode(z)
         monitor = ActivationMonitor(self.vae)
         try:
@@ -374,6 +392,65 @@ class VAEDecoderTask(pl.LightningModule):
         self.log_dict({f"train/{k}": v.float() for k, v in logs.items()}, on_step=True, batch_size=bs)
         self.log("train/total", loss.detach().float(), on_step=True, batch_size=bs)
         self.log("train/step", float(self.step), on_step=True, batch_size=bs)
+
+    @torch.no_grad()
+    def training_latents(self, trainer: pl.Trainer, count: int) -> list[Tensor]:
+        """Posterior modes of up to ``count`` training images, batch by batch (filling the posterior cache)."""
+        out: list[Tensor] = []
+        seen = 0
+        dm = trainer.datamodule
+        for batch in dm.train_dataloader() if dm is not None else []:
+            x = batch["pixels"][: count - seen].to(self.device)
+            index = batch.get("index")
+            out.append(self.posterior(x, index[: x.shape[0]] if index is not None else None)[0])
+            seen += x.shape[0]
+            if seen >= count:
+                break
+        return out
+
+    def fp16_closed_form(self, trainer: pl.Trainer) -> RescaleReport | None:
+        """fp16_fix's first step: rescale exactly every layer only a normalisation reads, on the training images'
+        fp32 peaks (the same factors on every rank), then narrow fine-tuning to what is left. Run once; a resumed
+        run only narrows again."""
+        cfg = self.config.loss.fp16_fix
+        if not self.fp16_fix or not cfg.closed_form:
+            return None
+        if not self.fp16_rescaled:
+            latents = self.training_latents(trainer, cfg.measure_images)
+            if not latents:
+                raise ValueError("loss.fp16_fix.closed_form: no training images to measure activation peaks on")
+
+            def reduce_max(t: Tensor) -> Tensor:
+                gathered = trainer.strategy.all_gather(t.to(self.device))
+                return gathered.reshape(-1, *t.shape).amax(dim=0).cpu()
+
+            self.fp16_report = rescale_decoder(self.vae, latents, cfg.target, reduce_max)
+            left = [p.layer for p in self.fp16_report.left]
+            self.fp16_scope = fine_tune_scope(self.vae, left) if left else []
+            self.fp16_rescaled = True
+            if trainer.is_global_zero:
+                for line in self.fp16_report.lines():
+                    log.info("fp16 closed form: %s", line)
+                log.info(
+                    "fp16 fine-tuning: %s",
+                    "none" if self.fp16_scope == [] else ", ".join(self.fp16_scope or ["every layer"]),
+                )
+        self.limit_fp16_fine_tuning(self.fp16_scope)
+        return self.fp16_report
+
+    def limit_fp16_fine_tuning(self, scope: list[str] | None) -> None:
+        """Only the layers in ``scope`` (None: all) get updates: their gains, and their weights with train_weights."""
+        self.fp16_scope = scope
+        train_weights = self.config.loss.fp16_fix.train_weights
+        self._no_update = []
+        for name, layer in decoder_layers(self.vae):
+            if scope is not None and name not in scope:
+                self._no_update.append(self.gains.log_gains[name.replace(".", "__")])
+                if train_weights:
+                    self._no_update += list(layer.parameters())
+        if train_weights and scope is not None:  # norm affine parameters are outside every scope
+            in_layers = {id(p) for _, layer in decoder_layers(self.vae) for p in layer.parameters()}
+            self._no_update += [p for m in self.trainable_modules() for p in m.parameters() if id(p) not in in_layers]
 
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
@@ -449,6 +526,8 @@ class VAEDecoderTask(pl.LightningModule):
             "step": self.step,
             "skipped_steps": self.skipped_steps,
             "frozen_checksum": self.frozen_checksum,
+            "fp16_rescaled": self.fp16_rescaled,  # the saved weights already hold the closed form's factors
+            "fp16_scope": self.fp16_scope,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -460,3 +539,5 @@ class VAEDecoderTask(pl.LightningModule):
             )
         self.step = int(state.get("step", 0))
         self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.fp16_rescaled = bool(state.get("fp16_rescaled", False))
+        self.fp16_scope = state.get("fp16_scope")
