@@ -230,6 +230,30 @@ def slurm_environment() -> SLURMEnvironment | None:
     return SLURMEnvironment(auto_requeue=True, requeue_signal=signal.SIGUSR1)
 
 
+def init_elastic_process_group(strategy: Any) -> bool:
+    """Under torchrun, start the process group on a store namespace of this attempt; True if it did.
+
+    Every attempt of a torchrun job (``--max-restarts``) reaches the same agent store, and torch leaves the previous
+    attempt's gloo addresses in it: a restarted rank can read a dead peer's address and fail with "connectFullMesh
+    failed ... Connection refused" (seen with torch 2.13, gloo). A prefix per attempt keeps them apart; Lightning
+    then finds the group initialised and uses it.
+    """
+    import torch.distributed as dist
+
+    if launcher() != "torchrun" or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or dist.is_initialized():
+        return False
+    world = _int_env("WORLD_SIZE") or 1
+    if world < 2:
+        return False
+    backend = getattr(strategy, "process_group_backend", None)
+    backend = backend or ("nccl" if strategy.root_device.type == "cuda" else "gloo")
+    server = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.PrefixStore(f"hyperlit/attempt_{attempt}", server)
+    dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]), world_size=world)
+    return True
+
+
 def run_name() -> str:
     """The run dir's name below ``paths.log_dir``: the same for every process of a job and every attempt of it.
 

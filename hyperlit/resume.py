@@ -46,7 +46,6 @@ RESULT_NEUTRAL = (
     "callbacks.export",
     "callbacks.preview",
     "callbacks.validation",
-    "callbacks.vae_export",
     "data.cache_dir",
 )
 

@@ -20,7 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from hyperlit.callbacks.requeue import RequeueAtStepBoundary
-from hyperlit.distributed import RankAgreement, check_launch, slurm_environment
+from hyperlit.distributed import RankAgreement, check_launch, init_elastic_process_group, slurm_environment
 from hyperlit.resume import ConfigInCheckpoint, resolved_config, resume_path
 from hyperlit.tasks import TASKS
 from hyperlit.tasks.base import TaskParts
@@ -86,6 +86,7 @@ def build_run(cfg: DictConfig) -> Run:
 def fit(run: Run, cfg: DictConfig) -> float | None:
     for logger in run.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    init_elastic_process_group(run.trainer.strategy)  # torchrun restarts: a store namespace per attempt
     try:
         run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=run.ckpt_path)
     finally:

@@ -322,11 +322,10 @@ def test_only_keys_that_change_the_result_are_compared():
 
 def _torchrun(tmp_path: Path, log_dir: Path, marker: Path, steps: int, kill_step: int) -> Path:
     """The issue's command, with nothing pinned but the log dir: returns the run dir (log_dir/torchrun-<run id>)."""
-    torchrun = Path(sys.executable).with_name("torchrun")
-    if not torchrun.is_file():
-        pytest.skip("torchrun is not installed beside this python")
     command = [
-        str(torchrun),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",  # torchrun, whether or not its script is installed beside this python
         "--standalone",
         "--nproc_per_node=2",
         "--max-restarts=2",
