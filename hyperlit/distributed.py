@@ -12,7 +12,9 @@ import hashlib
 import json
 import logging
 import os
+import signal
 from collections.abc import Mapping
+from datetime import datetime
 from typing import Any
 
 import lightning as L
@@ -220,16 +222,67 @@ class RankAgreement(L.Callback):
         raise RuntimeError(f"the {trainer.world_size} processes of this run disagree: {detail}")
 
 
-def register_resolvers() -> None:
-    """``${hyperlit.rank_zero:VALUE}`` is VALUE on global rank 0 and null elsewhere (read from the launcher's env).
+def slurm_environment() -> SLURMEnvironment | None:
+    """Lightning's SLURM environment with auto-requeue on SIGUSR1 (``#SBATCH --signal=SIGUSR1@90``) when srun
+    started this process, else None (torchrun inside SLURM stays torchrun, as Lightning decides)."""
+    if launcher() != "slurm":
+        return None
+    return SLURMEnvironment(auto_requeue=True, requeue_signal=signal.SIGUSR1)
 
-    conf/train.yaml uses it for ``hydra.output_subdir``: under torchrun or srun every rank is a full Hydra app,
-    and only rank 0 should write ``.hydra/`` into the shared run dir.
+
+def init_elastic_process_group(strategy: Any) -> bool:
+    """Under torchrun, start the process group on a store namespace of this attempt; True if it did.
+
+    Every attempt of a torchrun job (``--max-restarts``) reaches the same agent store, and torch leaves the previous
+    attempt's gloo addresses in it: a restarted rank can read a dead peer's address and fail with "connectFullMesh
+    failed ... Connection refused" (seen with torch 2.13, gloo). A prefix per attempt keeps them apart; Lightning
+    then finds the group initialised and uses it.
+    """
+    import torch.distributed as dist
+
+    if launcher() != "torchrun" or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or dist.is_initialized():
+        return False
+    world = _int_env("WORLD_SIZE") or 1
+    if world < 2:
+        return False
+    backend = getattr(strategy, "process_group_backend", None)
+    backend = backend or ("nccl" if strategy.root_device.type == "cuda" else "gloo")
+    server = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.PrefixStore(f"hyperlit/attempt_{attempt}", server)
+    dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]), world_size=world)
+    return True
+
+
+def run_name() -> str:
+    """The run dir's name below ``paths.log_dir``: the same for every process of a job and every attempt of it.
+
+    ``slurm-<job id>`` under srun (a requeued job keeps its id, so it finds its checkpoints), ``torchrun-<run id>``
+    under torchrun (restarts keep the rendezvous id), otherwise ``<date>/<time>``.
+    """
+    started_by = launcher()
+    if started_by == "slurm":
+        array = os.environ.get("SLURM_ARRAY_JOB_ID")
+        job = f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array else os.environ.get("SLURM_JOB_ID", "job")
+        return f"slurm-{job}"
+    if started_by == "torchrun" and os.environ.get("TORCHELASTIC_RUN_ID"):
+        return f"torchrun-{os.environ['TORCHELASTIC_RUN_ID']}"
+    return datetime.now().strftime("%Y-%m-%d/%H-%M-%S")
+
+
+def register_resolvers() -> None:
+    """``${hyperlit.rank_zero:VALUE}`` is VALUE on global rank 0 and null elsewhere (read from the launcher's env);
+    ``${hyperlit.run_name:}`` is :func:`run_name`, computed once per process like Hydra's ``${now:}``.
+
+    conf/train.yaml uses the first for ``hydra.output_subdir``: under torchrun or srun every rank is a full Hydra
+    app, and only rank 0 should write ``.hydra/`` into the shared run dir. conf/hydra/default.yaml uses the second.
     """
     from omegaconf import OmegaConf
 
     if not OmegaConf.has_resolver("hyperlit.rank_zero"):
         OmegaConf.register_new_resolver("hyperlit.rank_zero", lambda value=None: value if is_global_zero() else None)
+    if not OmegaConf.has_resolver("hyperlit.run_name"):
+        OmegaConf.register_new_resolver("hyperlit.run_name", run_name, use_cache=True)
 
 
 register_resolvers()  # at import: train.py imports hyperlit.runner (and so this) before Hydra composes

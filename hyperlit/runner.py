@@ -19,7 +19,9 @@ import lightning.pytorch as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from hyperlit.distributed import RankAgreement, check_launch
+from hyperlit.callbacks.requeue import RequeueAtStepBoundary
+from hyperlit.distributed import RankAgreement, check_launch, init_elastic_process_group, slurm_environment
+from hyperlit.resume import ConfigInCheckpoint, resolved_config, resume_path
 from hyperlit.tasks import TASKS
 from hyperlit.tasks.base import TaskParts
 
@@ -64,15 +66,19 @@ def build_run(cfg: DictConfig) -> Run:
     if task not in TASKS:
         raise ValueError(f"task: {task!r} is not allowed; allowed: {', '.join(TASKS)}")
     check_launch(cfg.get("trainer") or {})
-    ckpt_path = cfg.get("ckpt_path")
-    if ckpt_path and not Path(ckpt_path).is_file():
-        raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file")
+    ckpt_path = resume_path(cfg)  # a file, `last` or (under SLURM) null: checked against the config it was saved with
     pl.seed_everything(int(cfg.get("seed") or 0), workers=True)
     parts = TASKS[task](cfg)
     parts.ckpt_path = ckpt_path
     loggers = build_loggers(cfg)
     callbacks = [*parts.callbacks, *build_callbacks(cfg).values(), rank_agreement(cfg)]
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **parts.trainer_kwargs)
+    callbacks.append(ConfigInCheckpoint(resolved_config(cfg)))
+    kwargs = dict(parts.trainer_kwargs)
+    slurm = slurm_environment()
+    if slurm is not None:  # SIGUSR1: HPC checkpoint at the step's end, then `scontrol requeue`
+        kwargs["plugins"] = [slurm]
+        callbacks.append(RequeueAtStepBoundary(slurm))
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **kwargs)
     # Only now, with every part validated and the Trainer accepted, are the model weights read.
     return Run(trainer, parts.load_module(), parts, loggers)
 
@@ -80,6 +86,7 @@ def build_run(cfg: DictConfig) -> Run:
 def fit(run: Run, cfg: DictConfig) -> float | None:
     for logger in run.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    init_elastic_process_group(run.trainer.strategy)  # torchrun restarts: a store namespace per attempt
     try:
         run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=run.ckpt_path)
     finally:
