@@ -13,12 +13,21 @@ from torch import nn
 from hyperlit.hypernetwork import Hypernetwork
 from hyperlit.lora.export import KeyStyle, lora_state_dict, write_lora
 from hyperlit.lora.fit import FitSettings, LayerFit, fit_layer, stream_of
-from hyperlit.lora.inputs import DataItems, gather_inputs
+from hyperlit.lora.inputs import DataItems, LayerInputs, gather_inputs
 from hyperlit.models import SDComponents
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Conversion", "convert", "key_style", "touched_layers", "write_conversion"]
+__all__ = [
+    "Conversion",
+    "GatheredInputs",
+    "convert",
+    "fit_all",
+    "gather",
+    "key_style",
+    "touched_layers",
+    "write_conversion",
+]
 
 # kohya's metadata keys that A1111's Lora loader reads to tell the base model's version apart.
 KOHYA_VERSION = {"sd21": {"ss_v2": "True"}, "sdxl": {"ss_base_model_version": "sdxl_base_v1-0"}}
@@ -43,16 +52,37 @@ def touched_layers(unet: nn.Module, hn: Hypernetwork) -> dict[str, Attention]:
     }
 
 
+@dataclass(frozen=True)
+class GatheredInputs:
+    """The touched layers and the input streams they read: gathered once, fitted at any settings."""
+
+    layers: dict[str, Attention]
+    streams: dict[str, LayerInputs]
+
+
+def gather(hn: Hypernetwork, components: SDComponents, data: DataItems, resolution: int) -> GatheredInputs:
+    """Run the base model on the data (and the built-in prompts) to collect every touched layer's inputs."""
+    hn = hn.eval().to(components.unet.device)
+    layers = touched_layers(components.unet, hn)
+    self_layers = {name: attn for name, attn in layers.items() if not attn.is_cross_attention}
+    return GatheredInputs(layers, gather_inputs(hn, components, self_layers, data, resolution))
+
+
+def fit_all(gathered: GatheredInputs, settings: FitSettings) -> Conversion:
+    """Fit every touched layer from its stream, in UNet order."""
+    return Conversion(
+        [
+            fit_layer(name, attn, gathered.streams[stream_of(name, attn)], settings)
+            for name, attn in gathered.layers.items()
+        ]
+    )
+
+
 def convert(
     hn: Hypernetwork, components: SDComponents, data: DataItems, settings: FitSettings, resolution: int
 ) -> Conversion:
     """Gather every touched layer's inputs through the base model, then fit each layer."""
-    hn = hn.eval().to(components.unet.device)
-    layers = touched_layers(components.unet, hn)
-    self_layers = {name: attn for name, attn in layers.items() if not attn.is_cross_attention}
-    streams = gather_inputs(hn, components, self_layers, data, resolution)
-    fits = [fit_layer(name, attn, streams[stream_of(name, attn)], settings) for name, attn in layers.items()]
-    return Conversion(fits)
+    return fit_all(gather(hn, components, data, resolution), settings)
 
 
 def key_style(fmt: str, components: SDComponents) -> KeyStyle:

@@ -1,10 +1,10 @@
 """A fitted LoRA as a ``.safetensors`` file in kohya's key layout or in diffusers/PEFT's.
 
-kohya: ``lora_unet_<path>.lora_down.weight`` (r × in), ``.lora_up.weight`` (out × r), ``.alpha`` (= r, so the
-scale alpha / r is 1); V's constant, when kept, as ``<to_out_0>.diff_b``. diffusers/PEFT: ``unet.<path>.lora_A.weight``
-and ``.lora_B.weight`` (no alpha: diffusers then uses scale 1); V's constant as PEFT's ``lora_B.bias`` of a zero
-rank-1 LoRA on ``to_out.0`` (``lora_bias``, PEFT >= 0.14), with zero biases on every other lora_B because PEFT
-gives all of an adapter's modules a bias once one has it.
+kohya: ``lora_unet_<path>.lora_down.weight`` (r × in), ``.lora_up.weight`` (out × r), ``.alpha`` (one value for
+the file; clients scale by alpha / r); V's constant, when kept, as ``<to_out_0>.diff_b``.
+diffusers/PEFT: ``unet.<path>.lora_A.weight`` and ``.lora_B.weight`` (no alpha: diffusers then uses scale 1);
+V's constant as PEFT's ``lora_B.bias`` of a zero rank-1 LoRA on ``to_out.0`` (``lora_bias``, PEFT >= 0.14), with
+zero biases on every other lora_B because PEFT gives all of an adapter's modules a bias once one has it.
 """
 
 from __future__ import annotations
@@ -38,14 +38,19 @@ class KeyStyle:
 
 def _kohya(fits: Sequence[LayerFit], style: KeyStyle, dtype: torch.dtype) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
+    ranks = [lora.rank for fit in fits for lora in (fit.k, fit.v) if lora is not None]
+    # One alpha for every module, lora_up scaled by r / alpha so that (alpha / r) up @ down is the fit. Per-module
+    # alphas would be read right by A1111 and ComfyUI, but diffusers 0.42's kohya loader drops the alphas that differ
+    # from the most common one ("alpha_pattern keys did not match"), scaling those modules wrongly.
+    alpha = float(max(ranks, default=1))
     for fit in fits:
         for proj, lora in (("to_k", fit.k), ("to_v", fit.v)):
             if lora is None:
                 continue
             name = kohya_name(f"{fit.name}.{proj}", style.sgm, style.layers_per_block)
             out[f"{name}.lora_down.weight"] = lora.down.to(dtype).contiguous()
-            out[f"{name}.lora_up.weight"] = lora.up.to(dtype).contiguous()
-            out[f"{name}.alpha"] = torch.tensor(float(lora.rank), dtype=dtype)
+            out[f"{name}.lora_up.weight"] = (lora.up * (lora.rank / alpha)).to(dtype).contiguous()
+            out[f"{name}.alpha"] = torch.tensor(alpha, dtype=dtype)
         if fit.out_bias is not None:
             name = kohya_name(f"{fit.name}.to_out.0", style.sgm, style.layers_per_block)
             out[f"{name}.diff_b"] = fit.out_bias.to(dtype).contiguous()

@@ -7,7 +7,10 @@ layer's real inputs gives ``K ≈ (W_k + m W_k A_k) x + m W_k c_k``:
   query's scores: the softmax cancels it, so it is fitted (freeing A from approximating it) and dropped;
 - the constant of V adds ``W_v c_v`` to every value, and since each query's weights sum to 1, to every attention
   output: after to_out it is a bias change ``W_o W_v c_v``. When the file cannot carry it (``v_bias`` false), V is
-  fitted without a constant so that A absorbs what of it the inputs allow.
+  fitted without a constant so that A absorbs what of it the inputs allow. On SD1/SD2 that is all of it: every
+  input leaves a LayerNorm (norm1 before attn1, CLIP's final norm for the text), so ``sum((x - beta) / gamma) = 0``
+  and a constant is a linear function of x on every input the model produces (tests/test_lora.py: exact for a
+  linear network). SDXL's text context skips the final norm, so there the constant is only approximated.
 
 ``ΔW = m W A`` is then truncated to rank r where it matters on the inputs: the rank-r L minimising
 ``||(ΔW - L) X||`` is ``U_r U_rᵀ ΔW`` with U_r the top eigenvectors of ``ΔW C ΔWᵀ`` (C the inputs' covariance),
