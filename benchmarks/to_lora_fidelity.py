@@ -95,6 +95,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--cfg", type=float, default=5.0)
     parser.add_argument("--only", nargs="*", default=None, help="labels of the settings to run (default: all)")
+    parser.add_argument(
+        "--judge",
+        nargs="*",
+        default=["energy 0.99 (default)"],
+        help="labels of the settings whose images are generated and judged (the noise error is measured for all)",
+    )
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -111,14 +117,11 @@ def main() -> None:
     base_score = judge(pipe, args.seeds, args.steps, args.cfg)
     change = float((hn_eps - base_eps).norm())
     source_size = args.hypernetwork.stat().st_size
-    n = 4 * args.seeds
-    print(f"{n} samples per row; noise error = ||eps_lora - eps_hn|| / ||eps_hn - eps_base||")
+    print(f"{4 * args.seeds} samples per judged row; noise error = ||eps_lora - eps_hn|| / ||eps_hn - eps_base||")
     header = f"{'setting':<34} {'ranks k/v (mean)':>16} {'bytes':>9} {'size ratio':>10} {'noise err':>9} "
     print(header + f"{'style':>6} {'adherence':>9} {'colour':>6} {'shape':>6}")
-    print(f"{'base (multiplier 0)':<34} {'':>16} {'':>9} {'':>10} {1.0:>9.3f} {base_score.style:>6.3f} "
-          f"{base_score.adherence:>9.3f} {base_score.colour:>6.3f} {base_score.shape:>6.3f}")  # fmt: skip
-    print(f"{'hypernetwork':<34} {'':>16} {source_size:>9,} {1.0:>10.2f} {0.0:>9.3f} {hn_score.style:>6.3f} "
-          f"{hn_score.adherence:>9.3f} {hn_score.colour:>6.3f} {hn_score.shape:>6.3f}")  # fmt: skip
+    print(row("base (multiplier 0)", "", None, source_size, 1.0, base_score))
+    print(row("hypernetwork", "", source_size, source_size, 0.0, hn_score))
     with tempfile.TemporaryDirectory() as tmp:
         for k, setting in enumerate(SETTINGS):
             if args.only and setting.label not in args.only:
@@ -131,15 +134,22 @@ def main() -> None:
             pipe.load_lora_weights(tmp, weight_name=path.name, adapter_name=name)
             pipe.set_adapters([name], [1.0])
             error = float((predictions(pipe.unet, batches) - hn_eps).norm()) / change
-            result = judge(pipe, args.seeds, args.steps, args.cfg)
+            result = judge(pipe, args.seeds, args.steps, args.cfg) if setting.label in args.judge else None
             pipe.delete_adapters([name])
             reports = [f.report for f in conversion.fits]
             mean_k, mean_v = (sum(getattr(r, key) for r in reports) / len(reports) for key in ("rank_k", "rank_v"))
             ranks = f"{mean_k:.1f}/{mean_v:.1f}"
-            size = path.stat().st_size
-            print(f"{setting.label:<34} {ranks:>16} {size:>9,} {size / source_size:>10.2f} {error:>9.3f} "
-                  f"{result.style:>6.3f} {result.adherence:>9.3f} {result.colour:>6.3f} {result.shape:>6.3f}",
-                  flush=True)  # fmt: skip
+            print(row(setting.label, ranks, path.stat().st_size, source_size, error, result), flush=True)
+
+
+def row(label: str, ranks: str, size: int | None, source_size: int, error: float, result: Score | None) -> str:
+    sizes = f"{size:>9,} {size / source_size:>10.2f}" if size is not None else f"{'':>9} {'':>10}"
+    shares = (
+        f"{result.style:>6.3f} {result.adherence:>9.3f} {result.colour:>6.3f} {result.shape:>6.3f}"
+        if result is not None
+        else f"{'-':>6} {'-':>9} {'-':>6} {'-':>6}"
+    )
+    return f"{label:<34} {ranks:>16} {sizes} {error:>9.3f} {shares}"
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from hyperlit.hypernetwork import HypernetworkConfig
 from hyperlit.lora.command import ToLoraOptions, to_lora
 from hyperlit.lora.convert import convert, key_style, write_conversion
 from hyperlit.lora.fit import FitSettings
-from hyperlit.lora.inputs import DataItems, read_data
+from hyperlit.lora.inputs import BUILTIN_PROMPTS, DataItems, read_data
 from hyperlit.models import FAMILIES, load_components
 from hyperlit.models.loader import TINY_BASE_DIR
 from hyperlit.pretrained import OFFLINE
@@ -236,6 +236,22 @@ def test_nonlinear_network_reports_a_measured_error_close_to_the_prediction_erro
     change = (reference - predict(base.unet)).norm()
     # The LoRA moves the prediction most of the way towards the hypernetwork's, not all of it.
     assert 0.001 * change < (lora - reference).norm() < 0.7 * change
+
+
+def test_reported_held_out_error_of_a_cross_layer_matches_a_direct_computation(base, data, swish_case):
+    hn, conversion, _ = swish_case
+    prompts = list(dict.fromkeys([*data.captions, *BUILTIN_PROMPTS]))
+    held_out = [p for i, p in enumerate(prompts) if i % 5 == 4]  # the documented split: every fifth prompt
+    x = base.encode_text(held_out).reshape(-1, TINY.context_dim).double()
+    fit = next(f for f in conversion.fits if f.report.kind == "cross")
+    attn = dict(base.unet.named_modules())[fit.name]
+    k_module = copy.deepcopy(hn.pairs[str(TINY.context_dim)][0]).double()
+    with torch.no_grad():
+        hn_keys = k_module(x) @ attn.to_k.weight.double().T
+        lora_keys = x @ (attn.to_k.weight.double() + fit.k.delta()).T
+    miss = (hn_keys - lora_keys) - (hn_keys - lora_keys).mean(0)
+    expected = float(miss.norm() / (hn_keys - hn_keys.mean(0)).norm())
+    assert fit.report.error_k == pytest.approx(expected, rel=1e-3)
 
 
 def test_command_writes_a_kohya_file_with_the_fit_report_in_its_metadata(tmp_path, monkeypatch, capsys):

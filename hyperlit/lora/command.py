@@ -19,7 +19,7 @@ from hyperlit.files import HypernetworkFileError
 from hyperlit.hypernetwork import Hypernetwork
 from hyperlit.lora.export import FORMATS
 from hyperlit.lora.fit import BAD_FIT, FitSettings, LayerReport
-from hyperlit.models import ModelSpec, validate_model_config
+from hyperlit.models import ModelSpec, SDComponents, validate_model_config
 from hyperlit.models.hashing import file_sha256
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ def plan(options: ToLoraOptions) -> ToLoraPlan:
     return ToLoraPlan(options, spec, hn, options.settings)
 
 
-def _metadata(the_plan: ToLoraPlan, components: object) -> dict[str, object]:
+def _metadata(the_plan: ToLoraPlan, components: SDComponents) -> dict[str, object]:
     options, hn = the_plan.options, the_plan.hypernetwork
     digest = file_sha256(options.hypernetwork)
     return {
@@ -131,8 +131,8 @@ def _metadata(the_plan: ToLoraPlan, components: object) -> dict[str, object]:
         "hyperlit_source_hash": digest[:10],  # A1111's short hash of a file
         "hyperlit_source_step": hn.step,
         "hyperlit_base_model_family": the_plan.spec.family.name,
-        "hyperlit_base_model_hash": getattr(components, "checkpoint_hash", None) or "",
-        "hyperlit_base_model": getattr(components, "checkpoint_name", None) or "",
+        "hyperlit_base_model_hash": components.checkpoint_hash or "",
+        "hyperlit_base_model": components.checkpoint_name or "",
         "hyperlit_format": options.format,
         "hyperlit_v_bias": the_plan.settings.v_bias,
         "hyperlit_rank": options.rank if options.rank is not None else "energy",
@@ -141,7 +141,7 @@ def _metadata(the_plan: ToLoraPlan, components: object) -> dict[str, object]:
     }
 
 
-def run(the_plan: ToLoraPlan, components: object) -> ToLoraResult:
+def run(the_plan: ToLoraPlan, components: SDComponents) -> ToLoraResult:
     """Fit and write the LoRA of a checked plan on loaded components."""
     from hyperlit.lora.convert import convert, key_style, write_conversion  # the fitting code needs diffusers
     from hyperlit.lora.inputs import read_data

@@ -98,8 +98,10 @@ class Moments:
 
     @classmethod
     def zeros(cls, width: int, device: torch.device | str) -> Moments:
-        z = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)  # noqa: E731
-        return cls(z(width + 1, width + 1), z(width + 1, width), z(width + 1, width))
+        def zero(rows: int, columns: int) -> Tensor:
+            return torch.zeros(rows, columns, dtype=torch.float64, device=device)
+
+        return cls(zero(width + 1, width + 1), zero(width + 1, width), zero(width + 1, width))
 
     def add(self, x: Tensor, fk: Tensor, fv: Tensor) -> None:
         u = torch.cat([x, torch.ones_like(x[:, :1])], dim=1).double()
@@ -266,7 +268,7 @@ def gather_inputs(
 
     latents = _latents(components, data, resolution, device)
     # Each image with its caption and, as classifier-free guidance runs it, with the empty prompt.
-    conditioned = captions if len(captions) == len(latents) else [""] * len(latents)
+    conditioned = data.captions if len(data.captions) == len(latents) else [""] * len(latents)
     noise_generator = torch.Generator().manual_seed(4)
     unet = components.unet
     scheduler = components.noise_scheduler
