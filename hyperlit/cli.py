@@ -12,6 +12,7 @@ from pathlib import Path
 from hyperlit import files
 from hyperlit.cli_vae import add_eval_vae_parser, is_vae_file, run_inspect_vae
 from hyperlit.files import HypernetworkFile, clients, comfyui
+from hyperlit.lora.command import add_to_lora_parser
 
 
 def describe(content: HypernetworkFile, path: str | Path | None = None) -> dict:
@@ -191,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     shards.set_defaults(run=_make_shards)
     _add_generate(sub)
     add_eval_vae_parser(sub)
+    add_to_lora_parser(sub)
     return parser
 
 

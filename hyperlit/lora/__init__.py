@@ -1,0 +1,1 @@
+"""Hypernetworks as LoRAs: fit each touched attention layer on real inputs and write kohya or diffusers files."""
