@@ -39,7 +39,8 @@ def task_config(cfg: Any) -> TAESDTaskConfig:
 
 def check_latent_layout(cfg: Any, family_channels: int) -> None:
     """A latent width TAESD cannot have is an error before the VAE is read."""
-    channels = teacher.plain(cfg.get("vae")).get("latent_channels") or family_channels
+    channels = teacher.plain(cfg.get("vae")).get("latent_channels")
+    channels = family_channels if channels is None else channels
     if not isinstance(channels, int) or isinstance(channels, bool) or channels < 1:
         raise ValueError(f"vae.latent_channels: {channels!r} is not allowed; use null (the family's) or e.g. 4, 16")
 
