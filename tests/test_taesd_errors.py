@@ -24,7 +24,10 @@ CASES = [
     (["loss.reconstruction=l3"], "loss.reconstruction"),
     (["posterior.sample=sometimes"], "posterior.sample"),
     (["vae.latent_channels=0"], "vae.latent_channels"),
-    (["data.resolution=16"], "data.resolution"),  # too small for a 3-layer PatchGAN
+    (["data.resolution=16", "taesd.latent_crop=null"], "data.resolution"),  # too small for a 3-layer PatchGAN
+    (["taesd.latent_crop=9"], "taesd.latent_crop"),  # larger than the 64 px images
+    (["taesd.latent_crop=2"], "taesd.latent_crop"),  # 16 px windows: too small for D
+    (["taesd.latent_crop=0"], "taesd.latent_crop"),
     (["data.batch_size=0"], "data.batch_size"),
     (["data.path=/nonexistent/images"], "data.path"),
     (["train.max_steps=0"], "train.max_steps"),
@@ -36,7 +39,7 @@ CASES = [
     (["model=sd15"], "model.path"),  # a missing VAE
     (["model=sd15", "model.path=/nonexistent/vae.safetensors"], "model.path"),
     (["model=sdxl", "model.path=/nonexistent/sdxl.safetensors", "model.vae_path=/gone/vae"], "model.vae_path"),
-    (["loss.perceptual.weights=/nonexistent/vgg16.pth"], "loss.perceptual.weights"),
+    (["loss.perceptual.weight=0.1", "loss.perceptual.weights=/nonexistent/vgg16.pth"], "loss.perceptual.weights"),
     (["ckpt_path=/nonexistent/last.ckpt"], "ckpt_path"),
 ]
 

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+
 import lightning.pytorch as pl
 import numpy as np
 import pytest
@@ -9,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, AutoencoderTiny
 from helpers.config import compose_config
+from helpers.paths import REPO_ROOT
+from helpers.taesd_probe import weights_digest
 from hydra.utils import instantiate
 from PIL import Image
 from safetensors.torch import load_file
@@ -23,6 +30,7 @@ from hyperlit.vae.config import PerceptualConfig
 from hyperlit.vae.export import save_diffusers_folder
 from hyperlit.vae.lpips import LPIPS
 from hyperlit.vae.taesd_config import DecoderLossConfig, DistillConfig, TAESDDiscConfig, TAESDTaskConfig
+from hyperlit.vae.taesd_layout import from_madebyollin
 
 # An SD-shaped VAE (4 levels: factor 8, as TAESD's layout) small enough to train in seconds.
 TINY_VAE8 = dict(
@@ -40,10 +48,12 @@ def make_vae(seed: int = 0, **overrides) -> AutoencoderKL:
     return AutoencoderKL(**{**TINY_VAE8, **overrides})
 
 
-def make_task(vae=None, max_steps: int = 4, seed: int = 0, halves=("encoder", "decoder"), **disc) -> TAESDTask:
+def make_task(
+    vae=None, max_steps: int = 4, seed: int = 0, halves=("encoder", "decoder"), latent_crop=None, **disc
+) -> TAESDTask:
     cfg = TAESDTaskConfig(
         max_steps=max_steps,
-        taesd=DistillConfig(train_encoder="encoder" in halves, train_decoder="decoder" in halves),
+        taesd=DistillConfig("encoder" in halves, "decoder" in halves, latent_crop=latent_crop),
         loss=DecoderLossConfig("mse", 1.0, PerceptualConfig(weight=0.1, random_backbone=True)),
         disc=TAESDDiscConfig(**{"start": 0, "warmup_steps": 1, "ramp_steps": 1, "ndf": 8, "n_layers": 2, **disc}),
     )
@@ -155,12 +165,32 @@ def test_the_decoder_learns_from_the_teachers_image_of_the_same_latents():
     seen = {}
     original = task.student_decode
     task.student_decode = lambda latents: seen.setdefault("student", latents) is not None and original(latents)
-    surrogate, logs, (target, _) = task.generator_losses(x, mean, z)
+    surrogate, logs, (target, _, _) = task.generator_losses(x, mean, z)
     assert torch.equal(seen["student"], z)
     vae = task.vae
     expected = vae.decode(z / vae.config.scaling_factor).sample.clamp(-1, 1)
     assert torch.allclose(target, expected, atol=1e-6)
     assert logs["encoder_mse"] > 0 and logs["rec"] > 0
+
+
+def test_a_latent_crop_is_the_same_window_of_the_teachers_whole_image():
+    task = make_task(latent_crop=2)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1  # 4 x 4 latent cells
+    mean, logvar = task.posterior(x)
+    z = task.sample_latents(mean, logvar)
+    seen = {}
+    original = task.student_decode
+    task.student_decode = lambda latents: seen.setdefault("student", latents) is not None and original(latents)
+    task.step = 3
+    _, _, (target, x_hat, z_seen) = task.generator_losses(x, mean, z)
+    assert z_seen.shape[-2:] == (2, 2) and x_hat.shape[-2:] == target.shape[-2:] == (16, 16)
+    whole = task.teacher_decode(z)  # the teacher decodes the whole latent image, then the window is cut
+    windows = [(t, le) for t in range(3) for le in range(3) if torch.equal(z[..., t : t + 2, le : le + 2], z_seen)]
+    assert len(windows) == 1
+    t, le = windows[0]
+    assert torch.equal(target, whole[..., 8 * t : 8 * t + 16, 8 * le : 8 * le + 16])
+    task.step = 3
+    assert torch.equal(task.generator_losses(x, mean, z)[2][2], z_seen)  # drawn from (seed, step)
 
 
 def state(task: TAESDTask) -> dict[str, torch.Tensor]:
@@ -284,3 +314,32 @@ def test_train_py_run_on_the_embedded_default(tmp_path):
     assert (out / "taesd_decoder.safetensors").is_file() and (out / "taesd_encoder.pth").is_file()
     reloaded = AutoencoderTiny.from_pretrained(out / "diffusers", local_files_only=True)
     assert reloaded.config.latent_channels == 4 and reloaded.config.scaling_factor == 1.0
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_same_student(tmp_path):
+    """DDP on the CPU (gloo, 2 processes): the ranks hold the same decoder after every update, and the file rank 0
+    exported (without EMA) is that decoder."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK")}
+    tests = os.pathsep.join([str(REPO_ROOT / "tests"), env.get("PYTHONPATH", "")])
+    env.update(OMP_NUM_THREADS="1", WANDB_MODE="disabled", HF_HUB_OFFLINE="1", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(port), PYTHONPATH=tests)  # fmt: skip
+    command = [
+        sys.executable, str(REPO_ROOT / "train.py"), "--config-name", "taesd", "trainer=ddp_cpu", "logger=none",
+        "train.max_steps=3", "data.resolution=32", "data.batch_size=2", "disc.ndf=8", "loss.perceptual.weight=0",
+        "disc.warmup_steps=0", "disc.ramp_steps=0", "callbacks.ema=null", "~callbacks.progress",
+        "trainer.enable_progress_bar=false", "trainer.limit_val_batches=0", f"hydra.run.dir={tmp_path / 'out'}",
+        "+callbacks.probe._target_=helpers.taesd_probe.TAESDProbe", f"+callbacks.probe.dirpath={tmp_path / 'probe'}",
+    ]  # fmt: skip
+    work = tmp_path / "work"
+    work.mkdir()
+    result = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    rank0, rank1 = ((tmp_path / "probe" / f"digest-rank{r}.txt").read_text().split("\n")[:-1] for r in (0, 1))
+    assert [line.split()[0] for line in rank0] == ["1", "2", "3"]
+    assert rank0 == rank1 and len({line.split()[1] for line in rank0}) == 3
+    exported = from_madebyollin(load_file(tmp_path / "out" / "taesd" / "taesd_decoder.safetensors"), "decoder")
+    assert weights_digest({k.removeprefix("decoder."): v for k, v in exported.items()}) == rank0[-1].split()[1]

@@ -21,8 +21,15 @@ class DistillConfig:
     train_encoder: bool = True  # tiny encoder -> the frozen encoder's latents (UNet scale), MSE
     train_decoder: bool = True  # tiny decoder -> the frozen decoder's images from the same latents
     encoder_weight: float = 1.0  # weight of the encoder's latent MSE in the generator loss
+    # The student learns on a random window of this many latent cells of each teacher-encoded/decoded image (None:
+    # the whole image): the teacher sees whole images, the student (whose receptive field is bounded) a cheap crop.
+    latent_crop: int | None = None
 
     def __post_init__(self) -> None:
+        if self.latent_crop is not None and (
+            not isinstance(self.latent_crop, int) or isinstance(self.latent_crop, bool) or self.latent_crop < 1
+        ):
+            raise not_allowed("taesd.latent_crop", self.latent_crop, "use null (whole images) or an integer >= 1")
         check_bool("taesd.train_encoder", self.train_encoder)
         check_bool("taesd.train_decoder", self.train_decoder)
         check_min("taesd.encoder_weight", self.encoder_weight, 0)

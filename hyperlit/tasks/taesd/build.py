@@ -45,16 +45,27 @@ def check_latent_layout(cfg: Any, family_channels: int) -> None:
         raise ValueError(f"vae.latent_channels: {channels!r} is not allowed; use null (the family's) or e.g. 4, 16")
 
 
-def check_disc_fits(tcfg: TAESDTaskConfig, resolution: Any) -> None:
-    """PatchGAN's convs need 3 * 2**n_layers pixels (n_layers stride-2 convs, then two 4x4 convs that shrink by 1)."""
-    d = tcfg.disc
-    if not (d.enabled and tcfg.taesd.train_decoder) or not isinstance(resolution, int):
-        return
-    need = 3 * 2**d.n_layers
-    if resolution < need:
+def check_sizes(tcfg: TAESDTaskConfig, resolution: Any) -> None:
+    """The latent crop fits the images, and PatchGAN's convs fit what the student draws: they need
+    3 * 2**n_layers pixels (n_layers stride-2 convs, then two 4x4 convs that shrink by 1)."""
+    if not isinstance(resolution, int):
+        return  # PixelDataModule reports a bad data.resolution
+    crop = tcfg.taesd.latent_crop
+    if crop is not None and crop * TAESD_FACTOR > resolution:
         raise ValueError(
-            f"data.resolution: {resolution} is not allowed with disc.n_layers={d.n_layers}; use >= {need}, "
-            "or fewer disc.n_layers, or disc.enabled=false"
+            f"taesd.latent_crop: {crop} is not allowed with data.resolution={resolution}; use at most "
+            f"{resolution // TAESD_FACTOR} (latent cells of {TAESD_FACTOR} px) or null"
+        )
+    d = tcfg.disc
+    if not (d.enabled and tcfg.taesd.train_decoder):
+        return
+    side, key = (crop * TAESD_FACTOR, "taesd.latent_crop") if crop is not None else (resolution, "data.resolution")
+    need = 3 * 2**d.n_layers
+    if side < need:
+        value = crop if crop is not None else resolution
+        raise ValueError(
+            f"{key}: {value} is not allowed with disc.n_layers={d.n_layers} ({side} px images for D); use "
+            f"{need} px or more, or fewer disc.n_layers, or disc.enabled=false"
         )
 
 
@@ -73,7 +84,7 @@ def build(cfg: DictConfig) -> TaskParts:
     optimizer = teacher.optimizer_partial(cfg)
     source = teacher.teacher_source(cfg)  # model.path checked, nothing read
     check_latent_layout(cfg, source.family.latent_channels)
-    check_disc_fits(tcfg, cfg.data.get("resolution"))
+    check_sizes(tcfg, cfg.data.get("resolution"))
     data_path = resolve_path(cfg.data.get("path"), "data.path", "a folder of images")
     datamodule = instantiate(cfg.data, path=str(data_path), fixed_crops=tcfg.posterior.cache, seed=int(cfg.seed))
     perceptual = teacher.Perceptual(None, False)

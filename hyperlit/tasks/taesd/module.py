@@ -163,6 +163,20 @@ class TAESDTask(pl.LightningModule):
         noise = torch.randn(mean.shape, generator=g).to(mean.device)
         return self.to_unet_scale(mean + torch.exp(0.5 * logvar) * noise)
 
+    def crop_window(self, pixels: list[Tensor | None], latents: list[Tensor]) -> tuple[list, list]:
+        """The same random window of ``taesd.latent_crop`` latent cells of every tensor (pixels: the window's pixels),
+        drawn from (seed, step) like the noise, so a resumed run crops as an uninterrupted one."""
+        c = self.config.taesd.latent_crop
+        h, w = latents[0].shape[-2:]
+        if c is None or (c >= h and c >= w):
+            return pixels, latents
+        g = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + self.step + 500_009)
+        top = int(torch.randint(0, max(1, h - c + 1), (1,), generator=g))
+        left = int(torch.randint(0, max(1, w - c + 1), (1,), generator=g))
+        f = next(p for p in pixels if p is not None).shape[-1] // w  # pixels per latent cell
+        cropped = [None if p is None else p[..., top * f : (top + c) * f, left * f : (left + c) * f] for p in pixels]
+        return cropped, [t[..., top : top + c, left : left + c] for t in latents]
+
     @torch.no_grad()
     def teacher_decode(self, z: Tensor) -> Tensor:
         """The frozen decoder's image of UNet-scale latents ``z``, in [-1, 1] (fp32, no autocast)."""
@@ -275,8 +289,12 @@ class TAESDTask(pl.LightningModule):
             self.trainer.should_stop = True
 
     def generator_losses(self, x: Tensor, mean: Tensor, z: Tensor) -> tuple[Tensor, dict[str, Tensor], Any]:
-        """(the surrogate whose backward is the generator gradient, logs, (target, x_hat) for D or None)."""
+        """(the surrogate whose backward is the generator gradient, logs, (target, x_hat, z) for D or None).
+
+        The teacher decodes the whole latent image; the student then sees one ``taesd.latent_crop`` window."""
         cfg = self.config
+        target = self.teacher_decode(z) if cfg.taesd.train_decoder else None
+        (x, target), (mean, z) = self.crop_window([x, target], [mean, z])
         surrogate = torch.zeros((), device=x.device)
         total = torch.zeros((), device=x.device)
         logs: dict[str, Tensor] = {}
@@ -287,15 +305,14 @@ class TAESDTask(pl.LightningModule):
             total = total + cfg.taesd.encoder_weight * enc.detach()
             logs["encoder_mse"] = enc.detach()
         pair = None
-        if cfg.taesd.train_decoder:
-            target = self.teacher_decode(z)
+        if target is not None:
             x_hat = self.student_decode(z)
             grad, dlogs = self.decoder_output_grad(target, x_hat, z)
             logs.update(dlogs)
             # <x_hat, dL/dx_hat> carries the decoder loss's gradient to every tiny-decoder weight
             surrogate = surrogate + (x_hat.float() * grad).sum()
             total = total + dlogs["decoder_total"]
-            pair = (target, x_hat)
+            pair = (target, x_hat, z)
         logs["total"] = total
         return surrogate, logs, pair
 
@@ -314,7 +331,7 @@ class TAESDTask(pl.LightningModule):
             return
         d_total = None
         if self.disc is not None and pair is not None and self.step >= self.config.disc.start:
-            d_total, d_logs = self.disc_loss(pair[0], pair[1], z)
+            d_total, d_logs = self.disc_loss(*pair)
             logs.update(d_logs)
             if not torch.isfinite(d_total):
                 self._bad_step("the discriminator loss", d_total)
