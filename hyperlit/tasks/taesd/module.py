@@ -154,12 +154,16 @@ class TAESDTask(pl.LightningModule):
     def to_unet_scale(self, latent: Tensor) -> Tensor:
         return (latent - self.shift) * self.scaling
 
+    def draw_seed(self) -> int:
+        """(seed, step, rank): every draw repeats on resume, and DDP ranks draw differently."""
+        return self.seed * 1_000_003 + self.step * 131 + self.global_rank  # global_rank: 0 outside a Trainer
+
     def sample_latents(self, mean: Tensor, logvar: Tensor) -> Tensor:
         """A posterior sample in the UNet's scale; the noise comes from (seed, step), so a resumed run draws the
         same noise as an uninterrupted one whatever else used the process RNG."""
         if not self.config.posterior.sample:
             return self.to_unet_scale(mean)
-        g = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + self.step)
+        g = torch.Generator(device="cpu").manual_seed(self.draw_seed())
         noise = torch.randn(mean.shape, generator=g).to(mean.device)
         return self.to_unet_scale(mean + torch.exp(0.5 * logvar) * noise)
 
@@ -170,7 +174,7 @@ class TAESDTask(pl.LightningModule):
         h, w = latents[0].shape[-2:]
         if c is None or (c >= h and c >= w):
             return pixels, latents
-        g = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + self.step + 500_009)
+        g = torch.Generator(device="cpu").manual_seed(self.draw_seed() + 500_009)
         top = int(torch.randint(0, max(1, h - c + 1), (1,), generator=g))
         left = int(torch.randint(0, max(1, w - c + 1), (1,), generator=g))
         f = next(p for p in pixels if p is not None).shape[-1] // w  # pixels per latent cell
