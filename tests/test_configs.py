@@ -51,7 +51,7 @@ def _overrides_for(group: str, option: str) -> list[str]:
 @pytest.mark.parametrize("config_name", TOP_LEVEL)
 def test_top_level_configs_compose(config_name):
     cfg = compose_config(config_name, ["paths.output_dir=/tmp/x"])
-    assert cfg.task in ("hypernetwork", "vae")
+    assert cfg.task in ("hypernetwork", "vae", "taesd")
     for where, target in _targets(cfg):
         assert callable(_resolve_target(target)), f"{config_name}: {where} -> {target}"
 
@@ -60,7 +60,8 @@ def test_top_level_configs_compose(config_name):
 def test_every_group_option_composes(group, option):
     if (group, option) == ("hparams_search", "optuna"):  # the optional `sweep` extra provides its sweeper
         pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="hparams_search=optuna needs the sweep extra")
-    config_name = "vae" if group.startswith("vae_") else "train"  # vae_* groups belong to conf/vae.yaml
+    # vae_* groups belong to conf/vae.yaml, taesd_* to conf/taesd.yaml
+    config_name = next((name for name in ("vae", "taesd") if group.startswith(f"{name}_")), "train")
     cfg = compose_config(config_name, ["paths.output_dir=/tmp/x", *_overrides_for(group, option)])
     # Resolving proves every interpolation points somewhere.
     container = OmegaConf.to_container(cfg, resolve=True)

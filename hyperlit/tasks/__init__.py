@@ -8,10 +8,12 @@ from omegaconf import DictConfig
 
 from hyperlit.tasks.base import TaskParts
 from hyperlit.tasks.hypernetwork import build as hypernetwork
+from hyperlit.tasks.taesd import build as taesd
 from hyperlit.tasks.vae import build as vae
 
 # Registering a task is one line: its name and its build function.
 TASKS: dict[str, Callable[[DictConfig], TaskParts]] = {
     "hypernetwork": hypernetwork.build,
     "vae": vae.build,
+    "taesd": taesd.build,
 }

@@ -15,6 +15,7 @@ from safetensors import safe_open
 
 from hyperlit.files.torch_file import load_torch_file
 from hyperlit.models.hashing import a1111_short_hash, file_sha256
+from hyperlit.vae.taesd_layout import CLIENTS, PARTS, layout_shapes, match_layout
 
 # Keys that mark a VAE, in each layout; the first match decides.
 LDM_MARK = "decoder.conv_in.weight"
@@ -70,7 +71,7 @@ def is_vae_path(path: str | os.PathLike) -> bool:
         shapes, _, _ = read_shapes(p)
     except Exception:  # noqa: BLE001 - not readable as plain weights: the hypernetwork reader reports it
         return False
-    return vae_prefix(set(shapes)) is not None
+    return vae_prefix(set(shapes)) is not None or match_layout(shapes) is not None
 
 
 def _widths(shapes: dict[str, tuple[int, ...]], layout: str) -> list[int]:
@@ -98,6 +99,8 @@ def describe_vae(path: str | os.PathLike) -> dict[str, Any]:
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"{path}: a folder without config.json or vae/config.json")
         config = json.loads((folder / "config.json").read_text())
+        if config.get("_class_name") == "AutoencoderTiny":
+            return describe_taesd_folder(p, folder, config)
         weights = next((folder / n for n in DIFFUSERS_WEIGHTS if (folder / n).is_file()), None)
         if weights is None:
             raise FileNotFoundError(f"{folder}: no {' or '.join(DIFFUSERS_WEIGHTS)}")
@@ -108,6 +111,9 @@ def describe_vae(path: str | os.PathLike) -> dict[str, Any]:
         weights, hashed, kind = p, p, ""
     else:
         raise FileNotFoundError(f"{path}: no such file or folder")
+    taesd = match_layout(shapes)
+    if taesd is not None and not p.is_dir():
+        return describe_taesd_file(p, taesd.part, taesd.latent_channels, meta, dtypes)
     found = vae_prefix(set(shapes))
     if found is None:
         raise ValueError(f"{path}: no VAE keys ({LDM_MARK} or {DIFFUSERS_MARK}, optionally under first_stage_model.)")
@@ -143,4 +149,57 @@ def describe_vae(path: str | os.PathLike) -> dict[str, Any]:
         "sha256": sha,
         "sha256_of": str(hashed),
         "a1111_short_hash": a1111_short_hash(hashed),
+    }
+
+
+def _hashes(path: Path) -> dict[str, Any]:
+    return {"sha256": file_sha256(path), "sha256_of": str(path), "a1111_short_hash": a1111_short_hash(path)}
+
+
+# What every TAESD file means, whichever client reads it (README "Tiny autoencoders").
+TAESD_CONVENTION = "latents in the UNet's scale ((z - shift) * scaling); decoder soft clamp tanh(z/3)*3"
+
+
+def describe_taesd_file(path: Path, part: str, latent_channels: int, meta: dict, dtypes: set[str]) -> dict[str, Any]:
+    """A TAESD encoder or decoder in madebyollin's layout (taesd_encoder.pth / taesd_decoder.safetensors ...)."""
+    shapes = layout_shapes(part, latent_channels)
+    return {
+        "file": str(path),
+        "kind": f"TAESD {part} (madebyollin layout)",
+        "layout": "taesd",
+        "latent_channels": latent_channels,
+        "images": "[0, 1]",
+        "convention": TAESD_CONVENTION,
+        "source_scaling_factor": _float(meta.get("hyperlit.source_scaling_factor")),
+        "source_shift_factor": _float(meta.get("hyperlit.source_shift_factor")),
+        "clients": CLIENTS,
+        "parameters": sum(math.prod(s) for s in shapes.values()),
+        "dtypes": sorted(dtypes),
+        **_hashes(path),
+    }
+
+
+def describe_taesd_folder(path: Path, folder: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """A diffusers AutoencoderTiny folder: both halves, its config's latent conventions."""
+    weights = next((folder / n for n in DIFFUSERS_WEIGHTS if (folder / n).is_file()), None)
+    if weights is None:
+        raise FileNotFoundError(f"{folder}: no {' or '.join(DIFFUSERS_WEIGHTS)}")
+    shapes, _, dtypes = read_shapes(weights)
+    channels = int(config.get("latent_channels", 4))
+    expected = {f"{part}.layers.": layout_shapes(part, channels) for part in PARTS}
+    layout = "taesd" if sum(len(v) for v in expected.values()) == len(shapes) else "AutoencoderTiny (other widths)"
+    return {
+        "file": str(path),
+        "kind": "diffusers folder (AutoencoderTiny)",
+        "layout": layout,
+        "latent_channels": channels,
+        "scaling_factor": _float(config.get("scaling_factor")),
+        "shift_factor": _float(config.get("shift_factor")),
+        "latent_magnitude": _float(config.get("latent_magnitude")),
+        "latent_shift": _float(config.get("latent_shift")),
+        "images": "[-1, 1]",
+        "convention": TAESD_CONVENTION,
+        "parameters": sum(math.prod(s) for s in shapes.values()),
+        "dtypes": sorted(dtypes),
+        **_hashes(weights),
     }

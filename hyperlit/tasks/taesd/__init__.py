@@ -1,0 +1,1 @@
+"""TAESD distillation (tiny encoder/decoder copying a frozen VAE): module.py (the LightningModule), build.py."""

@@ -1,0 +1,80 @@
+"""Typed, validated settings of the TAESD distillation task (``conf/taesd.yaml``), usable without Hydra."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hyperlit.options import check_choice, check_min, not_allowed
+from hyperlit.vae.config import DiscConfig, OptimizerConfig, PerceptualConfig, PosteriorConfig
+from hyperlit.vae.losses import RECONSTRUCTION
+
+
+def check_bool(key: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise not_allowed(key, value, "allowed: true, false")
+
+
+@dataclass
+class DistillConfig:
+    """``taesd:`` which halves learn, and how much the encoder's latent error counts."""
+
+    train_encoder: bool = True  # tiny encoder -> the frozen encoder's latents (UNet scale), MSE
+    train_decoder: bool = True  # tiny decoder -> the frozen decoder's images from the same latents
+    encoder_weight: float = 1.0  # weight of the encoder's latent MSE in the generator loss
+    # The student learns on a random window of this many latent cells of each teacher-encoded/decoded image (None:
+    # the whole image): the teacher sees whole images, the student (whose receptive field is bounded) a cheap crop.
+    latent_crop: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.latent_crop is not None and (
+            not isinstance(self.latent_crop, int) or isinstance(self.latent_crop, bool) or self.latent_crop < 1
+        ):
+            raise not_allowed("taesd.latent_crop", self.latent_crop, "use null (whole images) or an integer >= 1")
+        check_bool("taesd.train_encoder", self.train_encoder)
+        check_bool("taesd.train_decoder", self.train_decoder)
+        check_min("taesd.encoder_weight", self.encoder_weight, 0)
+        if not (self.train_encoder or self.train_decoder):
+            raise ValueError(
+                "taesd.train_encoder: false is not allowed together with taesd.train_decoder=false; "
+                "at least one half must train"
+            )
+
+
+@dataclass
+class DecoderLossConfig:
+    """``loss:`` the decoder's distance to the frozen decoder's image (the GAN term is in ``disc``)."""
+
+    reconstruction: str = "mse"
+    reconstruction_weight: float = 1.0
+    perceptual: PerceptualConfig = field(default_factory=lambda: PerceptualConfig(weight=0.1))
+
+    def __post_init__(self) -> None:
+        check_choice("loss.reconstruction", self.reconstruction, RECONSTRUCTION)
+        check_min("loss.reconstruction_weight", self.reconstruction_weight, 0)
+
+
+@dataclass
+class TAESDDiscConfig(DiscConfig):
+    # TAESD's decoder is a GAN conditioned on the latents: D sees the image with the latents upsampled beside it
+    conditional: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_bool("disc.conditional", self.conditional)
+
+
+@dataclass
+class TAESDTaskConfig:
+    max_steps: int = 200  # the task's own steps (one generator update and at most one D update each)
+    taesd: DistillConfig = field(default_factory=DistillConfig)
+    loss: DecoderLossConfig = field(default_factory=DecoderLossConfig)
+    disc: TAESDDiscConfig = field(default_factory=TAESDDiscConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    posterior: PosteriorConfig = field(default_factory=lambda: PosteriorConfig(cache=True, sample=True))
+    max_bad_steps: int = 10  # consecutive NaN/inf steps before training stops
+
+    def __post_init__(self) -> None:
+        check_min("train.max_steps", self.max_steps, 1)
+        check_min("max_bad_steps", self.max_bad_steps, 1)
+        check_bool("posterior.cache", self.posterior.cache)
+        check_bool("posterior.sample", self.posterior.sample)
