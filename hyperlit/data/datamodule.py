@@ -22,6 +22,7 @@ from hyperlit.data.heldout import HeldOut, held_out_prompt, split_held_out
 from hyperlit.data.options import DataOptions
 from hyperlit.data.paths import resolve_path
 from hyperlit.data.records import Encoded, encode_items, encode_prompts
+from hyperlit.data.roundtrip import EncodedImage
 from hyperlit.data.skips import SkipLog
 from hyperlit.data.stream import BatchStream, EpochLoader, Sample, TrainerEpochs, _seed_int
 
@@ -150,6 +151,12 @@ class FolderDataModule(TrainerEpochs, L.LightningDataModule):
             "vary per step" if varies_per_step(self.opts.shuffle_tags, self.opts.tag_dropout) else "fixed",
             self.skip_log.summary(),
         )
+
+    def encoded_images(self) -> list[EncodedImage]:
+        """Every usable image of the folder (training and held out) with its cached posterior mean, for the VAE
+        round-trip check; empty before setup()."""
+        records = self.last_encoded.records if self.last_encoded is not None else []
+        return [EncodedImage(r.where, r.placement, r.mean) for r in records]
 
     def _held_out(self, rec: Any) -> HeldOut:
         with torch.no_grad():
