@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,6 +18,7 @@ from helpers.scripts import load_script
 from PIL import Image
 
 from hyperlit import models
+from hyperlit.attention import hypernetworks_attached
 from hyperlit.callbacks.lr_range import CHECKPOINT_KEY, PLOT_NAME, LRAutoOptions, LRRangeTest, pick_rate
 from hyperlit.callbacks.validation import validation_loss
 from hyperlit.files.torch_file import load_torch_file
@@ -75,8 +81,6 @@ def test_auto_sweeps_from_the_same_start_trains_at_the_pick_and_writes_the_curve
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     optimizer = torch.optim.AdamW(hn.parameters(), lr=result.rates[-1], weight_decay=0.01)
-    from hyperlit.attention import hypernetworks_attached
-
     with hypernetworks_attached(module.components.unet, [hn]):
         for batch in built.datamodule.sweep_batches(2):
             loss = module.compute_loss(batch, generator=generator).mean()
@@ -140,3 +144,38 @@ def test_bad_values_are_refused_at_the_door(overrides, start, tmp_path, monkeypa
     assert exit_info.value.code == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("hyperlit: error:")]
     assert len(lines) == 1 and lines[0].startswith(f"hyperlit: error: {start}"), lines
+
+
+@pytest.mark.slow
+def test_two_processes_agree_on_the_rate_and_rank_0_writes_once(tmp_path):
+    """trainer=ddp_cpu: each rank scores a share of the rates; both train at the same pick (their weights stay equal
+    step by step), rank 0 alone prints the line and writes the curve and the data check's panel."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK")}
+    tests_path = os.pathsep.join([str(REPO_ROOT / "tests"), env.get("PYTHONPATH", "")])
+    env.update(OMP_NUM_THREADS="1", WANDB_MODE="disabled", HF_HUB_OFFLINE="1", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(port), PYTHONPATH=tests_path)  # fmt: skip
+    (tmp_path / "work").mkdir()
+    command = [
+        sys.executable, str(REPO_ROOT / "train.py"), "trainer=ddp_cpu", "logger=csv", "train.max_steps=2",
+        f"hydra.run.dir={tmp_path / 'out'}", f"data.cache_dir={tmp_path / 'cache'}", "~callbacks.progress",
+        "trainer.enable_progress_bar=false", "callbacks.preview.every=0", "callbacks.preview.at_end=false",
+        "callbacks.ema.enabled=false", "data.batch_size=2", *SWEEP,
+        "+callbacks.probe._target_=helpers.ddp_probe.DDPProbe", f"+callbacks.probe.dirpath={tmp_path / 'probe'}",
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=tmp_path / "work", env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    output = done.stdout + done.stderr
+    assert output.count("train.learning_rate=auto: ") == 1 and output.count("data: VAE round trip of 16") == 1
+    probes = [json.loads((tmp_path / "probe" / f"probe-rank{r}.json").read_text()) for r in (0, 1)]
+    assert probes[0]["world_size"] == 2 and probes[0]["initial_digest"] == probes[1]["initial_digest"]
+    digests = [(tmp_path / "probe" / f"digest-rank{r}.txt").read_text() for r in (0, 1)]
+    assert digests[0] == digests[1] and len(digests[0].split("\n")) == 3
+    out = tmp_path / "out"
+    assert (out / PLOT_NAME).is_file() and (out / "vae_check.png").is_file()
+    stored = load_torch_file(out / "checkpoints" / "last.ckpt")[CHECKPOINT_KEY]
+    assert stored["rate"] == reference_pick(stored["rates"], stored["scores"])
+    assert all(s >= 0 for s in stored["scores"])  # every rate was scored by one of the ranks
+    assert not list(tmp_path.rglob("*.tmp*"))

@@ -54,7 +54,7 @@ class LRAutoOptions:
     min: float = 1e-6
     max: float = 1e-1
     count: int = 11
-    steps_per_rate: int = 50
+    steps_per_rate: int = 20
 
     def __post_init__(self) -> None:
         for key in ("min", "max"):
