@@ -7,6 +7,7 @@ setup() loads from the cache, encoding in memory only what is still missing (e.g
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections import Counter
 from pathlib import Path
@@ -22,6 +23,7 @@ from hyperlit.data.heldout import HeldOut, held_out_prompt, split_held_out
 from hyperlit.data.options import DataOptions
 from hyperlit.data.paths import resolve_path
 from hyperlit.data.records import Encoded, encode_items, encode_prompts
+from hyperlit.data.roundtrip import EncodedImage
 from hyperlit.data.skips import SkipLog
 from hyperlit.data.stream import BatchStream, EpochLoader, Sample, TrainerEpochs, _seed_int
 
@@ -150,6 +152,31 @@ class FolderDataModule(TrainerEpochs, L.LightningDataModule):
             "vary per step" if varies_per_step(self.opts.shuffle_tags, self.opts.tag_dropout) else "fixed",
             self.skip_log.summary(),
         )
+
+    def encoded_images(self) -> list[EncodedImage]:
+        """Every usable image of the folder (training and held out) with its cached posterior mean, for the VAE
+        round-trip check; empty before setup()."""
+        records = self.last_encoded.records if self.last_encoded is not None else []
+        return [EncodedImage(r.where, r.placement, r.mean) for r in records]
+
+    def sweep_batches(self, count: int) -> list[dict[str, Any]]:
+        """`count` training batches as one process draws epochs 0, 1, ... (the same on every rank), for the
+        learning-rate range test; the training stream's own position is not touched."""
+        if self.stream is None:
+            self.setup("fit")
+        assert self.stream is not None
+        whole = copy.copy(self.stream)  # shares the samples; its own rank, world and epoch
+        whole.rank, whole.world_size = 0, 1
+        batches: list[dict[str, Any]] = []
+        epoch = 0
+        while len(batches) < count:
+            whole.set_epoch(epoch)
+            plan = whole.plan()
+            if not plan:
+                raise ValueError(f"data.path={self.path_value!r}: no training batch to sweep learning rates on")
+            batches += [whole.collate(indices) for indices in plan[: count - len(batches)]]
+            epoch += 1
+        return batches
 
     def _held_out(self, rec: Any) -> HeldOut:
         with torch.no_grad():

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from hyperlit import files
 from hyperlit.attention import unet_attention_widths
+from hyperlit.callbacks.lr_range import LRAutoOptions, LRRangeTest, is_auto, stored_range_test
 from hyperlit.hypernetwork import Hypernetwork, HypernetworkConfig
 from hyperlit.lr_schedule import A1111Schedule, base_learning_rate, is_a1111_schedule
 from hyperlit.models import ModelSpec, validate_model_config
@@ -102,6 +103,13 @@ def model_kwargs(model_cfg: DictConfig) -> dict[str, Any]:
     return kwargs
 
 
+def lr_auto_options_of(train: DictConfig) -> LRAutoOptions:
+    """``train.lr_auto`` for learning_rate=auto; an A1111 schedule string keeps its own rates (auto is one rate)."""
+    fields = OmegaConf.to_container(train.get("lr_auto") or {}, resolve=True)
+    assert isinstance(fields, dict)
+    return build_options(LRAutoOptions, fields, "train.lr_auto.")
+
+
 def check_train_options(train: DictConfig) -> None:
     """The objective's options, checked here too so a bad one is reported before the model loads."""
     if train.prediction_type is not None and train.prediction_type not in PREDICTION_TYPES:
@@ -150,7 +158,10 @@ def build(cfg: DictConfig) -> TaskParts:
     config = hypernetwork_config(cfg.hypernet)
     spec = validate_model_config(**model_kwargs(cfg.model))
     max_steps = max_steps_for(cfg)
-    base_learning_rate(cfg.train.learning_rate, max_steps)
+    auto = is_auto(cfg.train.learning_rate)
+    lr_auto_options = lr_auto_options_of(cfg.train) if auto else None
+    if not auto:
+        base_learning_rate(cfg.train.learning_rate, max_steps)
     check_train_options(cfg.train)
     init_from = cfg.hypernet.get("init_from")
     if init_from and not Path(init_from).is_file():
@@ -160,6 +171,25 @@ def build(cfg: DictConfig) -> TaskParts:
     if hasattr(datamodule, "validate"):
         datamodule.validate()
     optimizer = instantiate(cfg.train.optimizer)
+    learning_rate, lr_auto, callbacks = cfg.train.learning_rate, None, []
+    if lr_auto_options is not None:
+        if not hasattr(datamodule, "sweep_batches"):
+            raise not_allowed("train.learning_rate", "auto", "the range test needs a folder's images (data=folder or "
+                              "data=sample); with streamed shards give a number")  # fmt: skip
+        if not cfg.data.get("val_count"):
+            raise not_allowed("train.learning_rate", "auto", "each rate is scored by val/loss on held-out images: "
+                              "set data.val_count >= 1, or give a number")  # fmt: skip
+        if cfg.get("ckpt_path"):  # resumed: the rate the first run's sweep chose, no second sweep
+            lr_auto = stored_range_test(cfg.ckpt_path)
+            learning_rate = lr_auto["rate"]
+            log.info("train.learning_rate=auto: %.3g, chosen when this run started (%s)", learning_rate, cfg.ckpt_path)
+        else:
+            validation = (cfg.get("callbacks") or {}).get("validation") or {}
+            callbacks.append(
+                LRRangeTest(
+                    lr_auto_options, int(validation.get("timesteps", 8)), int(cfg.seed), str(cfg.paths.output_dir)
+                )
+            )
 
     def load_module() -> HypernetworkTask:
         components = instantiate(cfg.model)
@@ -180,7 +210,7 @@ def build(cfg: DictConfig) -> TaskParts:
             hypernetwork=hypernetwork,
             components=components,
             optimizer=optimizer,
-            learning_rate=cfg.train.learning_rate,
+            learning_rate=learning_rate,
             lr_scheduler=cfg.train.lr_scheduler,
             lr_warmup_steps=int(cfg.train.lr_warmup_steps),
             max_steps=max_steps,
@@ -192,7 +222,8 @@ def build(cfg: DictConfig) -> TaskParts:
             initial_step=hypernetwork.step,
             gradient_checkpointing=bool(cfg.train.get("gradient_checkpointing", False)),
             compile=bool(cfg.train.get("compile", False)),
+            lr_auto=lr_auto,
         )
         return module
 
-    return TaskParts(load_module, datamodule, trainer_kwargs={"max_steps": max_steps})
+    return TaskParts(load_module, datamodule, callbacks=callbacks, trainer_kwargs={"max_steps": max_steps})

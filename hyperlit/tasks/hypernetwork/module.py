@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hyperlit.attention import attach_hypernetworks, detach_hypernetworks
+from hyperlit.callbacks.lr_range import CHECKPOINT_KEY as LR_AUTO_KEY
 from hyperlit.hypernetwork import Hypernetwork
 from hyperlit.lr_schedule import base_learning_rate, build_scheduler
 from hyperlit.models.components import Conditioning, TextEmbedding
@@ -56,6 +57,7 @@ class HypernetworkTask(L.LightningModule):
         initial_step: int = 0,
         gradient_checkpointing: bool = False,
         compile: bool = False,
+        lr_auto: dict | None = None,
     ) -> None:
         super().__init__()
         self.hypernetwork = hypernetwork
@@ -90,6 +92,8 @@ class HypernetworkTask(L.LightningModule):
         self.use_compile = compile
         self._compile_timer = FirstCallTimer("training step (forward, backward, optimizer)") if compile else None
         self._last_batch_time: float | None = None
+        # learning_rate=auto: the range test that chose the rate (callbacks/lr_range.py), kept in every checkpoint
+        self.lr_auto = lr_auto
 
     # --- set-up ---
 
@@ -202,6 +206,8 @@ class HypernetworkTask(L.LightningModule):
     # makes a resumed run draw exactly what the uninterrupted run would have drawn.
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["hyperlit_rng"] = {"cpu": torch.get_rng_state()}
+        if self.lr_auto is not None:
+            checkpoint[LR_AUTO_KEY] = self.lr_auto
         if torch.cuda.is_available() and self.device.type == "cuda":
             checkpoint["hyperlit_rng"]["cuda"] = torch.cuda.get_rng_state(self.device)
 
