@@ -20,8 +20,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from hyperlit.callbacks.requeue import RequeueAtStepBoundary
+from hyperlit.cpu_threads import apply_threads, choose_threads, runs_on_cpu
 from hyperlit.distributed import RankAgreement, check_launch, init_elastic_process_group, slurm_environment
+from hyperlit.metrics_file import MetricsFile
+from hyperlit.quiet import drop_lightning_tips, drop_wandb_anonymous
 from hyperlit.resume import ConfigInCheckpoint, resolved_config, resume_path
+from hyperlit.summary import run_summary
 from hyperlit.tasks import TASKS
 from hyperlit.tasks.base import TaskParts
 
@@ -49,6 +53,7 @@ class Run:
     module: pl.LightningModule
     parts: TaskParts
     loggers: list
+    metrics: MetricsFile | None = None  # metrics.csv + loss.png in the run dir, whatever the logger
 
     @property
     def datamodule(self) -> pl.LightningDataModule:
@@ -62,15 +67,20 @@ class Run:
 def build_run(cfg: DictConfig) -> Run:
     for pattern in QUIET:
         warnings.filterwarnings("ignore", message=pattern)
+    drop_lightning_tips()
     task = cfg.get("task", "hypernetwork")
     if task not in TASKS:
         raise ValueError(f"task: {task!r} is not allowed; allowed: {', '.join(TASKS)}")
     check_launch(cfg.get("trainer") or {})
+    family = OmegaConf.select(cfg, "model.family", default=None)
+    apply_threads(choose_threads(cfg.get("cpu_threads", "auto"), runs_on_cpu(cfg.get("trainer")), family))
     ckpt_path = resume_path(cfg)  # a file, `last` or (under SLURM) null: checked against the config it was saved with
     pl.seed_everything(int(cfg.get("seed") or 0), workers=True)
     parts = TASKS[task](cfg)
     parts.ckpt_path = ckpt_path
     loggers = build_loggers(cfg)
+    output_dir = OmegaConf.select(cfg, "paths.output_dir", default=None)
+    metrics = MetricsFile(output_dir) if output_dir else None
     callbacks = [*parts.callbacks, *build_callbacks(cfg).values(), rank_agreement(cfg)]
     callbacks.append(ConfigInCheckpoint(resolved_config(cfg)))
     kwargs = dict(parts.trainer_kwargs)
@@ -78,9 +88,10 @@ def build_run(cfg: DictConfig) -> Run:
     if slurm is not None:  # SIGUSR1: HPC checkpoint at the step's end, then `scontrol requeue`
         kwargs["plugins"] = [slurm]
         callbacks.append(RequeueAtStepBoundary(slurm))
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **kwargs)
+    every_logger = [*loggers, *([metrics] if metrics else [])]
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=every_logger or False, **kwargs)
     # Only now, with every part validated and the Trainer accepted, are the model weights read.
-    return Run(trainer, parts.load_module(), parts, loggers)
+    return Run(trainer, parts.load_module(), parts, loggers, metrics)
 
 
 def fit(run: Run, cfg: DictConfig) -> float | None:
@@ -95,6 +106,10 @@ def fit(run: Run, cfg: DictConfig) -> float | None:
     skipped = getattr(run.datamodule, "skipped", None)
     if skipped:
         log.warning("data: skipped or repaired samples by kind: %s", dict(skipped))
+    if run.trainer.is_global_zero:
+        output_dir = OmegaConf.select(cfg, "paths.output_dir", default=None)
+        for line in run_summary(run.trainer, run.metrics, Path(output_dir) if output_dir else None):
+            log.info("summary: %s", line)
     if run.parts.report(run.module) is not None:
         return None  # the task says the result is unusable (e.g. it diverged); it has logged why
     name = str(cfg.get("optimized_metric") or "train/loss")
@@ -131,7 +146,9 @@ def build_loggers(cfg: DictConfig) -> list:
                     "`wandb sync %s/wandb/offline-run-*` (or run `wandb login` first, or use logger=tensorboard)",
                     logger_cfg.save_dir, logger_cfg.save_dir,
                 )  # fmt: skip
-        loggers.append(instantiate(logger_cfg, **kwargs))
+        logger = instantiate(logger_cfg, **kwargs)
+        drop_wandb_anonymous(logger)
+        loggers.append(logger)
         log.debug("logger %s ready", key)
     return loggers
 

@@ -102,9 +102,10 @@ def test_enabled_every_output_holds_the_average_and_training_keeps_the_live_weig
     assert_close(file_weights(out / "swish_121-4.pt"), after_4)
     assert_close(file_weights(out / "swish_121.pt"), after_4)
     assert_close(files.load_hypernetwork(out / "swish_121.hyperlit.safetensors").state_dict(), after_4)
-    # previews at steps 2 and 4 (at_end does not repeat step 4)
-    assert len(previewed) == 2
-    assert_close(previewed[0], after_2) and assert_close(previewed[1], after_4)
+    # previews at steps 0, 2 and 4 (at_end does not repeat step 4); step 0 is the untrained network
+    assert len(previewed) == 3
+    assert_close(previewed[0], record.steps[0])
+    assert_close(previewed[1], after_2) and assert_close(previewed[2], after_4)
     # val/loss (what sweeps minimise) scores the average: the same value as the average loaded by hand
     module, timesteps = built.module, cfg.callbacks.validation.timesteps
     live = {k: v.clone() for k, v in module.hypernetwork.state_dict().items()}

@@ -99,7 +99,7 @@ def test_train_tiny_sdxl_end_to_end_with_buckets(train_cfg, tmp_path):
     out = tmp_path / "run"
     for name in ("xl-2.pt", "xl-4.pt", "xl.pt"):
         assert (out / "hypernetworks" / name).is_file(), name
-    assert sorted(p.name for p in (out / "images").glob("*.png")) == ["xl-2.png", "xl-4.png"]
+    assert sorted(p.name for p in (out / "images").glob("*.png")) == ["xl-0.png", "xl-2.png", "xl-4.png"]
     comps = built.module.components
     assert [_digest(m) for m in comps.modules()] == before  # frozen means frozen, both text encoders included
 

@@ -55,7 +55,8 @@ def test_run_writes_a1111_files_and_keeps_the_base_model_frozen(train_cfg, tmp_p
     assert sorted(validation.scores) == [0, 4] and loss == validation.scores[4]
     for name in ("swish_121-2.pt", "swish_121-4.pt", "swish_121.pt", "swish_121.hyperlit.safetensors"):
         assert (out / "hypernetworks" / name).is_file(), name
-    assert sorted(p.name for p in (out / "images").glob("*.png")) == ["swish_121-2.png", "swish_121-4.png"]
+    grids = sorted(p.name for p in (out / "images").glob("*.png"))
+    assert grids == ["swish_121-0.png", "swish_121-2.png", "swish_121-4.png"]
     assert (out / "checkpoints" / "last.ckpt").is_file()
 
     # Frozen means frozen: bit-identical to a fresh build, no gradients, nothing of it in the checkpoint.

@@ -47,6 +47,7 @@ class HypernetworkExport(L.Callback):
         self.log_artifact = log_artifact
         self._last_saved_step = -1
         self.final_path: Path | None = None
+        self.snapshots: dict[int, Path] = {}  # step -> <name>-<step>.pt written by this process
 
     def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, stem: str) -> Path:
         hn = pl_module.hypernetwork
@@ -70,6 +71,7 @@ class HypernetworkExport(L.Callback):
         if trainer.is_global_zero:
             with averaged_weights(trainer, pl_module):
                 path = self._write(trainer, pl_module, f"{pl_module.hypernetwork.name}-{step}")
+            self.snapshots[step] = path
             log.info("saved %s", path)
 
     def save_final(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

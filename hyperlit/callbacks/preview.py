@@ -1,14 +1,18 @@
 """Preview grids while training: fixed prompts (rows) x hypernetwork multipliers (columns), one fixed seed.
 
 Every cell starts from the same noise, so a row shows the prompt without the network (multiplier 0) and with it,
-and successive grids of a run are comparable. Runs on global rank 0 only and uses no collectives, so it cannot
-deadlock a DDP job. The default prompts are the captions of the held-out images (``data.val_count``); without
-those, the first caption the run trains on.
+and successive grids of a run are comparable. The first grid is drawn at step 0 (the untrained network), then every
+``every`` steps and at the end; each is labelled with its prompts and multipliers. At each grid the pixel change
+between multiplier 0 and 1 is logged as ``preview/change`` with ``val/loss`` against its step-0 value, and a run
+whose change stays under ``min_change`` is told, once, that nothing is being learned. Runs on global rank 0 only
+and uses no collectives, so it cannot deadlock a DDP job. The default prompts are the captions of the held-out
+images (``data.val_count``); without those, the first caption the run trains on.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,26 +22,17 @@ import numpy as np
 import torch
 from PIL import Image
 
+from hyperlit.callbacks.change import nothing_learned, preview_change, val_text
 from hyperlit.callbacks.ema import averaged_weights
+from hyperlit.callbacks.grid import grid_caption, label_grid, paste_grid
+from hyperlit.callbacks.validation import ValidationLoss
 from hyperlit.io import atomic_path
 from hyperlit.sampling import SampleSettings, check_sampler, check_size, make_pipeline, sample_image
 
 log = logging.getLogger(__name__)
 
-
-def grid_caption(prompts: Sequence[str], multipliers: Sequence[float]) -> str:
-    rows = " | ".join(f"{i + 1}: {p}" for i, p in enumerate(prompts))
-    return f"rows (prompts) {rows}; columns: multiplier {', '.join(f'{m:g}' for m in multipliers)}"
-
-
-def paste_grid(cells: list[list[Image.Image]]) -> Image.Image:
-    """Rows of equally sized images as one image."""
-    width, height = cells[0][0].size
-    grid = Image.new("RGB", (width * len(cells[0]), height * len(cells)))
-    for r, row in enumerate(cells):
-        for c, cell in enumerate(row):
-            grid.paste(cell, (c * width, r * height))
-    return grid
+__all__ = ["PreviewImages", "grid_caption", "paste_grid"]
+CHANGE = "preview/change"
 
 
 class PreviewImages(L.Callback):
@@ -54,6 +49,8 @@ class PreviewImages(L.Callback):
         seed: int = 0,
         resolution: int | None = None,
         at_end: bool = True,
+        labels: bool = True,
+        min_change: float | None = None,
     ) -> None:
         if isinstance(every, bool) or not isinstance(every, int) or every < 0:
             raise ValueError(f"callbacks.preview.every: {every!r} is not allowed; use 0 (off) or more")
@@ -65,6 +62,12 @@ class PreviewImages(L.Callback):
         if not multipliers or not all(isinstance(m, int | float) and not isinstance(m, bool) for m in multipliers):
             raise ValueError(
                 f"callbacks.preview.multipliers: {multipliers!r} is not allowed; use a non-empty list of numbers"
+            )
+        if min_change is not None and (
+            isinstance(min_change, bool) or not isinstance(min_change, int | float) or min_change < 0
+        ):
+            raise ValueError(
+                f"callbacks.preview.min_change: {min_change!r} is not allowed; use a number >= 0 or null (no check)"
             )
         check_sampler(sampler, "callbacks.preview.sampler")
         if resolution is not None:
@@ -80,9 +83,13 @@ class PreviewImages(L.Callback):
         self.seed = seed
         self.resolution = resolution
         self.at_end = at_end
+        self.labels = labels
+        self.min_change = None if min_change is None else float(min_change)
         self._first_caption: str | None = None
         self._last_step = -1
         self.written: list[Path] = []
+        self.changes: dict[int, float] = {}  # step -> preview/change
+        self.warned = False
 
     def grid_prompts(self, trainer: L.Trainer | None) -> list[str]:
         if self.prompts:
@@ -99,8 +106,10 @@ class PreviewImages(L.Callback):
         return SampleSettings(self.steps, self.guidance_scale, self.sampler, size, size)
 
     @torch.no_grad()
-    def render(self, pl_module: L.LightningModule, prompts: Sequence[str]) -> list[list[Image.Image]]:
-        """cells[row][column]: prompt `row` at multiplier `column`, all from the same seed."""
+    def render(
+        self, pl_module: L.LightningModule, prompts: Sequence[str], multipliers: Sequence[float] | None = None
+    ) -> list[list[Image.Image]]:
+        """cells[row][column]: prompt `row` at multiplier `column` (default: the grid's), all from the same seed."""
         components, hn = pl_module.components, pl_module.hypernetwork
         settings = self.settings(pl_module)
         pipe = make_pipeline(components, self.sampler)
@@ -110,7 +119,7 @@ class PreviewImages(L.Callback):
             cells = []
             for prompt in prompts:
                 row = []
-                for m in self.multipliers:
+                for m in self.multipliers if multipliers is None else multipliers:
                     hn.multiplier = m
                     row.append(sample_image(pipe, components, prompt, self.negative_prompt, self.seed, settings))
                 cells.append(row)
@@ -119,34 +128,81 @@ class PreviewImages(L.Callback):
             hn.train(was_training)
         return cells
 
+    def change(self, pl_module: L.LightningModule, prompts: Sequence[str], cells: list[list[Image.Image]]) -> float:
+        """preview/change: multiplier 0 against 1, from the grid's cells or, for columns it lacks, fresh renders."""
+        columns = []
+        for m in (0.0, 1.0):
+            if m in self.multipliers:
+                columns.append([row[self.multipliers.index(m)] for row in cells])
+            else:
+                columns.append([row[0] for row in self.render(pl_module, prompts, [m])])
+        return preview_change(columns[0], columns[1])
+
     def _preview(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         step = trainer.global_step
         self._last_step = step
         prompts = self.grid_prompts(trainer)
+        started = time.perf_counter()
         with averaged_weights(trainer, pl_module):  # what the exports hold
-            grid = paste_grid(self.render(pl_module, prompts))
+            cells = self.render(pl_module, prompts)
+            change = self.change(pl_module, prompts, cells)
+        grid = label_grid(cells, prompts, self.multipliers) if self.labels else paste_grid(cells)
         path = self.dirpath / f"{pl_module.hypernetwork.name}-{step}.png"
         with atomic_path(path, suffix=".png") as tmp:
             grid.save(tmp, format="PNG")
         self.written.append(path)
+        self.changes[step] = change
         _log_image(trainer, grid, grid_caption(prompts, self.multipliers), step)
+        for logger in trainer.loggers:
+            logger.log_metrics({CHANGE: change}, step=step)
+        val = self.val_line(trainer, step)
+        log.info(
+            "preview: grid %s in %.1f s; change %.2f of 255 (multiplier 0 vs 1), %s",
+            path, time.perf_counter() - started, change, val,
+        )  # fmt: skip
+        self.check_learning(trainer, pl_module, step, change, val)
 
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: dict, batch_idx: int
+    @staticmethod
+    def val_line(trainer: L.Trainer, step: int) -> str:
+        validation = next((cb for cb in trainer.callbacks if isinstance(cb, ValidationLoss)), None)
+        scores = validation.scores if validation is not None else {}
+        return val_text(scores.get(step), scores.get(0) if step else None)
+
+    def check_learning(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, step: int, change: float, val: str
+    ) -> bool:
+        """Warn once when, from half-way through the run on, the network still barely changes the preview."""
+        max_steps = int(trainer.max_steps or 0)
+        if self.warned or self.min_change is None or step == 0 or (max_steps > 0 and 2 * step < max_steps):
+            return False
+        if change >= self.min_change:
+            return False
+        self.warned = True
+        rate = getattr(pl_module, "learning_rate", "?")
+        log.warning(nothing_learned(change, self.min_change, step, rate, max_steps, val))
+        return True
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        captions = batch.get("caption")
+        # Before the batch: the weights after `global_step` optimizer steps (step 0: the untrained network), after
+        # the validation callback has scored them when it comes first in the config, so the log line can show it.
+        captions = batch.get("caption") if isinstance(batch, dict) else None
         if captions and self._first_caption is None:
             self._first_caption = captions[0]
         step = trainer.global_step
-        if not self.every or step == 0 or step % self.every or step == self._last_step:
+        if not self.every or step % self.every or step == self._last_step:
             return
         if trainer.is_global_zero:
             self._preview(trainer, pl_module)
         self._last_step = step
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.at_end and trainer.is_global_zero and trainer.global_step != self._last_step:
+        step = trainer.global_step
+        due = self.at_end or (self.every and step % self.every == 0)
+        if due and trainer.is_global_zero and step != self._last_step:
             self._preview(trainer, pl_module)
+        self._last_step = step
 
 
 def _log_image(trainer: L.Trainer, image: Image.Image, caption: str, step: int) -> None:
