@@ -228,22 +228,36 @@ def checker_score(grey: np.ndarray, background: np.ndarray, cell: int = CHECKER_
     return best
 
 
-def judge(image: Image.Image | np.ndarray) -> Judgement:
-    """Colour, shape and style of one image (any size; judged at 64 px)."""
+def as_array(image: Image.Image | np.ndarray) -> np.ndarray:
+    """An image as an (H, W, 3) float array in [0, 1]; a PIL image of another size is judged at 64 px."""
     if isinstance(image, Image.Image):
         if image.size != (64, 64):
             image = image.convert("RGB").resize((64, 64), Image.Resampling.BOX)
-        arr = np.asarray(image.convert("RGB"), dtype=np.float64) / 255.0
-    else:
-        arr = np.asarray(image, dtype=np.float64)
-    hue, sat, val = _hsv(arr)
-    mask = (sat > 0.45) & (val > 0.3)
-    # the background: clearly unsaturated pixels, away from the shape's soft edge
+        return np.asarray(image.convert("RGB"), dtype=np.float64) / 255.0
+    return np.asarray(image, dtype=np.float64)
+
+
+def shape_mask(arr: np.ndarray) -> np.ndarray:
+    """The shape's pixels: saturated and not dark (every palette colour is; every background is grey)."""
+    _, sat, val = _hsv(arr)
+    return (sat > 0.45) & (val > 0.3)
+
+
+def background_mask(arr: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The background: clearly unsaturated pixels, 3 px or more from the shape's (soft) edge."""
     grown = mask.copy()
     for axis in (0, 1):
         for shift in (-2, -1, 1, 2):
             grown |= np.roll(mask, shift, axis=axis)
-    background = (~grown) & (sat < 0.25)
+    return (~grown) & (_hsv(arr)[1] < 0.25)
+
+
+def judge(image: Image.Image | np.ndarray) -> Judgement:
+    """Colour, shape and style of one image (any size; judged at 64 px)."""
+    arr = as_array(image)
+    hue = _hsv(arr)[0]
+    mask = shape_mask(arr)
+    background = background_mask(arr, mask)
     score = checker_score(arr.mean(-1), background)
     if mask.sum() < MIN_SHAPE_PIXELS:
         return Judgement(None, None, score > STYLE_SCORE, 0.0, 0.0, score)
