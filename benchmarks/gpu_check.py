@@ -55,9 +55,10 @@ from hyperlit.speed import compile_unet, enable_gradient_checkpointing, use_chan
 GOAL_SD15_IMAGES_PER_S = 60.0  # SD1.5 hypernetwork training, 512 px, cached latents, per H100 (issue 30)
 # val/loss of the device runs against the CPU fp32 run. Step 0 scores the same start weights (val/loss runs outside
 # autocast, in fp32; cuDNN may use TF32 convolutions): 2e-3 relative. Later steps follow another random stream (CUDA
-# draws its own noise and timesteps) and bf16 gradients: the curve may wander within the seed-to-seed spread, so the
-# last value is held to 10 % and the largest gap over the curve is reported.
-TOLERANCE = {"step0": 2e-3, "final": 0.10}
+# draws its own noise and timesteps) and bf16 gradients: on the CPU, seeds 42 and 1 of this run ended 10 % apart at
+# step 300 (0.0507 / 0.0558; up to 11 % mid-curve), so the last value is held to twice that, 20 %, and the largest
+# gap over the curve is reported.
+TOLERANCE = {"step0": 2e-3, "final": 0.20}
 
 
 @dataclass
