@@ -38,11 +38,8 @@ from pathlib import Path
 
 import torch
 
-from hyperlit.attention import hypernetworks_attached
-from hyperlit.demo.quality import SAMPLERS, Score, Target, generate, grid, load_pipeline, score
+from hyperlit.demo.quality import SAMPLERS, Score, Target, generate_at_multipliers, grid, score
 from hyperlit.demo.shapes import HELD_OUT
-from hyperlit.files import load_hypernetwork
-from hyperlit.models.loader import TINY_BASE_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 MULTIPLIERS = (0.0, 1.0)
@@ -89,18 +86,11 @@ def prove(
     base: Path | None = None,
     sampler: str = "dpmpp_2m",
 ) -> dict[float, Score]:
-    pipe = load_pipeline(base or TINY_BASE_DIR, sampler)
-    hn = load_hypernetwork(hypernetwork)
-    hn.eval()
     targets = [Target(c, s) for c, s in HELD_OUT for _ in range(seeds)]
     seed_list = [i for _ in HELD_OUT for i in range(seeds)]
-    scores, images = {}, []
-    with hypernetworks_attached(pipe.unet, [hn]):
-        for m in MULTIPLIERS:
-            hn.multiplier = m
-            out = generate(pipe, [t.prompt for t in targets], seed_list, steps=steps, cfg=cfg)
-            scores[m] = score(out, targets)
-            images += out
+    generated = generate_at_multipliers(hypernetwork, targets, seed_list, MULTIPLIERS, steps, cfg, base, sampler)
+    scores = {m: score(out, targets) for m, out in generated.items()}
+    images = [im for m in MULTIPLIERS for im in generated[m]]
     if sheet is not None:  # rows: prompts x seeds at multiplier 0, then the same at multiplier 1
         grid(images, columns=seeds * 2).save(sheet)
     return scores

@@ -20,6 +20,8 @@ from diffusers import (
 )
 from PIL import Image
 
+from hyperlit.attention import hypernetworks_attached
+from hyperlit.files import load_hypernetwork
 from hyperlit.models.loader import TINY_BASE_DIR
 from hyperlit.pretrained import OFFLINE
 
@@ -86,6 +88,29 @@ def generate(
         out = pipe(chunk, num_inference_steps=steps, guidance_scale=cfg, generator=generators, output_type="pil")
         images += out.images
     return images
+
+
+def generate_at_multipliers(
+    hypernetwork: str | Path,
+    targets: Sequence[Target],
+    seeds: Sequence[int],
+    multipliers: Sequence[float],
+    steps: int = 20,
+    cfg: float = 5.0,
+    base: str | Path | None = None,
+    sampler: str = "dpmpp_2m",
+) -> dict[float, list[Image.Image]]:
+    """One image per (target, seed) at each multiplier of the hypernetwork file, applied to the base
+    (default: the embedded tiny base); every multiplier sees the same prompts and noise."""
+    pipe = load_pipeline(base or TINY_BASE_DIR, sampler)
+    hn = load_hypernetwork(hypernetwork)
+    hn.eval()
+    out = {}
+    with hypernetworks_attached(pipe.unet, [hn]):
+        for m in multipliers:
+            hn.multiplier = m
+            out[m] = generate(pipe, [t.prompt for t in targets], seeds, steps=steps, cfg=cfg)
+    return out
 
 
 def score(images: Sequence[Image.Image], targets: Sequence[Target]) -> Score:
