@@ -96,6 +96,9 @@ def test_madebyollin_files_load_into_the_reference_with_the_same_outputs(tmp_pat
     torch.testing.assert_close(ref_z, ours_z, atol=1e-6, rtol=0)
     torch.testing.assert_close(ref_x, ours_x, atol=1e-6, rtol=0)
     assert ref_x.std() > 0.01 and ref_z.std() > 0.01  # not a degenerate comparison of zeros
+    if channels == 4:  # the parameter counts madebyollin's README publishes for taesd's encoder and decoder
+        assert sum(p.numel() for p in enc.parameters()) == 1_222_532
+        assert sum(p.numel() for p in dec.parameters()) == 1_222_531
 
 
 def test_file_metadata_and_the_keys_clients_read(tmp_path):

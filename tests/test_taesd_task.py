@@ -139,6 +139,7 @@ def test_training_lowers_the_distillation_loss_and_keeps_the_teacher(tmp_path):
     metrics = trainer.callback_metrics
     assert {"val/psnr", "val/ssim", "val/encoder_mse", "val/decoder_mse", "val/loss"} <= set(metrics)
     assert "train/d_weight" in metrics and "val/lpips_vgg" not in metrics  # a random LPIPS is never reported
+    assert float(metrics["train/loss"]) == float(metrics["train/total"]) > 0
 
 
 @pytest.mark.parametrize("half", ["encoder", "decoder"])

@@ -351,6 +351,8 @@ class TAESDTask(pl.LightningModule):
         bs = x.shape[0]
         self.log_dict({f"train/{k}": v.float() for k, v in logs.items()}, on_step=True, batch_size=bs)
         self.log("train/step", float(self.step), on_step=True, batch_size=bs)
+        # what the runner returns to sweeps when no validation ran (optimized_metric val/loss falls back to it)
+        self.log("train/loss", logs["total"].float(), on_step=True, batch_size=bs)
 
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
