@@ -192,7 +192,8 @@ def _report(
     )  # fmt: skip
     if mean < level:
         log.warning(
-            "data: the base model's VAE cannot hold these images (round-trip PSNR %.1f dB, below %.1f dB): a look "
-            "it cannot reproduce cannot be learned; compare the panel, or set callbacks.vae_check.warn_psnr",
+            "data: the base model's VAE loses much of these images (round-trip PSNR %.1f dB, below %.1f dB): a look "
+            "it cannot reproduce cannot be learned; check in the panel whether your style survives, or set "
+            "callbacks.vae_check.warn_psnr",
             mean, level,
         )  # fmt: skip
