@@ -159,7 +159,8 @@ def test_two_processes_on_folder_data(tmp_path):
         "linear_121.hyperlit.safetensors",
         "linear_121.pt",
     ]
-    assert sorted(p.name for p in (out / "images").iterdir()) == ["linear_121-4.png", "linear_121-8.png"]
+    grids = sorted(p.name for p in (out / "images").iterdir())
+    assert grids == ["linear_121-0.png", "linear_121-4.png", "linear_121-8.png"]  # step 0, every 4, the end
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last.ckpt"]  # save_top_k=0: last only
     assert [p.parent.name for p in tmp_path.rglob(".hydra")] == ["out"]
     assert list((tmp_path / "work").iterdir()) == []  # no second run dir from rank 1
