@@ -1,11 +1,14 @@
 """fp16-safe decoder fine-tuning, the method behind sdxl-vae-fp16-fix: keep the output of the original decoder
 (a frozen fp32 teacher) while making the internal activations small, by scaling weights and biases down.
 
-The scaling is learned directly: every conv/linear layer of ``post_quant_conv`` + decoder gets two log-space
-gains (weight, bias). Adam steps on a log gain are relative (a few % per step), so activations can shrink by
-orders of magnitude in a few hundred steps, which additive steps on the weights themselves cannot do at a
-fine-tuning learning rate. The weights may train too (small lr) to absorb what pure rescaling cannot express.
-The gains are folded into the weights after every update, so the decoder is a plain AutoencoderKL throughout.
+This is the second step of ``loss.kind=fp16_fix``: the first, :mod:`hyperlit.vae.fp16_rescale`, rescales exactly
+every layer only a normalisation reads, and this one learns the rest. Every conv/linear layer of
+``post_quant_conv`` + decoder gets two log-space gains (weight, bias); the task trains only those of the layers the
+closed form left (and their readers). Adam steps on a log gain are relative (a few % per step), so activations can
+shrink by orders of magnitude in a few hundred steps, which additive steps on the weights themselves cannot do at a
+fine-tuning learning rate. The weights may train too (``train_weights``), but Adam's absolute steps swamp weights a
+rescale made tiny. The gains are folded into the weights after every update, so the decoder is a plain
+AutoencoderKL throughout.
 """
 
 from __future__ import annotations
