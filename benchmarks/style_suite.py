@@ -148,7 +148,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--images", type=int, default=12, help="training images per style (default 12)")
     parser.add_argument("--extra", nargs="*", default=[], metavar="KEY=VALUE",
                         help="Hydra overrides appended to every training command (candidate defaults)")  # fmt: skip
-    parser.add_argument("--threads", type=int, default=2, help="torch threads for training and sampling (default 2)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads for training and sampling (default 1, as the runner sets for the tiny base)",
+    )
     parser.add_argument("--seed", type=int, default=None, help="the training seed (default: the config's)")
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the drawn training images (default 0)")
     parser.add_argument("--steps", type=int, default=20, help="sampling steps (default 20, DPM++ 2M)")
