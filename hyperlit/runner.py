@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from hyperlit.config_keys import CONF_DIR, check_keys_are_read, defined_keys
 from hyperlit.distributed import RankAgreement, check_launch
 from hyperlit.tasks import TASKS
 from hyperlit.tasks.base import TaskParts
@@ -60,6 +62,7 @@ class Run:
 def build_run(cfg: DictConfig) -> Run:
     for pattern in QUIET:
         warnings.filterwarnings("ignore", message=pattern)
+    check_keys_are_read(cfg, defined_keys(config_dirs()))
     task = cfg.get("task", "hypernetwork")
     if task not in TASKS:
         raise ValueError(f"task: {task!r} is not allowed; allowed: {', '.join(TASKS)}")
@@ -67,7 +70,8 @@ def build_run(cfg: DictConfig) -> Run:
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path and not Path(ckpt_path).is_file():
         raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file")
-    pl.seed_everything(int(cfg.get("seed") or 0), workers=True)
+    # verbose=False: Lightning's "Seed set to N" line would precede a bad-input error, which must be the only line
+    pl.seed_everything(int(cfg.get("seed") or 0), workers=True, verbose=False)
     parts = TASKS[task](cfg)
     parts.ckpt_path = ckpt_path
     loggers = build_loggers(cfg)
@@ -75,6 +79,14 @@ def build_run(cfg: DictConfig) -> Run:
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **parts.trainer_kwargs)
     # Only now, with every part validated and the Trainer accepted, are the model weights read.
     return Run(trainer, parts.load_module(), parts, loggers)
+
+
+def config_dirs() -> list[Path]:
+    """The folders this run's config was composed from (the repository's conf/ when Hydra is not running)."""
+    if not HydraConfig.initialized():
+        return [CONF_DIR]
+    sources = HydraConfig.get().runtime.config_sources
+    return [Path(s.path) for s in sources if s.schema == "file" and Path(s.path).is_dir()] or [CONF_DIR]
 
 
 def fit(run: Run, cfg: DictConfig) -> float | None:
