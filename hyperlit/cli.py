@@ -14,6 +14,16 @@ from hyperlit.cli_vae import add_eval_vae_parser, is_vae_file, run_inspect_vae
 from hyperlit.files import HypernetworkFile, clients, comfyui
 from hyperlit.lora.command import add_to_lora_parser
 
+DESCRIPTION = (
+    "Tools for hypernetwork and VAE files: inspect and convert them, generate images with them, evaluate VAEs, "
+    "make webdataset shards."
+)
+EPILOG = (
+    "Training is not a subcommand: in the repository, python train.py trains a hypernetwork and python train.py "
+    "--config-name vae fine-tunes a VAE decoder (python train.py --help lists their options). "
+    "hyperlit COMMAND --help describes each command."
+)
+
 
 def describe(content: HypernetworkFile, path: str | Path | None = None) -> dict:
     """Everything `hyperlit inspect` reports, as plain data."""
@@ -136,9 +146,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--out", required=True, help="output folder for <seed>-<index>.png")
     gen.add_argument("--model", default="tiny", help="model family: tiny (embedded, the default), sd15, sd21")
     gen.add_argument("--model-path", default=None, help="checkpoint file or diffusers folder for sd15/sd21")
-    gen.add_argument(
-        "--tokenizer-path", default=None, help="tokenizer folder for a single file (SDXL: tokenizer/ + tokenizer_2/)"
-    )
+    gen.add_argument("--tokenizer-path", default=None, help="tokenizer folder (or diffusers folder) for a single file")
     gen.add_argument("--negative-prompt", default="")
     gen.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     gen.add_argument("--n", type=int, default=4, help="number of images")
@@ -151,7 +159,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hyperlit", description=__doc__)
+    parser = argparse.ArgumentParser(prog="hyperlit", description=DESCRIPTION, epilog=EPILOG)
     sub = parser.add_subparsers(dest="command", required=True)
 
     inspect = sub.add_parser("inspect", help="show what a hypernetwork or VAE file (or diffusers VAE folder) holds")

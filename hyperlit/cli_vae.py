@@ -50,7 +50,12 @@ def add_eval_vae_parser(sub: argparse._SubParsersAction) -> None:
         help="diffusers VAE folder, single-file VAE (.safetensors/.pt/.ckpt) or full SD checkpoint; repeatable",
     )
     p.add_argument("--resolution", type=int, default=256, help="short side resize + centre crop (cards: 256)")
-    p.add_argument("--norm-num-groups", type=int, default=32, help="GroupNorm groups of single-file VAEs")
+    p.add_argument(
+        "--norm-num-groups",
+        type=int,
+        default=None,
+        help="GroupNorm groups of single-file VAEs (default: the file's, which hyperlit's exports carry; else 32)",
+    )
     p.add_argument("--lpips-weights", default=None, help="torchvision VGG16 state dict (.pth/.safetensors)")
     p.add_argument("--lpips-lin-weights", default=None, help="lpips vgg.pth heads (default: torchmetrics' copy)")
     p.add_argument("--inception-weights", default=None, help="pt_inception-2015-12-05-6726825d.pth for rFID")
@@ -69,7 +74,8 @@ def add_eval_vae_parser(sub: argparse._SubParsersAction) -> None:
         "--fail-if-worse",
         default=None,
         metavar="REF",
-        help="exit 1 when a model is worse than REF (a --model/--model-path as given) on PSNR or LPIPS",
+        help="exit 1 when a model is worse than REF on PSNR or LPIPS; REF is evaluated too (a --model name or a "
+        "path; no need to list it again)",
     )
     p.add_argument("--psnr-tolerance", type=float, default=PSNR_TOLERANCE, help="dB below REF still accepted")
     p.add_argument("--lpips-tolerance", type=float, default=LPIPS_TOLERANCE, help="LPIPS above REF still accepted")
@@ -78,6 +84,15 @@ def add_eval_vae_parser(sub: argparse._SubParsersAction) -> None:
 
 def _check_args(args: argparse.Namespace) -> list[str]:
     """Everything checkable before a weight loads; returns the model labels."""
+    ref = args.fail_if_worse
+    if ref is not None and ref not in [*args.model, *args.model_path]:
+        # the CI gate `--model-path NEW --fail-if-worse OLD`: OLD is scored as well
+        if ref in ("tiny", "tiny-random"):
+            args.model.append(ref)
+        elif os.path.exists(ref):
+            args.model_path.append(ref)
+        else:
+            raise FileNotFoundError(f"--fail-if-worse={ref!r}: no such file or folder, and not a --model name")
     labels = list(args.model) + list(args.model_path)
     if not labels:
         raise ValueError("eval-vae: no model given; use --model tiny and/or --model-path P (repeatable)")

@@ -10,8 +10,16 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from hydra.errors import InstantiationException
+from hydra.errors import (
+    ConfigCompositionException,
+    HydraException,
+    InstantiationException,
+    MissingConfigException,
+    OverrideParseException,
+)
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+from hyperlit.options import close_matches
 
 BAD_INPUT = (ValueError, OSError, MisconfigurationException)
 # What a constructor raises about its arguments; counted as bad input only when raised inside instantiate.
@@ -103,3 +111,58 @@ def _select(cfg: Any, key: str) -> Any:
     from omegaconf import OmegaConf
 
     return OmegaConf.select(cfg, key, default=None)
+
+
+_COULD_NOT_OVERRIDE = re.compile(r"Could not override '([^']+)'")
+_APPEND_ADVICE = re.compile(r"\s*To append to your config use \+(\S+)")
+_ALREADY_SET = re.compile(r"An item is already at '([^']+)'")
+_REMOVE_PLUS = re.compile(r"Either remove \+ prefix: '([^']+)'")
+
+
+def _overrides(text: str) -> list[str]:
+    """The override Hydra's append refusal quotes, with its + restored."""
+    found = _REMOVE_PLUS.search(text)
+    return [f"+{found[1]}"] if found else []
+
+
+def _did_you_mean(word: str, choices: list[str], prefix: str = "") -> str:
+    close = close_matches(word, choices)
+    return f"did you mean {' or '.join(prefix + c for c in close)}? " if close else ""
+
+
+def hydra_message(err: HydraException) -> str:
+    """One line for a mistake Hydra finds while composing the config (before any hyperlit code runs).
+
+    Never suggests ``+key=``: a key that no config file defines is not read by hyperlit either.
+    """
+    text = str(err)
+    if isinstance(err, OverrideParseException):
+        return f"{err.override}: {one_line(err.message)}"
+    if isinstance(err, MissingConfigException) and err.options is not None and err.missing_cfg_file:
+        group, _, option = err.missing_cfg_file.rpartition("/")
+        options = sorted(err.options)
+        hint = _did_you_mean(option, options)
+        return f"{group.replace('/', '.')}={option}: no such option; {hint}allowed: {', '.join(options)}"
+    appending = _ALREADY_SET.search(text)
+    if appending:
+        line = next((o for o in _overrides(text) if o.startswith("+")), f"+{appending[1]}")
+        return f"{line}: {appending[1]} is already set; drop the + to change it ({line.lstrip('+')})"
+    overridden = _COULD_NOT_OVERRIDE.search(text)
+    if isinstance(err, ConfigCompositionException) and overridden:
+        key = overridden[1]
+        appended = _APPEND_ADVICE.search(text)
+        shown = appended[1] if appended else key
+        cause = err.__cause__
+        parent = getattr(cause, "parent_node", None)
+        if parent is not None and hasattr(parent, "keys") and "not in struct" in str(cause):
+            prefix = key.rpartition(".")[0]
+            keys = sorted(str(k) for k in parent.keys() if not str(k).startswith("_"))
+            name = key.rpartition(".")[2]
+            hint = _did_you_mean(name, keys, f"{prefix}." if prefix else "")
+            where = f"keys of {prefix}" if prefix else "top-level keys"
+            return f"{shown}: no such key; {hint}{where}: {', '.join(keys)}"
+        reason = _APPEND_ADVICE.sub("", text.split("\n", 1)[1] if "\n" in text else "")
+        reason = one_line(f"{reason}\n{_without_full_key(str(cause)) if cause is not None else ''}")
+        return f"{shown}: {reason or 'cannot be overridden'}"
+    text = re.sub(r"\s*Config search path:.*", "", text, flags=re.DOTALL)
+    return one_line(_APPEND_ADVICE.sub("", text))

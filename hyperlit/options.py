@@ -7,6 +7,7 @@ Every option group that is validated before weights load (``hypernet`` -> Hypern
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterable, Mapping
 from dataclasses import fields, is_dataclass
 from typing import Any, TypeVar, get_type_hints
@@ -17,6 +18,11 @@ T = TypeVar("T")
 def not_allowed(key: str, value: Any, allowed: str) -> ValueError:
     """The one error grammar for bad values: ``<key>: <value> is not allowed; <what is allowed>``."""
     return ValueError(f"{key}: {value!r} is not allowed; {allowed}")
+
+
+def close_matches(word: str, choices: Iterable[str]) -> list[str]:
+    """The (at most two) choices that look like ``word``: for "did you mean" hints."""
+    return difflib.get_close_matches(word, sorted(set(choices)), n=2, cutoff=0.75)
 
 
 def check_choice(key: str, value: Any, choices: Iterable[Any]) -> None:

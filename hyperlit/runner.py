@@ -16,10 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from hyperlit.callbacks.requeue import RequeueAtStepBoundary
+from hyperlit.config_keys import CONF_DIR, check_keys_are_read, defined_keys
 from hyperlit.cpu_threads import apply_threads, choose_threads, runs_on_cpu
 from hyperlit.distributed import RankAgreement, check_launch, init_elastic_process_group, slurm_environment
 from hyperlit.metrics_file import MetricsFile
@@ -68,6 +70,7 @@ def build_run(cfg: DictConfig) -> Run:
     for pattern in QUIET:
         warnings.filterwarnings("ignore", message=pattern)
     drop_lightning_tips()
+    check_keys_are_read(cfg, defined_keys(config_dirs()))
     task = cfg.get("task", "hypernetwork")
     if task not in TASKS:
         raise ValueError(f"task: {task!r} is not allowed; allowed: {', '.join(TASKS)}")
@@ -75,7 +78,8 @@ def build_run(cfg: DictConfig) -> Run:
     family = OmegaConf.select(cfg, "model.family", default=None)
     apply_threads(choose_threads(cfg.get("cpu_threads", "auto"), runs_on_cpu(cfg.get("trainer")), family))
     ckpt_path = resume_path(cfg)  # a file, `last` or (under SLURM) null: checked against the config it was saved with
-    pl.seed_everything(int(cfg.get("seed") or 0), workers=True)
+    # verbose=False: Lightning's "Seed set to N" line would precede a bad-input error, which must be the only line
+    pl.seed_everything(int(cfg.get("seed") or 0), workers=True, verbose=False)
     parts = TASKS[task](cfg)
     parts.ckpt_path = ckpt_path
     loggers = build_loggers(cfg)
@@ -92,6 +96,14 @@ def build_run(cfg: DictConfig) -> Run:
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=every_logger or False, **kwargs)
     # Only now, with every part validated and the Trainer accepted, are the model weights read.
     return Run(trainer, parts.load_module(), parts, loggers, metrics)
+
+
+def config_dirs() -> list[Path]:
+    """The folders this run's config was composed from (the repository's conf/ when Hydra is not running)."""
+    if not HydraConfig.initialized():
+        return [CONF_DIR]
+    sources = HydraConfig.get().runtime.config_sources
+    return [Path(s.path) for s in sources if s.schema == "file" and Path(s.path).is_dir()] or [CONF_DIR]
 
 
 def fit(run: Run, cfg: DictConfig) -> float | None:

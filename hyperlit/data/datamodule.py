@@ -63,7 +63,7 @@ class FolderDataModule(TrainerEpochs, L.LightningDataModule):
 
     def _items(self, skips: SkipLog) -> list[SourceItem]:
         root = self._root()
-        items = scan_folder(root, skips)
+        items = scan_folder(root, skips, self.opts.caption_extension)
         if not items:
             raise ValueError(
                 f"data.path={self.path_value!r}: {root} holds no image files "
@@ -124,7 +124,9 @@ class FolderDataModule(TrainerEpochs, L.LightningDataModule):
         self.last_encoded = enc
         train, held = split_held_out(enc.records, self._held_out_count(len(enc.records)))
         self.held_out = [self._held_out(r) for r in held]
-        samples = [self._finalize(r) for r in train]
+        # kohya's repeat folders: an image of `10_x/` is 10 samples per epoch (held-out images have none)
+        repeats = {item.where: item.repeats for item in self._items(SkipLog(verbose=False))}
+        samples = [sample for r in train for sample in [self._finalize(r)] * repeats.get(r.where, 1)]
         trainer = getattr(self, "trainer", None)
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         self.stream = BatchStream(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from hyperlit.data.folder import check_caption_extension
 from hyperlit.data.images import DEFAULT_MAX_IMAGE_PIXELS
 
 LATENT_SAMPLING = ("once", "deterministic", "random")
@@ -37,6 +38,7 @@ class DataOptions:
     seed: int = 0
     name: str = "hypernetwork"
     val_count: int = 0  # images held out for validation (the configs default to a few)
+    caption_extension: str = ".txt"  # the caption file beside each image (kohya: .caption)
 
     def __post_init__(self) -> None:
         if not isinstance(self.resolution, int) or self.resolution < 8 or self.resolution % 8:
@@ -68,5 +70,6 @@ class DataOptions:
         if self.bucket_max_area < self.bucket_min_size**2:
             _fail("bucket_max_area", self.bucket_max_area, f">= data.bucket_min_size**2 ({self.bucket_min_size**2})")
         self.tag_dropout = float(self.tag_dropout)
+        check_caption_extension(self.caption_extension)
         if isinstance(self.val_count, bool) or not isinstance(self.val_count, int) or self.val_count < 0:
             _fail("val_count", self.val_count, "an integer >= 0 (0: no validation)")

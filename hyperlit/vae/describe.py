@@ -90,6 +90,10 @@ def _float(value: Any) -> float | None:
     return None if math.isnan(f) else f
 
 
+def _int(value: Any) -> int | None:
+    return int(value) if isinstance(value, str) and value.isdigit() else None
+
+
 def describe_vae(path: str | os.PathLike) -> dict[str, Any]:
     """Everything `hyperlit inspect` reports about a VAE file or diffusers folder, as plain data."""
     p = Path(path).expanduser()
@@ -143,6 +147,7 @@ def describe_vae(path: str | os.PathLike) -> dict[str, Any]:
         "scaling_factor": _float(scaling),
         "shift_factor": _float(shift),
         "force_upcast": config.get("force_upcast"),
+        "norm_num_groups": config.get("norm_num_groups") or _int(meta.get("hyperlit.norm_num_groups")),
         "parameters": sum(math.prod(s) for s in vae.values()),
         "dtypes": sorted(dtypes),
         "training_leftovers": leftovers,

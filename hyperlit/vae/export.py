@@ -95,6 +95,8 @@ def save_single_file(vae, path: str | os.PathLike, dtype: torch.dtype | None = N
         "hyperlit.layout": "ldm-vae",
         "hyperlit.scaling_factor": str(vae.config.scaling_factor),
         "hyperlit.shift_factor": str(vae.config.shift_factor),
+        # GroupNorm's group count is not in any tensor shape: kept here so hyperlit reads its own file back
+        "hyperlit.norm_num_groups": str(vae.config.norm_num_groups),
     }
     with atomic_path(path, suffix=".safetensors") as tmp:
         save_file(_contiguous(sd, dtype), str(tmp), metadata=meta)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from diffusers import AutoencoderKL
+from safetensors import safe_open
 from torch import Tensor
 
 from hyperlit.pretrained import OFFLINE
@@ -47,16 +48,28 @@ def ldm_vae_config(sd: dict[str, Tensor], norm_num_groups: int = 32) -> dict[str
     }
 
 
+def file_norm_num_groups(path: Path) -> int:
+    """The GroupNorm group count a single file says it was written with (hyperlit's exports), else SD's 32."""
+    if path.suffix != ".safetensors":
+        return 32
+    with safe_open(str(path), "pt") as f:
+        value = (f.metadata() or {}).get("hyperlit.norm_num_groups")
+    return int(value) if value and value.isdigit() else 32
+
+
 def load_vae(
     path: str | os.PathLike,
     *,
     scaling_factor: float | None = None,
     shift_factor: float | None = None,
     force_upcast: bool | None = None,
-    norm_num_groups: int = 32,
+    norm_num_groups: int | None = None,
     key: str = "model.path",
 ) -> AutoencoderKL:
-    """Read the VAE at ``path``. Factors given here override the file's (single files carry none)."""
+    """Read the VAE at ``path``. Factors given here override the file's (single files carry none).
+
+    ``norm_num_groups`` of a single file: None reads it from the file's metadata (hyperlit's exports carry it), else
+    32, SD's."""
     p = Path(path).expanduser()
     if p.is_dir():
         folder = p / "vae" if (p / "vae" / "config.json").is_file() else p
@@ -69,6 +82,8 @@ def load_vae(
             raise ValueError(
                 f"{key}={str(path)!r} holds diffusers-layout VAE keys; put it in a folder with its config.json"
             )
+        if norm_num_groups is None:
+            norm_num_groups = file_norm_num_groups(p)
         try:
             config = ldm_vae_config(sd, norm_num_groups)
         except ValueError as e:

@@ -20,6 +20,7 @@ from hyperlit.models import ModelSpec, validate_model_config
 from hyperlit.options import build_options, not_allowed
 from hyperlit.tasks.base import TaskParts
 from hyperlit.tasks.hypernetwork.module import PREDICTION_TYPES, HypernetworkTask
+from hyperlit.tasks.optimizer import checked_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +171,8 @@ def build(cfg: DictConfig) -> TaskParts:
     datamodule = instantiate(cfg.data, name=name, seed=cfg.seed, **native_size(cfg.data, spec))
     if hasattr(datamodule, "validate"):
         datamodule.validate()
-    optimizer = instantiate(cfg.train.optimizer)
+    # lr comes from train.learning_rate (a number, `auto` or an A1111 schedule string), as the module fills it in
+    optimizer = checked_optimizer(cfg.train.optimizer, lr=("train.learning_rate", 1.0e-3))
     learning_rate, lr_auto, callbacks = cfg.train.learning_rate, None, []
     if lr_auto_options is not None:
         if not hasattr(datamodule, "sweep_batches"):

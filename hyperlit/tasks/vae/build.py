@@ -7,7 +7,6 @@ import pickle
 from pathlib import Path
 from typing import Any
 
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from safetensors import SafetensorError
@@ -20,6 +19,7 @@ from hyperlit.models.family import ModelFamily, get_family
 from hyperlit.models.loader import embedded_tiny_vae
 from hyperlit.options import build_options
 from hyperlit.tasks.base import TaskParts
+from hyperlit.tasks.optimizer import checked_optimizer
 from hyperlit.tasks.vae.module import VAEDecoderTask
 from hyperlit.vae.config import VAETaskConfig
 from hyperlit.vae.load import check_vae_layout, load_vae
@@ -50,16 +50,6 @@ def task_config(cfg: Any) -> VAETaskConfig:
     if cfg.get("max_bad_steps") is not None:
         raw["max_bad_steps"] = cfg.get("max_bad_steps")
     return build_options(VAETaskConfig, raw)
-
-
-def optimizer_partial(cfg: Any) -> Any:
-    """``train.optimizer`` as a partial, tried once on a dummy parameter so a bad lr/betas fails at the door."""
-    factory = instantiate(cfg.train.optimizer)
-    try:
-        factory([torch.zeros(1, requires_grad=True)])
-    except (ValueError, TypeError) as err:
-        raise ValueError(f"train.optimizer: {err}") from None
-    return factory
 
 
 def vae_source(cfg: Any) -> tuple[ModelFamily, Path | None]:
@@ -109,7 +99,8 @@ def load_task_vae(cfg: Any) -> tuple[nn.Module, str, bool]:
         if p.is_file():
             factors = {"scaling_factor": family.scaling_factor, "shift_factor": family.shift_factor or None}
         factors.update({k: vcfg[k] for k in ("scaling_factor", "shift_factor") if vcfg.get(k) is not None})
-        vae = read_vae(p, norm_num_groups=int(vcfg.get("norm_num_groups") or 32), **factors)
+        groups = vcfg.get("norm_num_groups")  # null: the file's own (hyperlit's exports carry it), else 32
+        vae = read_vae(p, norm_num_groups=int(groups) if groups is not None else None, **factors)
         model = plain(cfg.get("model"))
         key = "vae_path" if model.get("vae_path") else "path"
         source, embedded = f"model.{key}={model.get(key)}", False
@@ -162,7 +153,7 @@ def ddp_overrides(cfg: Any) -> dict[str, Any]:
 def build(cfg: DictConfig) -> TaskParts:
     """Everything is validated (and the data folder scanned lazily) before the VAE is read."""
     tcfg = task_config(cfg)
-    optimizer = optimizer_partial(cfg)
+    optimizer = checked_optimizer(cfg.train.optimizer)
     data_path = resolve_path(cfg.data.get("path"), "data.path", "a folder of images")
     datamodule = instantiate(cfg.data, path=str(data_path), fixed_crops=tcfg.posterior.cache, seed=int(cfg.seed))
     # the model path and the LPIPS files are checked before the (possibly large) VAE is read: errors at the door
