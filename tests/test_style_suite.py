@@ -107,6 +107,12 @@ def test_bad_arguments_are_one_line_errors(argv, message, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="#26 open: with the tiny family's defaults the plain folder command learns neither held style (2026-12-06, "
+    "64 samples: diagonal stripes 0.00 -> 0.00, adherence 0.98 -> 0.23; vignette 0.00 -> 0.11, adherence 0.98 -> "
+    "0.25; docs/benchmarks.md 'Style suite'); strict, so the day a default learns them this test says so",
+)
 def test_the_held_styles_are_learned_by_the_plain_folder_command(tmp_path):
     """A weaker form of the suite's goal on the two styles the tiny base's VAE holds, 64 samples per multiplier,
     with the tiny family's defaults (conf/family_defaults/tiny.yaml) and nothing else."""
