@@ -73,7 +73,7 @@ def test_each_generator_term_moves_the_decoder_only(term):
     elif term == "lpips":
         loss = task.lpips(x, x_hat).mean()
     else:
-        from hyperlit.tasks.vae.module import frozen
+        from hyperlit.vae.frozen import frozen
         from hyperlit.vae.losses import generator_loss
 
         with frozen(task.disc):

@@ -11,10 +11,8 @@ of both halves, then the D update on the detached output; the module's own ``ste
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
 from typing import Any
 
 import lightning.pytorch as pl
@@ -26,6 +24,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from hyperlit.vae.discriminator import PatchDiscriminator
+from hyperlit.vae.frozen import cached_posterior, frozen, weights_checksum
 from hyperlit.vae.losses import adversarial_factor, discriminator_loss, generator_loss, reconstruction_loss
 from hyperlit.vae.lpips import LPIPS
 from hyperlit.vae.panels import image_panel, log_image_panel
@@ -37,28 +36,9 @@ log = logging.getLogger(__name__)
 TRAINABLE_PREFIXES = ("taesd.", "disc.")
 
 
-@contextmanager
-def frozen(module: nn.Module | None) -> Iterator[None]:
-    """requires_grad off for the block: the generator step builds no graph into D's weights."""
-    if module is None:
-        yield
-        return
-    flags = [p.requires_grad for p in module.parameters()]
-    module.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, f in zip(module.parameters(), flags, strict=True):
-            p.requires_grad_(f)
-
-
 def teacher_checksum(vae: nn.Module) -> str:
     """sha256 over every weight of the frozen VAE (encoder and decoder are both teachers here)."""
-    h = hashlib.sha256()
-    for name, t in sorted(vae.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().float().numpy().tobytes())
-    return h.hexdigest()
+    return weights_checksum(vae)
 
 
 class TAESDTask(pl.LightningModule):
@@ -136,20 +116,7 @@ class TAESDTask(pl.LightningModule):
     @torch.no_grad()
     def posterior(self, pixels: Tensor, index: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(mean, logvar) of the frozen encoder in fp32; with ``index`` and posterior.cache, each image once."""
-        use_cache = self.config.posterior.cache and index is not None
-        keys = [int(i) for i in index] if use_cache else []
-        todo = [j for j, k in enumerate(keys) if k not in self.posterior_cache] if use_cache else None
-        if todo is None or todo:
-            px = pixels if todo is None else pixels[todo]
-            with torch.autocast(device_type=px.device.type, enabled=False):
-                dist = self.vae.encode(px.float()).latent_dist
-            mean, logvar = dist.mean.float(), dist.logvar.float()
-            if todo is None:
-                return mean, logvar
-            for j, m, lv in zip(todo, mean, logvar, strict=True):
-                self.posterior_cache[keys[j]] = (m.cpu(), lv.cpu())
-        means, logvars = zip(*(self.posterior_cache[k] for k in keys), strict=True)
-        return torch.stack(means).to(pixels.device), torch.stack(logvars).to(pixels.device)
+        return cached_posterior(self.vae, self.posterior_cache, pixels, index, self.config.posterior.cache)
 
     def to_unet_scale(self, latent: Tensor) -> Tensor:
         return (latent - self.shift) * self.scaling

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import copy
 import functools
-import hashlib
 import logging
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
 from typing import Any
 
 import lightning.pytorch as pl
@@ -27,6 +25,7 @@ from hyperlit.vae.config import VAETaskConfig
 from hyperlit.vae.discriminator import PatchDiscriminator
 from hyperlit.vae.fp16_fix import ActivationMonitor, Fp16FixLoss, LayerGains, decoder_layers
 from hyperlit.vae.fp16_rescale import RescaleReport, fine_tune_scope, rescale_decoder
+from hyperlit.vae.frozen import cached_posterior, frozen, weights_checksum
 from hyperlit.vae.losses import adversarial_factor, discriminator_loss, generator_loss, reconstruction_loss
 from hyperlit.vae.lpips import LPIPS
 from hyperlit.vae.panels import image_panel, log_image_panel
@@ -36,29 +35,9 @@ log = logging.getLogger(__name__)
 TRAINABLE_PREFIXES = ("vae.decoder.", "vae.post_quant_conv.", "disc.", "gains.")
 
 
-@contextmanager
-def frozen(module: nn.Module | None) -> Iterator[None]:
-    """Turn off requires_grad of ``module`` for the block: the G step builds no graph into D's weights."""
-    if module is None:
-        yield
-        return
-    flags = [p.requires_grad for p in module.parameters()]
-    module.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, f in zip(module.parameters(), flags, strict=True):
-            p.requires_grad_(f)
-
-
 def frozen_checksum(vae: nn.Module) -> str:
     """sha256 over the encoder and quant_conv weights: proof that the latent space did not move."""
-    h = hashlib.sha256()
-    for name, t in sorted(vae.state_dict().items()):
-        if name.startswith(("encoder.", "quant_conv.")):
-            h.update(name.encode())
-            h.update(t.detach().cpu().contiguous().float().numpy().tobytes())
-    return h.hexdigest()
+    return weights_checksum(vae, ("encoder.", "quant_conv."))
 
 
 class VAEDecoderTask(pl.LightningModule):
@@ -160,20 +139,7 @@ class VAEDecoderTask(pl.LightningModule):
     def posterior(self, pixels: Tensor, index: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(mean, logvar) of the frozen encoder, in fp32 (autocast off: the encoder is not trained and SD-class
         encoders can overflow fp16). With ``index`` and posterior.cache, each image is encoded once."""
-        use_cache = self.config.posterior.cache and index is not None
-        keys = [int(i) for i in index] if use_cache else []
-        todo = [j for j, k in enumerate(keys) if k not in self.posterior_cache] if use_cache else None
-        if todo is None or todo:
-            px = pixels if todo is None else pixels[todo]
-            with torch.autocast(device_type=px.device.type, enabled=False):
-                dist = self.vae.encode(px.float()).latent_dist
-            mean, logvar = dist.mean.float(), dist.logvar.float()
-            if todo is None:
-                return mean, logvar
-            for j, m, lv in zip(todo, mean, logvar, strict=True):
-                self.posterior_cache[keys[j]] = (m.cpu(), lv.cpu())
-        means, logvars = zip(*(self.posterior_cache[k] for k in keys), strict=True)
-        return torch.stack(means).to(pixels.device), torch.stack(logvars).to(pixels.device)
+        return cached_posterior(self.vae, self.posterior_cache, pixels, index, self.config.posterior.cache)
 
     def latents(self, mean: Tensor, logvar: Tensor) -> Tensor:
         if not self.config.posterior.sample:
