@@ -67,9 +67,9 @@ SOURCES[preview]="hyperlit/callbacks/preview.py"
 TESTS[preview]="tests/test_preview_grid.py"
 SOURCES[vae_eval]="hyperlit/vae/evaluate.py hyperlit/vae/metrics.py hyperlit/vae/colour.py"
 TESTS[vae_eval]="tests/test_vae_eval.py tests/test_guard_eval_inf_psnr.py tests/test_guard_colour_shift.py
-  tests/test_guard_rfid_models.py"
+  tests/test_guard_rfid_models.py tests/test_guard_colour_stats.py"
 SOURCES[vae_colour]="hyperlit/vae/colour.py"  # the small part of vae_eval, scored alone on a busy machine
-TESTS[vae_colour]="tests/test_guard_colour_shift.py tests/test_vae_eval.py::test_colour_statistics_values"
+TESTS[vae_colour]="tests/test_guard_colour_shift.py tests/test_guard_colour_stats.py tests/test_vae_eval.py::test_colour_statistics_values"
 SOURCES[fp16_fix]="hyperlit/vae/fp16_fix.py"
 TESTS[fp16_fix]="tests/test_vae_fp16_fix.py tests/test_guard_train_options.py"
 SOURCES[build]="hyperlit/tasks/hypernetwork/build.py hyperlit/tasks/vae/build.py hyperlit/tasks/taesd/build.py"
