@@ -5,13 +5,16 @@ name stored inside, the A1111 step after an `init_from` continuation, the hyperl
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from lightning.pytorch.loggers import WandbLogger
 from safetensors import safe_open
 
+from hyperlit.callbacks.ema import EMA
 from hyperlit.callbacks.export import HypernetworkExport
 from hyperlit.files import a1111, load_hypernetwork, save_hypernetwork
 from hyperlit.files import safetensors as st_format
@@ -212,3 +215,148 @@ def test_a_failed_first_write_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(HalfWritten):
         cb.on_train_batch_end(StandInTrainer(5), stand_in_module(network()))
     assert files_in(cb.dirpath) == set()
+
+
+def test_defaults_and_a_negative_save_every_is_refused(tmp_path):
+    cb = HypernetworkExport(str(tmp_path))
+    assert (cb.save_every, cb.save_optimizer_state, cb.safetensors, cb.comfyui_copy, cb.log_artifact) == (
+        500,
+        False,
+        True,
+        True,
+        True,
+    )
+    with pytest.raises(ValueError, match=r"^callbacks.export.save_every: -1 is not allowed; use 0 \(off\) or more$"):
+        HypernetworkExport(str(tmp_path), save_every=-1)
+
+
+def test_save_every_one_writes_from_step_one_and_each_step_once(tmp_path, monkeypatch):
+    import hyperlit.callbacks.export as export_module
+
+    calls: list[Path] = []
+    real = export_module.save_hypernetwork
+    monkeypatch.setattr(
+        export_module, "save_hypernetwork", lambda hn, path, **kw: calls.append(path) or real(hn, path, **kw)
+    )
+    cb, module = export(tmp_path, save_every=1), stand_in_module(network())
+    for step in (1, 1, 2, 2, 2, 3):  # Lightning calls the hook once per batch: accumulation repeats a step
+        cb.on_train_batch_end(StandInTrainer(step), module)
+    assert [p.name for p in calls] == [f"{NAME}-1.pt", f"{NAME}-2.pt", f"{NAME}-3.pt"]
+
+
+def trained_sgd(hn: Hypernetwork) -> torch.optim.Optimizer:
+    opt = torch.optim.SGD(hn.parameters(), lr=0.1, momentum=0.9)
+    sum(p.sum() for p in hn.parameters()).backward()
+    opt.step()  # momentum buffers: a state worth saving
+    return opt
+
+
+def test_the_optimizer_state_is_saved_beside_snapshots_only_when_asked(tmp_path):
+    hn = network()
+    trainer = StandInTrainer(5)
+    trainer.optimizers = [trained_sgd(hn)]
+    on = export(tmp_path / "on", save_every=5, save_optimizer_state=True)
+    on.on_train_batch_end(trainer, stand_in_module(hn))
+    optim = torch.load(on.dirpath / f"{NAME}-5.pt.optim", weights_only=False)
+    assert optim["optimizer_name"] == "SGD"  # the optimizer's class, as A1111 stores it
+    state = trainer.optimizers[0].state_dict()
+    assert optim["optimizer_state_dict"]["param_groups"] == state["param_groups"]
+    for i, s in state["state"].items():
+        torch.testing.assert_close(optim["optimizer_state_dict"]["state"][i]["momentum_buffer"], s["momentum_buffer"])
+    off = export(tmp_path / "off", save_every=5)
+    off.on_train_batch_end(trainer, stand_in_module(hn))
+    assert files_in(off.dirpath) == {f"{NAME}-5.pt"}
+    none = export(tmp_path / "none", save_every=5, save_optimizer_state=True)
+    none.on_train_batch_end(StandInTrainer(5), stand_in_module(hn))  # no optimizer: nothing to save
+    assert files_in(none.dirpath) == {f"{NAME}-5.pt"}
+
+
+@pytest.mark.parametrize(
+    ("exception", "step", "written"),
+    [(KeyboardInterrupt(), 1, True), (KeyboardInterrupt(), 0, False), (RuntimeError("boom"), 7, False)],
+)
+def test_an_interrupted_run_writes_the_final_files(tmp_path, caplog, exception, step, written):
+    cb = export(tmp_path, save_every=0)
+    with caplog.at_level("WARNING", logger="hyperlit.callbacks.export"):
+        cb.on_exception(StandInTrainer(step), stand_in_module(network()), exception)
+    assert files_in(cb.dirpath) == ({f"{NAME}.pt", f"{NAME}.hyperlit.safetensors"} if written else set())
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    if written:
+        assert pt(cb.dirpath / f"{NAME}.pt")["step"] == 1
+        assert warned == ["interrupted at step 1: writing the final files"]
+    else:
+        assert warned == []
+
+
+def test_saved_files_are_logged_by_path(tmp_path, caplog):
+    cb = export(tmp_path, save_every=5)
+    module = stand_in_module(network(dropout_structure=[0, 0.1, 0]))
+    with caplog.at_level("INFO", logger="hyperlit.callbacks.export"):
+        cb.on_train_batch_end(StandInTrainer(5), module)
+        cb.save_final(StandInTrainer(5), module)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"saved {cb.dirpath / f'{NAME}-5.pt'}",
+        f"saved {cb.dirpath / f'{NAME}.comfyui.pt'} (for ComfyUI, which runs Dropout layers at inference)",
+        f"saved {cb.dirpath / f'{NAME}.pt'}",
+    ]
+
+
+class ConstantEMA(EMA):
+    """A stand-in EMA whose 'averaged' weights are all 0.25: swapped in for the block, live weights restored."""
+
+    @contextmanager
+    def swapped(self, pl_module):
+        params = list(pl_module.hypernetwork.parameters())
+        backup = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p in params:
+                p.fill_(0.25)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, b in zip(params, backup, strict=True):
+                    p.copy_(b)
+
+
+def test_every_file_holds_the_averaged_weights_when_the_run_keeps_an_ema(tmp_path):
+    hn = network(dropout_structure=[0, 0.1, 0])
+    live = hn.pairs["8"][0].linear[0].weight.detach().clone()
+    trainer = StandInTrainer(5)
+    trainer.callbacks = [ConstantEMA()]
+    cb = export(tmp_path, save_every=5)
+    cb.on_train_batch_end(trainer, stand_in_module(hn))
+    cb.save_final(trainer, stand_in_module(hn))
+    for name in (f"{NAME}-5.pt", f"{NAME}.pt", f"{NAME}.comfyui.pt"):
+        assert torch.all(pt(cb.dirpath / name)[8][0]["linear.0.weight"] == 0.25), name
+    with safe_open(str(cb.dirpath / f"{NAME}.hyperlit.safetensors"), "pt") as f:
+        assert torch.all(f.get_tensor("8.0.linear.0.weight") == 0.25)
+    assert torch.equal(hn.pairs["8"][0].linear[0].weight, live)  # the live weights are back
+
+
+class OnlineWandb(WandbLogger):
+    """A WandbLogger that is online without a server: it records the artifacts it is given."""
+
+    def __init__(self, offline: bool = False) -> None:
+        self._offline = offline
+        self.artifacts: list = []
+
+    @property
+    def experiment(self) -> SimpleNamespace:
+        return SimpleNamespace(log_artifact=self.artifacts.append)
+
+
+def test_the_final_file_is_logged_as_a_wandb_artifact_only_to_an_online_run(tmp_path):
+    online, offline = OnlineWandb(), OnlineWandb(offline=True)
+    trainer = StandInTrainer(3)
+    trainer.loggers = [offline, online]
+    cb = HypernetworkExport(str(tmp_path / "out"), save_every=0)
+    cb.save_final(trainer, stand_in_module(network()))
+    assert offline.artifacts == []
+    (artifact,) = online.artifacts
+    assert (artifact.name, artifact.type) == (NAME, "hypernetwork")
+    assert list(artifact.manifest.entries) == [f"{NAME}.pt"]
+    quiet = OnlineWandb()
+    trainer.loggers = [quiet]
+    export(tmp_path / "quiet", save_every=0).save_final(trainer, stand_in_module(network()))
+    assert quiet.artifacts == []  # log_artifact=False
