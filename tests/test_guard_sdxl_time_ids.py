@@ -48,7 +48,8 @@ def test_a_cropped_non_square_training_image_gives_height_first_time_ids(comps):
     assert got == diffusers_time_ids(comps, (100, 200), (0, 16), (48, 64))
 
 
-def test_a_generated_non_square_size_matches_diffusers(comps):
+def test_plain_sizes_of_a_non_square_image_match_diffusers(comps):
+    """`plain_sizes` (no source image, no crop): what validation and to-lora condition on."""
     got = time_ids(comps.condition(["a"], plain_sizes(48, 80, batch=2)))
     assert got.tolist() == [diffusers_time_ids(comps, (48, 80), (0, 0), (48, 80))] * 2
     assert got[0].tolist() == [48, 80, 0, 0, 48, 80]
