@@ -144,9 +144,13 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("prompt", help="the prompt, with A1111 tags <hypernet:NAME> or <hypernet:NAME:MULTIPLIER>")
     gen.add_argument("--hypernetwork-dir", default=None, help="folder with NAME.pt / NAME.safetensors files")
     gen.add_argument("--out", required=True, help="output folder for <seed>-<index>.png")
-    gen.add_argument("--model", default="tiny", help="model family: tiny (embedded, the default), sd15, sd21")
-    gen.add_argument("--model-path", default=None, help="checkpoint file or diffusers folder for sd15/sd21")
-    gen.add_argument("--tokenizer-path", default=None, help="tokenizer folder (or diffusers folder) for a single file")
+    gen.add_argument("--model", default="tiny", help="model family: tiny (embedded, the default), sd15, sd21, sdxl")
+    gen.add_argument("--model-path", default=None, help="checkpoint file or diffusers folder for sd15/sd21/sdxl")
+    gen.add_argument(
+        "--tokenizer-path",
+        default=None,
+        help="tokenizer folder (or diffusers folder) for a single file (SDXL: a folder with tokenizer/ + tokenizer_2/)",
+    )
     gen.add_argument("--negative-prompt", default="")
     gen.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     gen.add_argument("--n", type=int, default=4, help="number of images")
