@@ -80,6 +80,7 @@ def _train(
         "data.batch_size=2",
         f"data.val_count={val_count}",  # 0: the tests below count every sample image
         "callbacks.ema.enabled=false",  # the final file is compared with the ranks' live weights
+        "data.tag_dropout=0.0",  # captions identify the samples; the tiny family's dropout would empty some
         "+callbacks.probe._target_=helpers.ddp_probe.DDPProbe",
         f"+callbacks.probe.dirpath={tmp_path / 'probe'}",
         *overrides,
