@@ -46,7 +46,11 @@ RESULT_NEUTRAL = (
     "callbacks.export",
     "callbacks.preview",
     "callbacks.validation",
+    "callbacks.vae_check",  # reads the data and writes a panel before step 1: the weights never see it
     "data.cache_dir",
+    # the range test of train.learning_rate=auto runs only when a run starts: a resumed run reuses the rate stored
+    # in the checkpoint, so its sweep settings cannot change what the resume computes
+    "train.lr_auto",
 )
 
 
