@@ -159,7 +159,8 @@ def test_the_rendered_command_is_a_valid_train_py_call_and_a_bad_key_fails_befor
         timeout=120,
     )
     assert failed.returncode != 0
-    assert "Could not override 'train.lr'" in failed.stderr
+    assert failed.stderr.startswith("hyperlit: error: train.lr=1e-4: no such key")  # one line (#27)
+    assert failed.returncode == 2 and failed.stderr.count("\n") == 1
     assert not (tmp_path / "out").exists()
 
 
