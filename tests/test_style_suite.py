@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -107,6 +108,11 @@ def test_bad_arguments_are_one_line_errors(argv, message, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("HYPERLIT_STYLE_SUITE") != "1",
+    reason="two 2000-step trainings and 256 generations (~6 min on two idle cores), known to fail (below): run with "
+    "HYPERLIT_STYLE_SUITE=1 when the tiny defaults change; .ci/run stays under its 20 minutes",
+)
 @pytest.mark.xfail(
     strict=True,
     reason="#26 open: with the tiny family's defaults the plain folder command learns neither held style (2026-12-06, "
