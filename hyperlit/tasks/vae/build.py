@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from safetensors import SafetensorError
 from torch import nn
 
@@ -20,21 +20,13 @@ from hyperlit.models.loader import embedded_tiny_vae
 from hyperlit.options import build_options
 from hyperlit.tasks.base import TaskParts
 from hyperlit.tasks.optimizer import checked_optimizer
+from hyperlit.tasks.teacher import plain
 from hyperlit.tasks.vae.module import VAEDecoderTask
 from hyperlit.vae.config import VAETaskConfig
 from hyperlit.vae.load import check_vae_layout, load_vae
 from hyperlit.vae.lpips import LPIPS
 
 log = logging.getLogger(__name__)
-
-
-def plain(node: Any) -> dict[str, Any]:
-    """DictConfig / Mapping / None -> plain dict."""
-    if node is None:
-        return {}
-    if isinstance(node, DictConfig):
-        return OmegaConf.to_container(node, resolve=True)  # type: ignore[return-value]
-    return dict(node)
 
 
 def task_config(cfg: Any) -> VAETaskConfig:
