@@ -63,7 +63,7 @@ def round_tripped(styled: dict[str, list[Image.Image]]) -> dict[str, list[Image.
     return {name: round_trip(images) for name, images in styled.items()}
 
 
-def test_the_suite_has_six_styles_of_different_kinds():
+def test_the_suite_has_at_least_six_styles_of_different_kinds():
     assert len(STYLES) >= 6 and len({s.kind for s in STYLES.values()}) == len(STYLES)
     assert all(name == s.name and name.replace("_", "").isalpha() and name.islower() for name, s in STYLES.items())
 
@@ -154,6 +154,33 @@ def test_stripes_score_follows_the_direction_and_ignores_symmetric_patterns():
     assert judges.stripes_score(rising) > 0.9 and judges.stripes_score(falling) < -0.9
     checker = np.where((((xx // 16) + (yy // 16)) % 2)[..., None] == 1, 0.6, 0.95) * np.ones(3)
     assert abs(judges.stripes_score(checker)) < 0.05
+
+
+def test_gradient_score_is_the_darkening_from_top_to_bottom_and_ignores_the_grid_patterns():
+    """On a flat grey background (no shape) the fitted slope is exactly the look's fall-off times the grey; the
+    base's horizontal stripes, the checker and a vignette have no top-to-bottom trend of their own."""
+    out = looks.gradient(_flat(0.8), np.random.default_rng(0))
+    assert judges.gradient_score(out) == pytest.approx(looks.GRADIENT * 0.8, rel=1e-6)
+    upside_down = out[::-1]  # dark at the top: the opposite trend
+    assert judges.gradient_score(upside_down) == pytest.approx(-looks.GRADIENT * 0.8, rel=1e-6)
+    yy, xx = np.mgrid[0:64, 0:64]
+    rows = np.where((((yy // 16) % 2) == 1)[..., None], 0.65, 0.95) * np.ones(3)  # the base's striped background
+    checker = np.where(((((xx // 16) + (yy // 16)) % 2) == 1)[..., None], 0.75, 0.95) * np.ones(3)
+    for pattern in (rows, checker, looks.vignette(_flat(0.8), np.random.default_rng(0))):
+        assert judges.gradient_score(pattern) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_halftone_score_prefers_the_dots_to_the_same_dots_moved_half_a_period():
+    """On a flat grey background the dots' brightness is a perfect negative copy of the grid (score 1, the moved
+    grid not overlapping it); the same dots moved half a period score below -1, and a checker at most ~0."""
+    out = looks.halftone(_flat(0.8), np.random.default_rng(0))
+    assert judges.halftone_score(out) == pytest.approx(1.0)
+    moved = np.roll(out, looks.DOT_PERIOD // 2, axis=1)
+    assert judges.halftone_score(moved) < -1.0
+    yy, xx = np.mgrid[0:64, 0:64]
+    checker = np.where(((((xx // 16) + (yy // 16)) % 2) == 1)[..., None], 0.75, 0.95) * np.ones(3)
+    assert judges.halftone_score(checker) <= 1e-9
+    assert judges.halftone_score(_flat(0.8)) == 0.0
 
 
 def test_outline_and_cel_scores_by_hand():

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .shapes import MIN_SHAPE_PIXELS, background_mask, shape_mask
-from .style_looks import STRIPE_PERIOD, dilate
+from .shapes import CHECKER_CELL, MIN_SHAPE_PIXELS, background_mask, shape_mask
+from .style_looks import DOT_PERIOD, STRIPE_PERIOD, dilate, dot_grid
 
 MIN_PIXELS = 64  # fewer measured pixels than this: no score (a shape that fills the frame, an empty background)
 
@@ -110,3 +110,46 @@ def cel_score(arr: np.ndarray) -> float:
     if light.size == 0 or dark.size == 0:
         return 0.0
     return float(light.mean() - dark.mean())
+
+
+def gradient_score(arr: np.ndarray) -> float:
+    """How much brighter the background is at the top edge than at the bottom: a least-squares fit of its
+    brightness against x, y, the squared radius and the 16 px grid's patterns together, so a vignette (radius), the
+    base's striped background, the checker, a shape's placement or a sideways trend does not count, only the
+    top-to-bottom trend."""
+    rest = ~dilate(shape_mask(arr), 4)  # past an outline's dark ring too, as the vignette judge
+    if rest.sum() < MIN_PIXELS:
+        return 0.0
+    h, w = rest.shape
+    yy, xx = np.mgrid[0:h, 0:w]
+    y, x = (yy + 0.5) / h - 0.5, (xx + 0.5) / w - 0.5  # -0.5 at the top (left) edge, 0.5 at the bottom (right)
+    # the base's horizontal stripes (dark on odd rows of CHECKER_CELL), the sample set's checker and the diagonal
+    # stripes lean top-light over 64 px with a shape hiding part of them, so they are fitted too: the exact rows,
+    # columns and checker cells of that grid, and a sine and cosine of its 32 px period along y, x and both
+    # diagonals (soft, shifted patterns). A straight gradient is none of them: its slope is found exactly
+    rows, cols = (yy // CHECKER_CELL) % 2, (xx // CHECKER_CELL) % 2
+    grid = [rows, cols, (rows + cols) % 2]
+    waves = [f(np.pi * t / CHECKER_CELL) for t in (yy, xx, xx + yy, xx - yy) for f in (np.sin, np.cos)]
+    terms = np.stack([np.ones_like(x), x, y, 2 * (x * x + y * y), *grid, *waves], -1).astype(np.float64)[rest]
+    coef = np.linalg.lstsq(terms, arr.mean(-1)[rest], rcond=None)[0]
+    return float(-coef[2])
+
+
+def halftone_score(arr: np.ndarray) -> float:
+    """How much better the background's darkness matches the halftone's dot grid than the same grid moved half a
+    period sideways (Pearson correlations; the moved grid's only when positive).
+
+    The moved grid is the control: horizontal stripes, a vertical gradient and flat backgrounds match both alike,
+    and a checker or a vignette matches the moved grid at least as well (~0.88 drawn, ~0.82 after the round trip).
+    """
+    background = background_mask(arr, shape_mask(arr))
+    values = arr.mean(-1)[background]
+    if values.size < MIN_PIXELS or values.std() < 0.03:  # the same flat gate as pattern_score
+        return 0.0
+    h, w = background.shape
+    on = dot_grid(h, w, 1.0)[background]
+    moved = np.roll(dot_grid(h, w, 1.0), DOT_PERIOD // 2, axis=1)[background]
+    at, beside = (
+        -float(np.corrcoef(values, grid)[0, 1]) if grid.std() > 0 else 0.0 for grid in (on, moved)
+    )  # darker where the dots are: a negative correlation of brightness with the grid
+    return at - max(beside, 0.0)

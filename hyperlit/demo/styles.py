@@ -1,4 +1,4 @@
-"""The style suite: six procedural styles of different kinds, each a look applied to the base's shapes and a judge.
+"""The style suite: eight procedural styles of different kinds, each a look applied to the base's shapes and a judge.
 
 A style is unknown to the tiny base (which drew only flat shapes on plain or horizontally striped backgrounds) and
 is captioned by content only, so a hypernetwork trained on a folder of it must learn the look itself
@@ -69,6 +69,14 @@ STYLES: dict[str, Style] = {
         # 0.31 drawn between the light and dark bands; a flat fill 0, generations 0.01; 0.12 is bands the eye still
         # sees. The autoencoder returns a flat fill: 0.004 (its shapes were all flat)
         Style("cel_shading", "flat posterised shading of the shape", looks.cel, judges.cel_score, 0.12, False),
+        # 0.29 drawn / 0.14 round trip (the autoencoder keeps the trend, 10th percentile 0.10); plain (striped too),
+        # checker, generations and every other style <= 0.035: the fit takes out the 16 px grid's patterns and the
+        # vignette's radius. 0.06 is the bottom 15 grey levels darker than the top, which the eye still sees
+        Style("gradient_background", "gradient background", looks.gradient, judges.gradient_score, 0.06, True),
+        # 0.99 drawn / 0.85 round trip (16 px dots on a 32 px grid: two latent pixels across); plain, checker,
+        # generations and every other style <= 0.23 (outline), a vignette < 0 (the moved grid cancels them).
+        # 0.35 as the stripes' and checker's lines: soft, partial generated dots still clear it
+        Style("halftone_dots", "halftone dot screen", looks.halftone, judges.halftone_score, 0.35, True),
     )
 }
 
