@@ -181,6 +181,9 @@ def test_halftone_score_prefers_the_dots_to_the_same_dots_moved_half_a_period():
     checker = np.where(((((xx // 16) + (yy // 16)) % 2) == 1)[..., None], 0.75, 0.95) * np.ones(3)
     assert judges.halftone_score(checker) <= 1e-9
     assert judges.halftone_score(_flat(0.8)) == 0.0
+    # an outline round a small square sitting on a dot's place is not a dot: the ring is left out with the shape
+    ringed = render(Scene("blue", "square", "white", 0.25, 0.25, 0.1), STYLES["outline"])
+    assert judges.halftone_score(np.asarray(ringed, dtype=np.float64) / 255) == 0.0
 
 
 def test_outline_and_cel_scores_by_hand():

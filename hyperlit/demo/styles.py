@@ -73,8 +73,8 @@ STYLES: dict[str, Style] = {
         # checker, generations and every other style <= 0.035: the fit takes out the 16 px grid's patterns and the
         # vignette's radius. 0.06 is the bottom 15 grey levels darker than the top, which the eye still sees
         Style("gradient_background", "gradient background", looks.gradient, judges.gradient_score, 0.06, True),
-        # 0.99 drawn / 0.85 round trip (16 px dots on a 32 px grid: two latent pixels across); plain, checker,
-        # generations and every other style <= 0.23 (outline), a vignette < 0 (the moved grid cancels them).
+        # 0.99 drawn / 0.87 round trip (16 px dots on a 32 px grid: two latent pixels across); plain, checker,
+        # generations and every other style <= 0.2 (diagonal stripes), a vignette < 0 (the moved grid cancels them).
         # 0.35 as the stripes' and checker's lines: soft, partial generated dots still clear it
         Style("halftone_dots", "halftone dot screen", looks.halftone, judges.halftone_score, 0.35, True),
     )
