@@ -23,7 +23,7 @@ space (a known limit, `tiny_vae_holds` in hyperlit/demo/styles.py). Trainings ru
 --threads torch threads. Writes style_suite.md, style_suite.json and one preview grid per style (<name>.png: the
 training images, then the same held-out prompts and seeds at multiplier 0 and at 1) into --out.
 
---lora converts each trained hypernetwork with `hyperlit to-lora`'s defaults (kohya layout, --energy 0.99, float16,
+--lora converts each trained hypernetwork with `hyperlit to-lora`'s defaults (kohya layout, --energy 0.999, float16,
 fitted on the style's folder) and judges the LoRA, loaded by diffusers' `load_lora_weights` at strength 1, on the
 same prompts and seeds: its style and adherence beside the hypernetwork's, with its mean rank and its size against
 the hypernetwork file's (issue #28: within 0.05 of the hypernetwork's shares, no larger).

@@ -65,8 +65,10 @@ SETTINGS = (
     Setting("rank 2", FitSettings(rank=2, energy=None)),
     Setting("rank 4", FitSettings(rank=4, energy=None)),
     Setting("rank 8", FitSettings(rank=8, energy=None)),
-    Setting("energy 0.99 (default)", FitSettings(energy=0.99)),
-    Setting("energy 0.99, V bias (diffusers)", FitSettings(energy=0.99, v_bias=True), format="diffusers"),
+    Setting("rank 16", FitSettings(rank=16, energy=None)),
+    Setting("energy 0.99", FitSettings(energy=0.99)),
+    Setting("energy 0.999 (default)", FitSettings(energy=0.999)),
+    Setting("energy 0.999, V bias (diffusers)", FitSettings(energy=0.999, v_bias=True), format="diffusers"),
     Setting("full rank", FitSettings(energy=1.0)),
     Setting("full rank, float32", FitSettings(energy=1.0), dtype=torch.float32),
 )
@@ -172,7 +174,7 @@ def main() -> None:
     parser.add_argument(
         "--judge",
         nargs="*",
-        default=["energy 0.99 (default)"],
+        default=["energy 0.999 (default)"],
         help="labels of the settings whose images are generated and judged (the noise error is measured for all)",
     )
     args = parser.parse_args()

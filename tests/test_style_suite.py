@@ -128,7 +128,7 @@ def test_lora_converts_each_hypernetwork_and_judges_it_beside(monkeypatch, tmp_p
     argv = ["--styles", "vignette", "--samples", "4", "--out", str(out), "--work", str(work), "--lora"]
     (result,) = ss.main(argv)
     lora = work / "loras" / "vignette.safetensors"
-    assert judged == [("vignette.safetensors", "0.99", str(work / "data" / "vignette"))]  # to-lora's default energy
+    assert judged == [("vignette.safetensors", "0.999", str(work / "data" / "vignette"))]  # to-lora's default energy
     ranks = ss.fidelity.file_ranks(lora)
     ratio = lora.stat().st_size / (tmp_path / "vignette.pt").stat().st_size
     assert re.fullmatch(r"\d+\.\d/\d+\.\d", ranks) and 0 < ratio < 1
