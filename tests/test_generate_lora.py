@@ -193,3 +193,37 @@ def test_lora_tag_needs_a_lora_dir_that_exists(tmp_path: Path, no_model_load: No
         gen.plan(gen.GenerateOptions(prompt="a <lora:x>", out=tmp_path / "o"))
     with pytest.raises(FileNotFoundError, match=r"--lora-dir: .*missing is not a folder"):
         gen.plan(gen.GenerateOptions(prompt="a <lora:x>", out=tmp_path / "o", lora_dir=tmp_path / "missing"))
+
+
+def test_sdxl_family_lora_tag_matches_its_hypernetwork(tmp_path) -> None:
+    """The tiny SDXL-shaped folder (two text encoders, time_ids) through diffusers' SDXL loader. The diffusers layout
+    carries V's constant as a bias, which SDXL needs for exactness (its text context skips the final norm, README);
+    kohya's SDXL names are checked against diffusers' converter in tests/test_lora.py."""
+    from helpers.tiny_sdxl import write_folder
+
+    from hyperlit.lora import command
+
+    family = FAMILIES["tiny_sdxl"]
+    folder = write_folder(tmp_path / "model")
+    components = load_components(family="tiny_sdxl", path=str(folder))  # once, for the conversion and the images
+    hn = randomised(LINEAR, [*family.attention_widths, family.context_dim], seed=1)
+    with torch.no_grad():
+        for p in hn.parameters():
+            p.mul_(0.5)
+    (tmp_path / "hn").mkdir(), (tmp_path / "lora").mkdir()
+    files.save_hypernetwork(hn, tmp_path / "hn" / "xl.pt")
+    out = tmp_path / "lora" / "xl.safetensors"
+    options = command.ToLoraOptions(tmp_path / "hn" / "xl.pt", out, model="tiny_sdxl", model_path=str(folder),
+                                    energy=1.0, format="diffusers", dtype="float32")  # fmt: skip
+    command.run(command.plan(options), components)
+
+    def image(prompt: str, out: str) -> np.ndarray:
+        options = gen.GenerateOptions(prompt=prompt, out=tmp_path / out, hypernetwork_dir=tmp_path / "hn",
+                                      lora_dir=tmp_path / "lora", model="tiny_sdxl", model_path=str(folder), steps=2,
+                                      n=1)  # fmt: skip
+        (path,) = gen.run(gen.plan(options), components)
+        return np.asarray(Image.open(path).convert("RGB")).astype(int)
+
+    hypernet, base = image("a red circle <hypernet:xl:0.7>", "h"), image("a red circle", "b")
+    assert np.abs(hypernet - base).max() > 40
+    assert np.abs(image("a red circle <lora:xl:0.7>", "l") - hypernet).max() <= 2
