@@ -4,6 +4,7 @@
     python benchmarks/learning_proof.py --hypernetwork outputs/.../hypernetworks/swish_121.pt
     python benchmarks/learning_proof.py -- train.max_steps=200 # extra overrides for the training run
     python benchmarks/learning_proof.py --train-seeds 42 1 2  # one run per training seed, each scored, and the mean
+    python benchmarks/learning_proof.py --hypernetwork HN.pt --lora HN-lora.safetensors   # and its LoRA beside it
 
 The hypernetwork is applied to the tiny base (hyperlit/models/tiny_base) and the pipeline generates, for prompts
 the sample set never shows (the base's held-out colour x shape combinations, on a white background) and fixed
@@ -17,6 +18,12 @@ Two sources of noise, both measured (docs/benchmarks.md). The sample: each share
 recipes picked as best among several on 32 samples each scored 0.1 lower when re-judged on 128. The run: training
 seeds (and thread counts) move a run's figures by a few hundredths more. --train-seeds trains once per seed and
 prints each run and the mean, which is what a recipe change should be judged by.
+
+--lora FILE ... (with --hypernetwork) scores LoRA files made from that hypernetwork by `hyperlit to-lora` the same
+way: the same prompts, seeds, sampler and judge, each file loaded by diffusers' `load_lora_weights` at strength 1,
+printed beside the hypernetwork with its mean rank, its size against the hypernetwork file's, its noise error (the
+share of the hypernetwork's change of the noise prediction it misses) and issue #28's goals (the code is
+benchmarks/to_lora_fidelity.py's).
 
 The judge was checked against labels given by eye to 160 tiles of each of two recipes (tests/test_style_eye_labels.py):
 it never called the style where the eye saw none, and its style share lies between the share the eye called clearly
@@ -38,10 +45,15 @@ from pathlib import Path
 
 import torch
 
-from hyperlit.demo.quality import SAMPLERS, Score, Target, generate_at_multipliers, grid, score
+from hyperlit.demo.quality import SAMPLERS, Score, Target, generate_at_multipliers, grid, load_pipeline, score
 from hyperlit.demo.shapes import HELD_OUT
+from hyperlit.files import load_hypernetwork
+from hyperlit.models.loader import TINY_BASE_DIR
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark that scores LoRA files
+import to_lora_fidelity as fidelity  # noqa: E402
+
 MULTIPLIERS = (0.0, 1.0)
 
 
@@ -96,6 +108,26 @@ def prove(
     return scores
 
 
+def compare_loras(args: argparse.Namespace, scores: dict[float, Score]) -> str:
+    """The hypernetwork's scores at 0 and 1 and each --lora file's, scored the same way, as one table + verdicts."""
+    pipe = load_pipeline(args.base or TINY_BASE_DIR, args.sampler)
+    ref = fidelity.reference(pipe, load_hypernetwork(args.hypernetwork).eval())
+    source = args.hypernetwork.stat().st_size
+    lines = [
+        fidelity.HEADER,
+        fidelity.row("base (multiplier 0)", "", None, source, 1.0, scores[0.0]),
+        fidelity.row(f"hypernetwork {args.hypernetwork.name}", "", source, source, 0.0, scores[1.0]),
+    ]
+    verdicts = []
+    for path in args.lora:
+        result = fidelity.score_lora(pipe, path, ref, args.seeds, args.steps, args.cfg)
+        size = path.stat().st_size
+        lines.append(fidelity.row(f"LoRA {path.name}", fidelity.file_ranks(path), size, source, result.error,
+                                  result.score))  # fmt: skip
+        verdicts.append(f"LoRA {path.name}: {fidelity.goals(scores[1.0], result.score, size, source)}")
+    return "\n".join([*lines, *verdicts])
+
+
 def train_and_prove(args: argparse.Namespace) -> list[dict[float, Score]]:
     """One default run per --train-seeds seed (or one with the config's seed), each scored."""
     runs = []
@@ -127,6 +159,9 @@ def main() -> None:
     parser.add_argument("--train-seeds", type=int, nargs="+", default=None,
                         help="train one run per seed (seed=S) and print each and the mean (default: one run, the "
                         "config's seed)")  # fmt: skip
+    parser.add_argument("--lora", type=Path, nargs="+", default=[], metavar="FILE",
+                        help="LoRA files made from --hypernetwork by hyperlit to-lora, scored the same way and "
+                        "printed beside it")  # fmt: skip
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for the training run (after --)")
     args = parser.parse_args()
     if args.threads is not None:
@@ -134,6 +169,11 @@ def main() -> None:
 
     if args.hypernetwork is not None and args.train_seeds:
         sys.exit("--hypernetwork scores a finished file; --train-seeds trains new runs: give one of them")
+    if args.lora and args.hypernetwork is None:
+        sys.exit("--lora scores LoRA files beside the hypernetwork they were made from: give it as --hypernetwork")
+    for path in args.lora:
+        if not path.is_file():
+            sys.exit(f"--lora: {path} does not exist (a .safetensors file written by hyperlit to-lora)")
     if args.hypernetwork is not None:
         runs = [prove(args.hypernetwork, args.seeds, args.steps, args.cfg, args.sheet, args.base, args.sampler)]
     else:
@@ -157,6 +197,8 @@ def main() -> None:
     print(f"style {base.style:.2f} -> {styled.style:.2f}, adherence at 1: {styled.adherence:.2f}"
           f"{f' (mean of {len(runs)} runs)' if len(runs) > 1 else ''}: "
           f"{'goal met' if ok else 'goal NOT met'} (style <= 0.2 -> >= 0.7, adherence >= 0.7)")  # fmt: skip
+    if args.lora:
+        print(compare_loras(args, runs[0]))
 
 
 if __name__ == "__main__":

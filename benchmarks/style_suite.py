@@ -3,6 +3,7 @@
     python benchmarks/style_suite.py                                  # every style, 128 samples per multiplier
     python benchmarks/style_suite.py --styles vignette outline --samples 64
     python benchmarks/style_suite.py --extra train.learning_rate=2e-3 train.max_steps=2000   # candidate defaults
+    python benchmarks/style_suite.py --lora                           # each hypernetwork as a LoRA too
 
 For each style of hyperlit.demo.styles, a folder of --images images of the base's shapes in that style, captioned
 by content only (`a red circle on a white background`, as datasets/sample), is trained with exactly the command a
@@ -21,6 +22,11 @@ judged in the style after a VAE round trip, and their PSNR. A style it erases ca
 space (a known limit, `tiny_vae_holds` in hyperlit/demo/styles.py). Trainings run one at a time, each with
 --threads torch threads. Writes style_suite.md, style_suite.json and one preview grid per style (<name>.png: the
 training images, then the same held-out prompts and seeds at multiplier 0 and at 1) into --out.
+
+--lora converts each trained hypernetwork with `hyperlit to-lora`'s defaults (kohya layout, --energy 0.999, float16,
+fitted on the style's folder) and judges the LoRA, loaded by diffusers' `load_lora_weights` at strength 1, on the
+same prompts and seeds: its style and adherence beside the hypernetwork's, with its mean rank and its size against
+the hypernetwork file's (issue #28: within 0.05 of the hypernetwork's shares, no larger).
 """
 
 from __future__ import annotations
@@ -32,20 +38,24 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from hyperlit.demo.quality import Target, generate_at_multipliers, grid, score
+from hyperlit.demo.quality import Target, generate_at_multipliers, generate_with_lora, grid, score
 from hyperlit.demo.roundtrip import psnr, round_trip
 from hyperlit.demo.shapes import HELD_OUT
 from hyperlit.demo.styles import STYLES, Style, style_named, style_share, write_style_set
 from hyperlit.io import atomic_path, atomic_write_text
+from hyperlit.lora.command import ToLoraOptions, to_lora
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark that describes LoRA files
+import to_lora_fidelity as fidelity  # noqa: E402
+
 MULTIPLIERS = (0.0, 1.0)
 GRID_SEEDS = 2  # seeds per held-out prompt in the preview grid: 4 prompts x 2 = 8 columns
 # the goal (issue #26): the base does not draw the style, the hypernetwork does, and keeps the prompt
@@ -67,6 +77,11 @@ class StyleResult:
     samples: int  # per multiplier
     train_seconds: float
     goal_met: bool
+    # with --lora: the hypernetwork converted by `hyperlit to-lora` (defaults), judged on the same prompts and seeds
+    lora_style_1: float | None = None
+    lora_adherence_1: float | None = None
+    lora_ranks: str = ""  # mean rank of to_k / to_v
+    lora_size_ratio: float | None = None  # LoRA file bytes / hypernetwork file bytes
 
 
 def goal_met(style_0: float, style_1: float, adherence_1: float) -> bool:
@@ -117,18 +132,44 @@ def run_style(style: Style, work: Path, args: argparse.Namespace) -> tuple[Style
     met = goal_met(share[0.0], share[1.0], adherence[1.0])
     result = StyleResult(style.name, style.kind, vae_share, vae_psnr, share[0.0], share[1.0], adherence[0.0],
                          adherence[1.0], len(targets), seconds, met)  # fmt: skip
+    if args.lora:
+        result = with_lora(result, style, hypernetwork, data, work, targets, seed_list, args)
     columns = len(HELD_OUT) * GRID_SEEDS
     shown = [k * seeds + i for k in range(len(HELD_OUT)) for i in range(min(GRID_SEEDS, seeds))]
     rows = [(training * columns)[:columns], *([images[m][i] for i in shown] for m in MULTIPLIERS)]
     return result, grid([im for row in rows for im in row], columns=len(rows[1]))
 
 
+def with_lora(
+    result: StyleResult,
+    style: Style,
+    hypernetwork: Path,
+    data: Path,
+    work: Path,
+    targets: list[Target],
+    seeds: list[int],
+    args: argparse.Namespace,
+) -> StyleResult:
+    """The row with the hypernetwork's LoRA (to-lora's defaults, fitted on the style's folder) judged beside it."""
+    converted = to_lora(ToLoraOptions(hypernetwork, work / "loras" / f"{style.name}.safetensors", data=data))
+    images = generate_with_lora(converted.path, targets, seeds, steps=args.steps, cfg=args.cfg)
+    return replace(
+        result,
+        lora_style_1=style_share(style, images),
+        lora_adherence_1=score(images, targets).adherence,
+        lora_ranks=fidelity.file_ranks(converted.path),
+        lora_size_ratio=converted.size / converted.source_size,
+    )
+
+
 def table(results: list[StyleResult]) -> str:
-    """The results as a markdown table."""
+    """The results as a markdown table (with the LoRA's columns when it was judged)."""
+    loras = any(r.lora_style_1 is not None for r in results)
+    extra = " LoRA style at 1 | LoRA adherence at 1 | LoRA rank k/v | LoRA size / HN |" if loras else ""
     lines = [
         "| style | kind | VAE keeps | VAE PSNR | style at 0 | style at 1 | adherence at 0 | adherence at 1 | "
-        "training | goal |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "training | goal |" + extra,
+        "|---|---|---|---|---|---|---|---|---|---|" + "---|" * (4 if loras else 0),
     ]
     for r in results:
         lines.append(
@@ -136,6 +177,9 @@ def table(results: list[StyleResult]) -> str:
             f"{r.adherence_0:.2f} | {r.adherence_1:.2f} | {r.train_seconds:.0f} s | "
             f"{'met' if r.goal_met else 'NOT met'} |"
         )
+        if loras and r.lora_style_1 is not None:
+            lines[-1] += (f" {r.lora_style_1:.2f} | {r.lora_adherence_1:.2f} | {r.lora_ranks} | "
+                          f"{r.lora_size_ratio:.2f} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -155,6 +199,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="torch threads for training and sampling (default 1, as the runner sets for the tiny base)",
     )
     parser.add_argument("--seed", type=int, default=None, help="the training seed (default: the config's)")
+    parser.add_argument(
+        "--lora", action="store_true", help="also convert each hypernetwork with to-lora's defaults and judge the LoRA"
+    )
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the drawn training images (default 0)")
     parser.add_argument("--steps", type=int, default=20, help="sampling steps (default 20, DPM++ 2M)")
     parser.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
@@ -178,9 +225,10 @@ def header(args: argparse.Namespace) -> str:
     """What was run: the command, the samples, the threads."""
     command = "python train.py data=folder data.path=DIR data.resolution=64 data.batch_size=4 hypernet.name=NAME"
     seeds = args.samples // len(HELD_OUT)
+    lora = "; LoRA: hyperlit to-lora HN OUT --data DIR (defaults), strength 1" if args.lora else ""
     return (f"{command} logger=csv {' '.join(args.extra)}".rstrip() + f"; {args.samples} samples per multiplier "
             f"({len(HELD_OUT)} held-out prompts x {seeds} seeds, {args.steps} DPM++ 2M steps, CFG {args.cfg}), "
-            f"{args.images} training images, {args.threads} threads")  # fmt: skip
+            f"{args.images} training images, {args.threads} threads{lora}")  # fmt: skip
 
 
 def report(args: argparse.Namespace, results: list[StyleResult]) -> str:

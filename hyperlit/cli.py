@@ -140,9 +140,16 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
-    gen = sub.add_parser("generate", help="text to image; <hypernet:NAME:MULT> tags in the prompt apply hypernetworks")
-    gen.add_argument("prompt", help="the prompt, with A1111 tags <hypernet:NAME> or <hypernet:NAME:MULTIPLIER>")
+    gen = sub.add_parser(
+        "generate", help="text to image; <hypernet:NAME:MULT> / <lora:NAME:MULT> tags apply hypernetworks / LoRAs"
+    )
+    gen.add_argument(
+        "prompt", help="the prompt, with A1111 tags <hypernet:NAME[:MULTIPLIER]> and <lora:NAME[:MULTIPLIER]>"
+    )
     gen.add_argument("--hypernetwork-dir", default=None, help="folder with NAME.pt / NAME.safetensors files")
+    gen.add_argument(
+        "--lora-dir", default=None, help="folder with NAME.safetensors LoRA files (kohya or diffusers layout)"
+    )
     gen.add_argument("--out", required=True, help="output folder for <seed>-<index>.png")
     gen.add_argument("--model", default="tiny", help="model family: tiny (embedded, the default), sd15, sd21, sdxl")
     gen.add_argument("--model-path", default=None, help="checkpoint file or diffusers folder for sd15/sd21/sdxl")

@@ -1,6 +1,7 @@
-"""`hyperlit generate`: text-to-image with hypernetworks chosen by A1111 prompt tags, PNGs carrying A1111's infotext.
+"""`hyperlit generate`: text-to-image with hypernetworks and LoRAs chosen by A1111 prompt tags, PNGs carrying A1111's
+infotext.
 
-Every option and every named hypernetwork file is checked before the base model loads.
+Every option and every named hypernetwork and LoRA file is checked before the base model loads.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from hyperlit import files
 from hyperlit.attention import hypernetworks_attached
 from hyperlit.hypernetwork import Hypernetwork
 from hyperlit.io import atomic_path
+from hyperlit.lora.tagged import TaggedLora, check_tagged_loras, lora_hashes, loras_applied
 from hyperlit.models import ModelSpec, SDComponents, load_components, validate_model_config
 from hyperlit.prompt_tags import ParsedPrompt, parse_prompt
 from hyperlit.sampling import SampleSettings, check_sampler, check_size, make_pipeline, sample_image
@@ -33,6 +35,7 @@ class GenerateOptions:
     prompt: str
     out: Path
     hypernetwork_dir: Path | None = None
+    lora_dir: Path | None = None
     model: str = "tiny"
     model_path: str | None = None
     tokenizer_path: str | None = None
@@ -55,6 +58,8 @@ class GenerateOptions:
         self.out = Path(self.out)
         if self.hypernetwork_dir is not None:
             self.hypernetwork_dir = Path(self.hypernetwork_dir)
+        if self.lora_dir is not None:
+            self.lora_dir = Path(self.lora_dir)
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,7 @@ class GenerationPlan:
     parsed: ParsedPrompt
     hypernetworks: list[Hypernetwork] = field(default_factory=list)
     settings: SampleSettings = field(default_factory=SampleSettings)
+    loras: list[TaggedLora] = field(default_factory=list)
 
 
 def available_hypernetworks(directory: Path) -> dict[str, Path]:
@@ -113,10 +119,11 @@ def _load_tagged(parsed: ParsedPrompt, directory: Path | None, spec: ModelSpec) 
 
 
 def plan(options: GenerateOptions) -> GenerationPlan:
-    """Check the options, the model config (no weights) and the tagged files; load only the small networks."""
+    """Check the options, the model config (no weights) and the tagged files; load only the small networks (LoRA
+    files are checked from their headers and loaded by diffusers at run time)."""
     parsed = parse_prompt(options.prompt)
     for tag in parsed.other_tags:
-        log.warning("skipping %s: hyperlit applies only <hypernet:...> tags", tag)
+        log.warning("skipping %s: hyperlit applies only <hypernet:...> and <lora:...> tags", tag)
     spec = validate_model_config(family=options.model, path=options.model_path, tokenizer_path=options.tokenizer_path)
     native = spec.family.native_resolution(spec.prediction_type)
     multiple = spec.family.vae_scale_factor
@@ -128,7 +135,8 @@ def plan(options: GenerateOptions) -> GenerationPlan:
         width=check_size(options.width or native, "--width", multiple),
     )
     hypernetworks = _load_tagged(parsed, options.hypernetwork_dir, spec)
-    return GenerationPlan(options, spec, parsed, hypernetworks, settings)
+    loras = check_tagged_loras(parsed.loras, options.lora_dir, spec.family)
+    return GenerationPlan(options, spec, parsed, hypernetworks, settings, loras)
 
 
 def _quote(value: object) -> str:
@@ -141,8 +149,16 @@ def _number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else str(value)
 
 
-def infotext(prompt: str, negative_prompt: str, settings: SampleSettings, seed: int, components: SDComponents) -> str:
-    """A1111's ``parameters`` text: the prompt (tags kept), ``Negative prompt: ...`` if any, then key: value pairs."""
+def infotext(
+    prompt: str,
+    negative_prompt: str,
+    settings: SampleSettings,
+    seed: int,
+    components: SDComponents,
+    loras: list[TaggedLora] | None = None,
+) -> str:
+    """A1111's ``parameters`` text: the prompt (tags kept), ``Negative prompt: ...`` if any, then key: value pairs
+    (``Lora hashes`` after the model, where A1111 puts its extra-network parameters)."""
     pairs = {
         "Steps": settings.steps,
         "Sampler": check_sampler(settings.sampler).a1111_name,
@@ -151,6 +167,7 @@ def infotext(prompt: str, negative_prompt: str, settings: SampleSettings, seed: 
         "Size": f"{settings.width}x{settings.height}",
         "Model hash": components.checkpoint_hash,
         "Model": components.checkpoint_name,
+        "Lora hashes": lora_hashes(loras or []),
     }
     lines = [prompt]
     if negative_prompt:
@@ -174,12 +191,13 @@ def run(the_plan: GenerationPlan, components: SDComponents) -> list[Path]:
         hn.to(components.unet.device)
     pipe = make_pipeline(components, settings.sampler)
     written = []
-    # Attached even with no networks, so multiplier 0 and no tag run the very same attention code.
-    with hypernetworks_attached(components.unet, the_plan.hypernetworks):
+    # Attached even with no networks, so multiplier 0 and no tag run the very same attention code. LoRAs wrap
+    # to_k / to_v (and whatever else they change) under the hypernetwork processors, which call those modules.
+    with loras_applied(pipe, the_plan.loras), hypernetworks_attached(components.unet, the_plan.hypernetworks):
         for index in range(options.n):
             seed = options.seed + index
             image = sample_image(pipe, components, the_plan.parsed.text, options.negative_prompt, seed, settings)
-            text = infotext(options.prompt, options.negative_prompt, settings, seed, components)
+            text = infotext(options.prompt, options.negative_prompt, settings, seed, components, the_plan.loras)
             written.append(save_png(image, options.out / f"{seed}-{index}.png", text))
     return written
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.infotext import parse_parameters
 from PIL import Image
 
 from hyperlit import cli, files
@@ -46,14 +47,6 @@ def render(tiny, hn_dir: Path, out: Path, prompt: str, **kw) -> list[np.ndarray]
     options = gen.GenerateOptions(prompt=prompt, out=out, hypernetwork_dir=hn_dir, steps=2, n=kw.pop("n", 1), **kw)
     paths = gen.run(gen.plan(options), tiny)
     return [np.asarray(Image.open(p).convert("RGB")) for p in paths]
-
-
-def parse_parameters(text: str) -> tuple[str, str | None, dict[str, str]]:
-    """Read an A1111 infotext back: prompt, negative prompt, key: value pairs (quoted values unquoted)."""
-    lines = text.split("\n")
-    negative = lines[1].removeprefix("Negative prompt: ") if lines[1].startswith("Negative prompt: ") else None
-    pairs = dict(re.findall(r'\s*([\w ]+): ("(?:\\.|[^"])*"|[^,]*)(?:,|$)', lines[-1]))
-    return lines[0], negative, {k.strip(): v.strip('"') for k, v in pairs.items()}
 
 
 def test_cli_end_to_end_writes_pngs_with_a1111_parameters(

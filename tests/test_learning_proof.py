@@ -97,3 +97,49 @@ def test_a_finished_file_and_train_seeds_are_refused_together(monkeypatch, tmp_p
     )
     with pytest.raises(SystemExit, match="give one of them"):
         lp.main()
+
+
+def test_lora_files_are_scored_beside_their_hypernetwork(monkeypatch, capsys, tmp_path):
+    """--lora: a full-rank float32 LoRA of a linear network scores as its hypernetwork (noise error ~0), a rank-1
+    one misses part of the change; each row carries the file's mean rank and size (2 steps x 4 samples: seconds)."""
+    from helpers.hypernetworks import randomised
+    from safetensors.torch import load_file
+
+    from hyperlit import files
+    from hyperlit.hypernetwork import HypernetworkConfig
+    from hyperlit.lora.command import ToLoraOptions, to_lora
+    from hyperlit.models import FAMILIES
+
+    widths = [*FAMILIES["tiny"].attention_widths, FAMILIES["tiny"].context_dim]
+    hn = randomised(HypernetworkConfig(layer_structure=[1, 2, 1], activation="linear"), widths, seed=1)
+    files.save_hypernetwork(hn, tmp_path / "hn.pt")
+    full, low = tmp_path / "full.safetensors", tmp_path / "low.safetensors"
+    to_lora(ToLoraOptions(tmp_path / "hn.pt", full, energy=1.0, dtype="float32"))
+    to_lora(ToLoraOptions(tmp_path / "hn.pt", low, rank=1))
+    lp = learning_proof()
+    argv = ["learning_proof.py", "--hypernetwork", str(tmp_path / "hn.pt"), "--lora", str(full), str(low),
+            "--seeds", "1", "--steps", "2", "--threads", "1"]  # fmt: skip
+    monkeypatch.setattr("sys.argv", argv)
+    lp.main()
+    out = capsys.readouterr().out
+    rows = {line.split()[1]: line.split() for line in out.splitlines() if line.startswith(("hypernetwork ", "LoRA "))}
+    hn_row, full_row, low_row = rows["hn.pt"], rows["full.safetensors"], rows["low.safetensors"]
+    # columns after the label: [ranks] bytes size-ratio noise-error style adherence colour shape
+    assert float(full_row[-5]) < 1e-3 and float(low_row[-5]) > 0.05
+    assert full_row[-4:] == hn_row[-4:]  # the same judged shares as the hypernetwork's own images
+    source = (tmp_path / "hn.pt").stat().st_size
+    for row, path in ((full_row, full), (low_row, low)):
+        assert row[-7] == f"{path.stat().st_size:,}" and row[-6] == f"{path.stat().st_size / source:.2f}"
+    downs = [t for k, t in load_file(low).items() if k.endswith("lora_down.weight")]
+    assert {t.shape[0] for t in downs} == {1} and low_row[2] == "1.0/1.0"
+    assert "LoRA full.safetensors: style" in out and "size 2." in out and "(goal <= 1): NOT met" in out
+
+
+def test_lora_needs_its_hypernetwork(monkeypatch, tmp_path):
+    lp = learning_proof()
+    monkeypatch.setattr("sys.argv", ["learning_proof.py", "--lora", str(tmp_path / "x.safetensors")])
+    with pytest.raises(SystemExit, match="--lora scores LoRA files beside the hypernetwork they were made from"):
+        lp.main()
+    monkeypatch.setattr("sys.argv", ["learning_proof.py", "--hypernetwork", "h.pt", "--lora", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match=r"--lora: .*x does not exist"):
+        lp.main()

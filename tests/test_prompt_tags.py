@@ -1,10 +1,11 @@
-"""A1111's <hypernet:NAME:MULT> prompt tags: parsed in order, removed from the text, multiplier 1 when missing."""
+"""A1111's <hypernet:NAME:MULT> and <lora:NAME:MULT> prompt tags: parsed in order, removed from the text, multiplier 1
+when missing."""
 
 from __future__ import annotations
 
 import pytest
 
-from hyperlit.prompt_tags import HypernetTag, parse_prompt
+from hyperlit.prompt_tags import HypernetTag, LoraTag, parse_prompt
 
 
 @pytest.mark.parametrize(
@@ -33,11 +34,20 @@ def test_parse(prompt: str, text: str, tags: list[tuple[str, float]]) -> None:
     assert parsed.other_tags == ()
 
 
-def test_other_network_types_are_removed_and_reported() -> None:
-    parsed = parse_prompt("a cat <lora:detail:0.6> <hypernet:h:0.3>")
-    assert parsed.text == "a cat"
-    assert parsed.other_tags == ("<lora:detail:0.6>",)
+def test_lora_tags_are_parsed_apart_from_hypernetwork_tags() -> None:
+    parsed = parse_prompt("<lora:detail:0.6>a cat <hypernet:h:0.3>, <lora: ink 2 > <lora:detail:-1>")
+    assert parsed.text == "a cat ,"
+    assert parsed.loras == (LoraTag("detail", 0.6), LoraTag("ink 2", 1.0), LoraTag("detail", -1.0))
     assert parsed.hypernetworks == (HypernetTag("h", 0.3),)
+    assert parsed.other_tags == ()
+
+
+def test_other_network_types_are_removed_and_reported() -> None:
+    parsed = parse_prompt("a cat <lyco:detail:0.6> <hypernet:h:0.3>")
+    assert parsed.text == "a cat"
+    assert parsed.other_tags == ("<lyco:detail:0.6>",)
+    assert parsed.hypernetworks == (HypernetTag("h", 0.3),)
+    assert parsed.loras == ()
 
 
 @pytest.mark.parametrize(
@@ -47,6 +57,9 @@ def test_other_network_types_are_removed_and_reported() -> None:
         ("<hypernet:foo:nan>", "use a finite number"),
         ("<hypernet: :1>", "name is empty"),
         ("<hypernet:foo:1:2>", "expected <hypernet:NAME>"),
+        ("<lora:foo:1:0.5>", "expected <lora:NAME> or <lora:NAME:MULTIPLIER> \\(separate text-encoder"),
+        ("<lora::1>", "the LoRA name is empty"),
+        ("<lora:foo:x>", "multiplier 'x' is not a number"),
     ],
 )
 def test_bad_tags_name_the_tag(prompt: str, message: str) -> None:

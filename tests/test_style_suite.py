@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -91,6 +92,54 @@ def test_the_suite_judges_each_style_and_writes_table_json_and_grids(monkeypatch
     assert STYLES["vignette"].is_in_style(at_1) == styled and not STYLES["vignette"].is_in_style(
         sheet.crop((0, 64, 64, 128))
     )
+
+
+def test_lora_converts_each_hypernetwork_and_judges_it_beside(monkeypatch, tmp_path):
+    """--lora: the trained file goes through the real `to-lora` (defaults, fitted on the style's folder) and the
+    LoRA file it wrote is what is judged; its shares, mean rank and size ratio fill the LoRA columns."""
+    from helpers.hypernetworks import randomised
+    from safetensors import safe_open
+
+    from hyperlit import files
+    from hyperlit.hypernetwork import HypernetworkConfig
+    from hyperlit.models import FAMILIES
+
+    ss = suite()
+    widths = [*FAMILIES["tiny"].attention_widths, FAMILIES["tiny"].context_dim]
+
+    def fake_train(data, name, run_dir, seed, extra, threads):  # noqa: ANN001, ANN202
+        path = tmp_path / f"{name}.pt"
+        files.save_hypernetwork(randomised(HypernetworkConfig(layer_structure=[1, 2, 1]), widths, seed=1), path)
+        return path, 12.0
+
+    judged = []
+
+    def fake_lora_generation(lora, targets, seeds, steps, cfg):  # noqa: ANN001, ANN202
+        with safe_open(str(lora), framework="pt") as handle:
+            judged.append((Path(lora).name, handle.metadata()["hyperlit_energy"], handle.metadata()["hyperlit_data"]))
+        rng = random.Random(0)  # in the style, with half the shapes drawn as the wrong colour
+        scenes = [random_scene(rng, t.colour if i % 2 else "red", t.shape, "white") for i, t in enumerate(targets)]
+        return [render(s, STYLES["vignette"], i) for i, s in enumerate(scenes)]
+
+    monkeypatch.setattr(ss, "train", fake_train)
+    monkeypatch.setattr(ss, "generate_at_multipliers", fake_generation(True))
+    monkeypatch.setattr(ss, "generate_with_lora", fake_lora_generation)
+    out, work = tmp_path / "out", tmp_path / "work"
+    argv = ["--styles", "vignette", "--samples", "4", "--out", str(out), "--work", str(work), "--lora"]
+    (result,) = ss.main(argv)
+    lora = work / "loras" / "vignette.safetensors"
+    assert judged == [("vignette.safetensors", "0.999", str(work / "data" / "vignette"))]  # to-lora's default energy
+    ranks = ss.fidelity.file_ranks(lora)
+    ratio = lora.stat().st_size / (tmp_path / "vignette.pt").stat().st_size
+    assert re.fullmatch(r"\d+\.\d/\d+\.\d", ranks) and 0 < ratio < 1
+    targets = [ss.Target(c, s) for c, s in ss.HELD_OUT]  # one seed per held-out prompt
+    right = sum(bool(i % 2) or t.colour == "red" for i, t in enumerate(targets))  # drawn in the asked colour
+    assert (result.lora_style_1, result.lora_ranks, result.lora_size_ratio) == (1.0, ranks, ratio)
+    assert result.lora_adherence_1 == right / 4 < 1
+    text = (out / "style_suite.md").read_text()
+    assert "| LoRA style at 1 | LoRA adherence at 1 | LoRA rank k/v | LoRA size / HN |" in text
+    assert f"| met | 1.00 | {result.lora_adherence_1:.2f} | {ranks} | {ratio:.2f} |" in text
+    assert "LoRA: hyperlit to-lora HN OUT --data DIR (defaults), strength 1" in text
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,7 @@ from PIL import Image
 
 from hyperlit.attention import hypernetworks_attached
 from hyperlit.files import load_hypernetwork
+from hyperlit.lora.tagged import TaggedLora, loras_applied
 from hyperlit.models.loader import TINY_BASE_DIR
 from hyperlit.pretrained import OFFLINE
 
@@ -111,6 +112,23 @@ def generate_at_multipliers(
             hn.multiplier = m
             out[m] = generate(pipe, [t.prompt for t in targets], seeds, steps=steps, cfg=cfg)
     return out
+
+
+def generate_with_lora(
+    lora: Path,
+    targets: Sequence[Target],
+    seeds: Sequence[int],
+    strength: float = 1.0,
+    steps: int = 20,
+    cfg: float = 5.0,
+    base: str | Path | None = None,
+    sampler: str = "dpmpp_2m",
+) -> list[Image.Image]:
+    """One image per (target, seed) with a LoRA file at `strength` on the base, loaded by diffusers'
+    `load_lora_weights`; the same prompts and noise as `generate_at_multipliers` gives its hypernetwork."""
+    pipe = load_pipeline(base or TINY_BASE_DIR, sampler)
+    with loras_applied(pipe, [TaggedLora(Path(lora).stem, Path(lora), strength, short_hash="")]):
+        return generate(pipe, [t.prompt for t in targets], seeds, steps=steps, cfg=cfg)
 
 
 def score(images: Sequence[Image.Image], targets: Sequence[Target]) -> Score:

@@ -18,7 +18,7 @@ from hyperlit import files
 from hyperlit.files import HypernetworkFileError
 from hyperlit.hypernetwork import Hypernetwork
 from hyperlit.lora.export import FORMATS
-from hyperlit.lora.fit import BAD_FIT, FitSettings, LayerReport
+from hyperlit.lora.fit import BAD_FIT, DEFAULT_ENERGY, FitSettings, LayerReport
 from hyperlit.models import ModelSpec, SDComponents, validate_model_config
 from hyperlit.models.hashing import file_sha256
 
@@ -28,7 +28,6 @@ __all__ = ["ToLoraOptions", "ToLoraPlan", "ToLoraResult", "add_to_lora_parser", 
 
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
 V_BIAS = ("auto", "on", "off")
-DEFAULT_ENERGY = 0.99
 
 
 @dataclass
