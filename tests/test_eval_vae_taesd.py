@@ -10,28 +10,18 @@ import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderTiny
+from helpers.taesd import textured_taesd
 from helpers.vae import SAMPLE
 
 from hyperlit.cli import main
 from hyperlit.models.loader import embedded_tiny_vae
 from hyperlit.vae.evaluate import load_eval_images
 from hyperlit.vae.export import save_diffusers_folder
-from hyperlit.vae.taesd_layout import save_taesd_files, tiny_autoencoder
+from hyperlit.vae.taesd_layout import save_taesd_files
 from hyperlit.vae.taesd_read import TRAINED_PARTS
 
 RES, LIMIT = 32, 3
 SCALING, SHIFT = 0.5, 0.1  # what the decoder-alone file says its teacher's latents were scaled by
-
-
-def textured_taesd(seed: int) -> AutoencoderTiny:
-    """A random TAESD whose images vary with the input (a fresh one decodes everything to near-black)."""
-    torch.manual_seed(seed)
-    model = tiny_autoencoder(4)
-    with torch.no_grad():
-        model.encoder.layers[-1].weight.mul_(10)
-        model.decoder.layers[-1].weight.mul_(20)
-        model.decoder.layers[-1].bias.add_(0.96)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
