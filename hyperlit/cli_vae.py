@@ -21,6 +21,8 @@ from hyperlit.vae.evaluate import (
     worse_than,
     worst_panel,
 )
+from hyperlit.vae.taesd_eval import tiny_reconstruction
+from hyperlit.vae.taesd_read import TAESDSource, find_taesd
 
 
 def add_eval_vae_parser(sub: argparse._SubParsersAction) -> None:
@@ -47,7 +49,9 @@ def add_eval_vae_parser(sub: argparse._SubParsersAction) -> None:
         "--model-path",
         action="append",
         default=[],
-        help="diffusers VAE folder, single-file VAE (.safetensors/.pt/.ckpt) or full SD checkpoint; repeatable",
+        help="diffusers VAE folder, single-file VAE (.safetensors/.pt/.ckpt) or full SD checkpoint; or a tiny "
+        "autoencoder: a diffusers AutoencoderTiny folder, or a madebyollin-layout <name>_decoder.safetensors/.pth "
+        "(with <name>_encoder beside it; a decoder alone decodes the first full VAE's latents); repeatable",
     )
     p.add_argument("--resolution", type=int, default=256, help="short side resize + centre crop (cards: 256)")
     p.add_argument(
@@ -113,24 +117,54 @@ def _check_args(args: argparse.Namespace) -> list[str]:
     return labels
 
 
-def _load_models(args: argparse.Namespace) -> list[tuple[str, str, nn.Module]]:
+def _tiny_sources(args: argparse.Namespace) -> dict[str, TAESDSource]:
+    """The ``--model-path`` entries that are tiny autoencoders, told from config.json or file headers (no model is
+    built); what they need is checked here, before any weight loads."""
+    tiny = {path: source for path in args.model_path if (source := find_taesd(path, "--model-path")) is not None}
+    full = [*args.model, *(p for p in args.model_path if p not in tiny)]
+    alone = [path for path, source in tiny.items() if not source.has_encoder]
+    if alone and not full:
+        raise ValueError(
+            f"--model-path={alone[0]!r}: a TAESD decoder alone needs latents; list the full VAE it was distilled from "
+            "too (--model tiny or --model-path VAE), whose encoder then feeds it"
+        )
+    if args.fp16 and tiny:
+        raise ValueError(
+            f"--fp16: compares full VAEs' fp16 decodes; {next(iter(tiny))!r} is a tiny autoencoder (drop --fp16 or it)"
+        )
+    return tiny
+
+
+def _load_models(args: argparse.Namespace, tiny: dict[str, TAESDSource]) -> list[tuple[str, str, nn.Module]]:
+    """Every model in the order given; a TAESD decoder alone decodes the first full VAE's latents."""
     from hyperlit.models.loader import embedded_tiny_vae
     from hyperlit.vae.load import load_vae
 
-    models: list[tuple[str, str, nn.Module]] = []
+    full: dict[str, tuple[str, nn.Module]] = {}
     for name in args.model:
         random = name == "tiny-random"
         source = "the random tiny VAE (seed 0)" if random else "the embedded tiny base's VAE"
-        models.append((name, source, embedded_tiny_vae(tiny_random=random)))
+        full[name] = (source, embedded_tiny_vae(tiny_random=random))
     for path in args.model_path:
-        models.append(
-            (path, str(Path(path).resolve()), load_vae(path, norm_num_groups=args.norm_num_groups, key="--model-path"))
-        )
+        if path not in tiny:
+            vae = load_vae(path, norm_num_groups=args.norm_num_groups, key="--model-path")
+            full[path] = (str(Path(path).resolve()), vae)
+    teacher_label, (_, teacher) = next(iter(full.items()), (None, (None, None)))
+    models: list[tuple[str, str, nn.Module]] = []
+    for label in [*args.model, *args.model_path]:
+        if label in full:
+            models.append((label, *full[label]))
+            continue
+        source = tiny[label]
+        model = tiny_reconstruction(source, "--model-path", teacher, str(teacher_label))
+        feeds = "" if source.has_encoder else f"; latents from {teacher_label}"
+        models.append((label, f"{Path(label).resolve()} ({source.describe()}{feeds})", model))
     return models
 
 
 def run_eval_vae(args: argparse.Namespace) -> int:
     _check_args(args)
+    tiny = _tiny_sources(args)
     images = load_eval_images(args.data, args.resolution, args.limit)
     lpips = rfid = None
     if args.lpips_weights is not None:
@@ -142,7 +176,7 @@ def run_eval_vae(args: argparse.Namespace) -> int:
         from hyperlit.vae.metrics import RFID
 
         rfid = RFID(load_inception(args.inception_weights))
-    models = _load_models(args)
+    models = _load_models(args, tiny)
     scores = evaluate(models, images, batch_size=args.batch_size, lpips=lpips, rfid=rfid)
     if args.fp16:
         for score, value in zip(scores, fp16_fidelity(models, images, args.batch_size), strict=True):

@@ -7,6 +7,7 @@ depends on its seed only (not on the device, the batch or the images before it).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -75,8 +76,11 @@ def sample_image(
     negative_prompt: str,
     seed: int,
     settings: SampleSettings,
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Image.Image:
-    """One image for ``prompt`` from ``seed``; whatever hypernetworks are attached to the UNet apply."""
+    """One image for ``prompt`` from ``seed``; whatever hypernetworks are attached to the UNet apply.
+
+    ``decode``: latents in the UNet's scale -> images in [-1, 1] (a tiny decoder for previews); None: the VAE."""
     device, dtype = components.unet.device, components.unet.dtype
     prompt_embeds = components.encode_text([prompt]).to(device, dtype)
     negative_embeds = components.encode_text([negative_prompt]).to(device, dtype)
@@ -99,8 +103,8 @@ def sample_image(
             generator=generator,
             output_type="latent",
         ).images
-        return pipe.image_processor.postprocess(components.decode_latents(out), output_type="pil")[0]
-    return pipe(
+        return pipe.image_processor.postprocess((decode or components.decode_latents)(out), output_type="pil")[0]
+    out = pipe(
         prompt_embeds=prompt_embeds,
         negative_prompt_embeds=negative_embeds,
         height=settings.height,
@@ -109,5 +113,6 @@ def sample_image(
         guidance_scale=settings.guidance_scale,
         latents=latents,
         generator=generator,  # ancestral samplers draw their step noise from it
-        output_type="pil",
-    ).images[0]
+        output_type="pil" if decode is None else "latent",  # "latent": the UNet-scale latents, not decoded
+    ).images
+    return out[0] if decode is None else pipe.image_processor.postprocess(decode(out), output_type="pil")[0]

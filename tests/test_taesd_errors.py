@@ -28,6 +28,8 @@ CASES = [
     (["taesd.latent_crop=9"], "taesd.latent_crop"),  # larger than the 64 px images
     (["taesd.latent_crop=2"], "taesd.latent_crop"),  # 16 px windows: too small for D
     (["taesd.latent_crop=0"], "taesd.latent_crop"),
+    (["taesd.augment=true", "posterior.cache=true"], "taesd.augment"),  # the cache holds unturned images
+    (["taesd.augment=yes"], "taesd.augment"),
     (["data.batch_size=0"], "data.batch_size"),
     (["data.path=/nonexistent/images"], "data.path"),
     (["train.max_steps=0"], "train.max_steps"),

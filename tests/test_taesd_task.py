@@ -18,6 +18,7 @@ from helpers.paths import REPO_ROOT
 from helpers.taesd_probe import weights_digest
 from hydra.utils import instantiate
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from hyperlit.callbacks.ema import EMA
@@ -31,6 +32,7 @@ from hyperlit.vae.export import save_diffusers_folder
 from hyperlit.vae.lpips import LPIPS
 from hyperlit.vae.taesd_config import DecoderLossConfig, DistillConfig, TAESDDiscConfig, TAESDTaskConfig
 from hyperlit.vae.taesd_layout import from_madebyollin
+from hyperlit.vae.taesd_read import TRAINED_PARTS
 
 # An SD-shaped VAE (4 levels: factor 8, as TAESD's layout) small enough to train in seconds.
 TINY_VAE8 = dict(
@@ -251,6 +253,8 @@ def test_export_writes_ema_weights_in_every_format(tmp_path):
     assert torch.equal(torch.load(out / "taesd_encoder.pth", weights_only=True)["14.weight"],
                        ema.shadow["taesd.encoder.layers.14.weight"])  # fmt: skip
     assert not any(p.name.startswith(".") for p in out.rglob("*"))  # no temporary file left
+    with safe_open(str(out / "diffusers" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert f.metadata()[TRAINED_PARTS] == "encoder,decoder"  # eval-vae trusts the folder's encoder
 
 
 def test_sixteen_channel_vae_trains_end_to_end_from_config(tmp_path):

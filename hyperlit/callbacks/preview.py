@@ -6,30 +6,38 @@ and successive grids of a run are comparable. The first grid is drawn at step 0 
 between multiplier 0 and 1 is logged as ``preview/change`` with ``val/loss`` against its step-0 value, and a run
 whose change stays under ``min_change`` is told, once, that nothing is being learned. Runs on global rank 0 only
 and uses no collectives, so it cannot deadlock a DDP job. The default prompts are the captions of the held-out
-images (``data.val_count``); without those, the first caption the run trains on.
+images (``data.val_count``); without those, the first caption the run trains on. With ``decoder`` (a TAESD, as in
+A1111's live preview) the cells are the tiny decoder's images of the sampled latents instead of the VAE's.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
+from diffusers import AutoencoderTiny
 from PIL import Image
+from torch import Tensor
 
 from hyperlit.callbacks.change import nothing_learned, preview_change, val_text
 from hyperlit.callbacks.ema import averaged_weights
 from hyperlit.callbacks.grid import grid_caption, label_grid, paste_grid
 from hyperlit.callbacks.validation import ValidationLoss
+from hyperlit.data.paths import resolve_path
 from hyperlit.io import atomic_path
+from hyperlit.models import SDComponents
 from hyperlit.sampling import SampleSettings, check_sampler, check_size, make_pipeline, sample_image
+from hyperlit.vae.taesd_read import WHAT as TAESD_WHAT
+from hyperlit.vae.taesd_read import TAESDSource, find_taesd, load_taesd
 
 log = logging.getLogger(__name__)
+DECODER_KEY = "callbacks.preview.decoder"
 
 __all__ = ["PreviewImages", "grid_caption", "paste_grid"]
 CHANGE = "preview/change"
@@ -51,6 +59,7 @@ class PreviewImages(L.Callback):
         at_end: bool = True,
         labels: bool = True,
         min_change: float | None = None,
+        decoder: str | None = None,
     ) -> None:
         if isinstance(every, bool) or not isinstance(every, int) or every < 0:
             raise ValueError(f"callbacks.preview.every: {every!r} is not allowed; use 0 (off) or more")
@@ -85,6 +94,8 @@ class PreviewImages(L.Callback):
         self.at_end = at_end
         self.labels = labels
         self.min_change = None if min_change is None else float(min_change)
+        self.decoder = preview_decoder(decoder)  # checked here, at the door; read at the first grid
+        self._tiny: AutoencoderTiny | None = None
         self._first_caption: str | None = None
         self._last_step = -1
         self.written: list[Path] = []
@@ -105,6 +116,28 @@ class PreviewImages(L.Callback):
         size = self.resolution or components.family.native_resolution(components.prediction_type)
         return SampleSettings(self.steps, self.guidance_scale, self.sampler, size, size)
 
+    def latent_decoder(self, components: SDComponents) -> Callable[[Tensor], Tensor] | None:
+        """UNet-scale latents -> images in [-1, 1] by the tiny decoder (read once, on the UNet's device); None:
+        the model's own VAE decodes."""
+        if self.decoder is None:
+            return None
+        if self._tiny is None:
+            channels = int(components.vae.config.latent_channels)
+            if channels != self.decoder.latent_channels:
+                raise ValueError(
+                    f"{DECODER_KEY}={str(self.decoder.path)!r}: a TAESD for {self.decoder.latent_channels} latent "
+                    f"channels, but this model's VAE has {channels}; use the model family's TAESD or null"
+                )
+            self._tiny = load_taesd(self.decoder, DECODER_KEY)
+        device = components.unet.device
+        tiny = self._tiny.to(device)
+        return lambda z: tiny.decode(z.to(device, torch.float32)).sample
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # a TAESD that does not fit the model fails before the first step, not at the first grid
+        if self.decoder is not None and trainer.is_global_zero:
+            self.latent_decoder(pl_module.components)
+
     @torch.no_grad()
     def render(
         self, pl_module: L.LightningModule, prompts: Sequence[str], multipliers: Sequence[float] | None = None
@@ -113,6 +146,7 @@ class PreviewImages(L.Callback):
         components, hn = pl_module.components, pl_module.hypernetwork
         settings = self.settings(pl_module)
         pipe = make_pipeline(components, self.sampler)
+        decode = self.latent_decoder(components)
         was_training, multiplier = hn.training, hn.multiplier
         hn.eval()  # dropout off; the multiplier below is the one applied
         try:
@@ -121,7 +155,8 @@ class PreviewImages(L.Callback):
                 row = []
                 for m in self.multipliers if multipliers is None else multipliers:
                     hn.multiplier = m
-                    row.append(sample_image(pipe, components, prompt, self.negative_prompt, self.seed, settings))
+                    image = sample_image(pipe, components, prompt, self.negative_prompt, self.seed, settings, decode)
+                    row.append(image)
                 cells.append(row)
         finally:
             hn.multiplier = multiplier
@@ -157,8 +192,8 @@ class PreviewImages(L.Callback):
             logger.log_metrics({CHANGE: change}, step=step)
         val = self.val_line(trainer, step)
         log.info(
-            "preview: grid %s in %.1f s; change %.2f of 255 (multiplier 0 vs 1), %s",
-            path, time.perf_counter() - started, change, val,
+            "preview: grid %s in %.1f s%s; change %.2f of 255 (multiplier 0 vs 1), %s",
+            path, time.perf_counter() - started, " (TAESD decodes)" if self.decoder else "", change, val,
         )  # fmt: skip
         self.check_learning(trainer, pl_module, step, change, val)
 
@@ -203,6 +238,20 @@ class PreviewImages(L.Callback):
         if due and trainer.is_global_zero and step != self._last_step:
             self._preview(trainer, pl_module)
         self._last_step = step
+
+
+def preview_decoder(value: str | None) -> TAESDSource | None:
+    """``callbacks.preview.decoder``: the tiny autoencoder it names (checked from its files, no model built)."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{DECODER_KEY}: {value!r} is not allowed; use null (the model's VAE) or a path: {TAESD_WHAT}")
+    found = find_taesd(resolve_path(value, DECODER_KEY, TAESD_WHAT), DECODER_KEY)
+    if found is None:
+        raise ValueError(
+            f"{DECODER_KEY}={value!r}: not a tiny autoencoder; use {TAESD_WHAT}, or null (the model's VAE)"
+        )
+    return found
 
 
 def _log_image(trainer: L.Trainer, image: Image.Image, caption: str, step: int) -> None:

@@ -19,6 +19,7 @@ from hyperlit.callbacks.ema import EMA
 from hyperlit.io import atomic_path
 from hyperlit.vae.export import save_diffusers_folder
 from hyperlit.vae.taesd_layout import save_taesd_files
+from hyperlit.vae.taesd_read import TRAINED_PARTS
 
 log = logging.getLogger(__name__)
 
@@ -72,17 +73,19 @@ class TAESDExport(pl.Callback):
     def _write(self, pl_module: pl.LightningModule, folder: Path) -> list[Path]:
         taesd = pl_module.taesd
         out: list[Path] = []
+        t = pl_module.config.taesd
+        parts = tuple(p for p, on in (("encoder", t.train_encoder), ("decoder", t.train_decoder)) if on)
+        meta = {
+            # what the latents are: the teacher VAE's latents in the UNet's scale
+            "hyperlit.source_scaling_factor": str(pl_module.scaling),
+            "hyperlit.source_shift_factor": str(pl_module.shift),
+            "hyperlit.step": str(pl_module.step),
+        }
         if self.diffusers:
-            out.append(save_diffusers_folder(taesd, folder / "diffusers", self.dtype))
+            # the folder holds both halves; the metadata says which trained (eval-vae ignores a random encoder)
+            folder_meta = {**meta, TRAINED_PARTS: ",".join(parts)}
+            out.append(save_diffusers_folder(taesd, folder / "diffusers", self.dtype, folder_meta))
         if self.madebyollin:
-            t = pl_module.config.taesd
-            parts = tuple(p for p, on in (("encoder", t.train_encoder), ("decoder", t.train_decoder)) if on)
-            meta = {
-                # what the latents are: the teacher VAE's latents in the UNet's scale
-                "hyperlit.source_scaling_factor": str(pl_module.scaling),
-                "hyperlit.source_shift_factor": str(pl_module.shift),
-                "hyperlit.step": str(pl_module.step),
-            }
             out += save_taesd_files(taesd, folder, self.name, parts, self.dtype, meta)
         return out
 

@@ -25,6 +25,7 @@ from hyperlit.io import atomic_path
 from hyperlit.vae.colour import ColourAccumulator, ColourCheck, ColourLimits, compare_colours
 from hyperlit.vae.lpips import LPIPS
 from hyperlit.vae.metrics import RFID, lpips_per_image, psnr_per_image, ssim_per_image, to_uint8
+from hyperlit.vae.taesd_eval import TinyReconstruction
 
 PSNR_TOLERANCE = 0.1  # dB a model may fall below the reference before --fail-if-worse fails
 LPIPS_TOLERANCE = 0.005  # LPIPS a model may rise above the reference
@@ -108,9 +109,11 @@ class ModelScore:
 
 @torch.no_grad()
 def reconstruct(vae: nn.Module, images: Tensor) -> Tensor:
-    """uint8 in, uint8 out: encode to the posterior mode, decode in fp32."""
+    """uint8 in, uint8 out: encode to the posterior mode, decode in fp32 (a tiny autoencoder: its own latents)."""
     dtype = next(vae.parameters()).dtype
     x = images.float().div(127.5).sub(1.0).to(dtype)
+    if isinstance(vae, TinyReconstruction):
+        return to_uint8(vae(x))
     z = vae.encode(x).latent_dist.mode()
     return to_uint8(vae.decode(z).sample)
 

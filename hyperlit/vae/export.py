@@ -103,9 +103,12 @@ def save_single_file(vae, path: str | os.PathLike, dtype: torch.dtype | None = N
     return path
 
 
-def save_diffusers_folder(vae, dirpath: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+def save_diffusers_folder(
+    vae, dirpath: str | os.PathLike, dtype: torch.dtype | None = None, metadata: dict[str, str] | None = None
+) -> Path:
     """``save_pretrained`` into a temporary sibling, then swap it into place (config keeps scaling/shift
-    factors and force_upcast because it is the base model's own config)."""
+    factors and force_upcast because it is the base model's own config); ``metadata`` goes into the weights'
+    safetensors header."""
     dirpath = Path(dirpath)
     dirpath.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dirpath.parent, prefix=f".{dirpath.name}.", suffix=".tmp"))
@@ -114,7 +117,9 @@ def save_diffusers_folder(vae, dirpath: str | os.PathLike, dtype: torch.dtype | 
         # config.json via diffusers itself; weights written here so a dtype cast never touches the live model
         vae.save_config(tmp)
         save_file(
-            _contiguous(vae.state_dict(), dtype), tmp / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"}
+            _contiguous(vae.state_dict(), dtype),
+            tmp / "diffusion_pytorch_model.safetensors",
+            metadata={"format": "pt", **(metadata or {})},
         )
         if dirpath.exists():
             old = dirpath.with_name(f".{dirpath.name}.old-{os.getpid()}")

@@ -24,6 +24,10 @@ class DistillConfig:
     # The student learns on a random window of this many latent cells of each teacher-encoded/decoded image (None:
     # the whole image): the teacher sees whole images, the student (whose receptive field is bounded) a cheap crop.
     latent_crop: int | None = None
+    # Each training image turned by a random one of the 8 flips / quarter turns and its RGB channels permuted before
+    # the teacher sees it: 48 variants per image, each labelled exactly by the teacher, so a small data set teaches
+    # the teacher's function rather than its images (needs posterior.cache=false).
+    augment: bool = False
 
     def __post_init__(self) -> None:
         if self.latent_crop is not None and (
@@ -32,6 +36,7 @@ class DistillConfig:
             raise not_allowed("taesd.latent_crop", self.latent_crop, "use null (whole images) or an integer >= 1")
         check_bool("taesd.train_encoder", self.train_encoder)
         check_bool("taesd.train_decoder", self.train_decoder)
+        check_bool("taesd.augment", self.augment)
         check_min("taesd.encoder_weight", self.encoder_weight, 0)
         if not (self.train_encoder or self.train_decoder):
             raise ValueError(
@@ -78,3 +83,8 @@ class TAESDTaskConfig:
         check_min("max_bad_steps", self.max_bad_steps, 1)
         check_bool("posterior.cache", self.posterior.cache)
         check_bool("posterior.sample", self.posterior.sample)
+        if self.taesd.augment and self.posterior.cache:
+            raise ValueError(
+                "taesd.augment: true is not allowed with posterior.cache=true (a cached posterior is the unturned "
+                "image's); set posterior.cache=false"
+            )

@@ -134,6 +134,22 @@ class TAESDTask(pl.LightningModule):
         noise = torch.randn(mean.shape, generator=g).to(mean.device)
         return self.to_unet_scale(mean + torch.exp(0.5 * logvar) * noise)
 
+    def augment(self, pixels: Tensor) -> Tensor:
+        """``taesd.augment``: each image flipped / turned by quarter turns and its RGB channels permuted, drawn from
+        (seed, step) like the noise, so a resumed run sees the same images as an uninterrupted one."""
+        if not self.config.taesd.augment:
+            return pixels
+        g = torch.Generator(device="cpu").manual_seed(self.draw_seed() + 700_001)
+        square = pixels.shape[-1] == pixels.shape[-2]
+        out = []
+        for image in pixels:
+            turns = int(torch.randint(0, 4 if square else 2, (1,), generator=g)) * (1 if square else 2)
+            image = torch.rot90(image, turns, dims=(-2, -1))
+            if int(torch.randint(0, 2, (1,), generator=g)):
+                image = image.flip(-1)
+            out.append(image[torch.randperm(3, generator=g).to(image.device)])
+        return torch.stack(out)
+
     def crop_window(self, pixels: list[Tensor | None], latents: list[Tensor]) -> tuple[list, list]:
         """The same random window of ``taesd.latent_crop`` latent cells of every tensor (pixels: the window's pixels),
         drawn from (seed, step) like the noise, so a resumed run crops as an uninterrupted one."""
@@ -293,7 +309,7 @@ class TAESDTask(pl.LightningModule):
             self.trainer.should_stop = True
             return
         opt_g, opt_d = self._opts()
-        x = batch["pixels"]
+        x = self.augment(batch["pixels"])
         mean, logvar = self.posterior(x, batch.get("index"))
         z = self.sample_latents(mean, logvar)
         surrogate, logs, pair = self.generator_losses(x, mean, z)
