@@ -12,14 +12,54 @@ from helpers.paths import REPO_ROOT
 # The values each family's file sets, written out here independently of the conf files. A user's folder
 # (data=folder) gets exactly these; the command line still wins.
 EXPECTED = {
-    "tiny": dict(learning_rate=2e-3, max_steps=2000, lr_scheduler="constant", lr_warmup_steps=0, min_timestep=250,
-                 batch_size=4, tag_dropout=0.1, ema=True, every=250, template="filewords"),
-    "sd15": dict(learning_rate=5e-5, max_steps=3000, lr_scheduler="cosine", lr_warmup_steps=100, min_timestep=0,
-                 batch_size=1, tag_dropout=0.0, ema=False, every=500, template="style_filewords"),
-    "sd21": dict(learning_rate=5e-5, max_steps=3000, lr_scheduler="cosine", lr_warmup_steps=100, min_timestep=0,
-                 batch_size=1, tag_dropout=0.0, ema=False, every=500, template="style_filewords"),
-    "sdxl": dict(learning_rate=2.5e-5, max_steps=3000, lr_scheduler="cosine", lr_warmup_steps=100, min_timestep=0,
-                 batch_size=1, tag_dropout=0.0, ema=False, every=500, template="style_filewords"),
+    "tiny": dict(
+        learning_rate=2e-3,
+        max_steps=2000,
+        lr_scheduler="constant",
+        lr_warmup_steps=0,
+        min_timestep=250,
+        batch_size=4,
+        tag_dropout=0.1,
+        ema=True,
+        every=250,
+        template="filewords",
+    ),
+    "sd15": dict(
+        learning_rate=5e-5,
+        max_steps=3000,
+        lr_scheduler="cosine",
+        lr_warmup_steps=100,
+        min_timestep=0,
+        batch_size=1,
+        tag_dropout=0.0,
+        ema=False,
+        every=500,
+        template="style_filewords",
+    ),
+    "sd21": dict(
+        learning_rate=5e-5,
+        max_steps=3000,
+        lr_scheduler="cosine",
+        lr_warmup_steps=100,
+        min_timestep=0,
+        batch_size=1,
+        tag_dropout=0.0,
+        ema=False,
+        every=500,
+        template="style_filewords",
+    ),
+    "sdxl": dict(
+        learning_rate=2.5e-5,
+        max_steps=3000,
+        lr_scheduler="cosine",
+        lr_warmup_steps=100,
+        min_timestep=0,
+        batch_size=1,
+        tag_dropout=0.0,
+        ema=False,
+        every=500,
+        template="style_filewords",
+    ),
 }
 
 
@@ -27,21 +67,33 @@ def cfg_job(*overrides: str) -> dict:
     """The composed job config as `python train.py --cfg job` prints it (a subprocess, as a user runs it)."""
     out = subprocess.run(
         [sys.executable, str(REPO_ROOT / "train.py"), "--cfg", "job", *overrides],
-        capture_output=True, text=True, check=True, cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO_ROOT,
     )
     return yaml.safe_load(out.stdout)
 
 
 def summary(cfg: dict) -> dict:
     train, callbacks = cfg["train"], cfg["callbacks"]
-    every = {callbacks["preview"]["every"], callbacks["export"]["save_every"],
-             callbacks["checkpoint"]["every_n_train_steps"]}
+    every = {
+        callbacks["preview"]["every"],
+        callbacks["export"]["save_every"],
+        callbacks["checkpoint"]["every_n_train_steps"],
+    }
     assert len(every) == 1, every  # previews, snapshots and checkpoints at the same steps
     return dict(
-        learning_rate=float(train["learning_rate"]), max_steps=train["max_steps"], lr_scheduler=train["lr_scheduler"],
-        lr_warmup_steps=train["lr_warmup_steps"], min_timestep=train["min_timestep"],
-        batch_size=cfg["data"]["batch_size"], tag_dropout=cfg["data"]["tag_dropout"],
-        ema=callbacks["ema"]["enabled"], every=every.pop(), template=cfg["data"]["template"],
+        learning_rate=float(train["learning_rate"]),
+        max_steps=train["max_steps"],
+        lr_scheduler=train["lr_scheduler"],
+        lr_warmup_steps=train["lr_warmup_steps"],
+        min_timestep=train["min_timestep"],
+        batch_size=cfg["data"]["batch_size"],
+        tag_dropout=cfg["data"]["tag_dropout"],
+        ema=callbacks["ema"]["enabled"],
+        every=every.pop(),
+        template=cfg["data"]["template"],
     )
 
 
@@ -58,8 +110,15 @@ def test_the_demo_is_the_tiny_family_plus_its_documented_batch():
 
 
 def test_the_command_line_wins_over_the_family():
-    cfg = cfg_job("data=folder", "data.path=/d", "train.learning_rate=1e-4", "data.batch_size=2",
-                  "callbacks.ema.enabled=false", "train.min_timestep=0", "data.template=style")
+    cfg = cfg_job(
+        "data=folder",
+        "data.path=/d",
+        "train.learning_rate=1e-4",
+        "data.batch_size=2",
+        "callbacks.ema.enabled=false",
+        "train.min_timestep=0",
+        "data.template=style",
+    )
     got = summary(cfg)
     assert (got["learning_rate"], got["batch_size"], got["ema"], got["min_timestep"]) == (1e-4, 2, False, 0)
     assert got["template"] == "style"
@@ -69,7 +128,10 @@ def test_the_command_line_wins_over_the_family():
 def test_the_vae_task_takes_no_hypernetwork_defaults():
     out = subprocess.run(
         [sys.executable, str(REPO_ROOT / "train.py"), "--config-name", "vae", "--cfg", "job"],
-        capture_output=True, text=True, check=True, cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO_ROOT,
     )
     cfg = yaml.safe_load(out.stdout)
     assert "tag_dropout" not in cfg.get("data", {}) and "min_timestep" not in cfg["train"]

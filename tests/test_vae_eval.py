@@ -261,7 +261,10 @@ def test_bad_images_are_skipped_and_counted(tmp_path: Path, models, capsys) -> N
     [
         (["--model-path", "/nonexistent/vae"], "--model-path='/nonexistent/vae': no such file"),
         (["--model", "tiny", "--resolution", "30"], "--resolution: 30 is not allowed"),
-        (["--model", "tiny", "--fail-if-worse", "other"], "--fail-if-worse='other': no such file or folder, and not a --model name"),
+        (
+            ["--model", "tiny", "--fail-if-worse", "other"],
+            "--fail-if-worse='other': no such file or folder, and not a --model name",
+        ),
         (["--model", "tiny", "--inception-weights", "/nonexistent.pth"], "--inception-weights='/nonexistent.pth'"),
         ([], "no model given"),
     ],
