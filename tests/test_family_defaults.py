@@ -11,55 +11,16 @@ from helpers.paths import REPO_ROOT
 
 # The values each family's file sets, written out here independently of the conf files. A user's folder
 # (data=folder) gets exactly these; the command line still wins.
+# SD 1.x and 2.x share one file's values; SDXL halves the rate (its 70 cross-attention layers against SD1's 16).
+SD = dict(learning_rate=5e-5, max_steps=3000, lr_scheduler="cosine", lr_warmup_steps=100, min_timestep=0,
+          batch_size=1, tag_dropout=0.0, ema=False, every=500, template="style_filewords")  # fmt: skip
+TINY = dict(learning_rate=2e-3, max_steps=2000, lr_scheduler="constant", lr_warmup_steps=0, min_timestep=250,
+            batch_size=4, tag_dropout=0.1, ema=True, every=250, template="filewords")  # fmt: skip
 EXPECTED = {
-    "tiny": dict(
-        learning_rate=2e-3,
-        max_steps=2000,
-        lr_scheduler="constant",
-        lr_warmup_steps=0,
-        min_timestep=250,
-        batch_size=4,
-        tag_dropout=0.1,
-        ema=True,
-        every=250,
-        template="filewords",
-    ),
-    "sd15": dict(
-        learning_rate=5e-5,
-        max_steps=3000,
-        lr_scheduler="cosine",
-        lr_warmup_steps=100,
-        min_timestep=0,
-        batch_size=1,
-        tag_dropout=0.0,
-        ema=False,
-        every=500,
-        template="style_filewords",
-    ),
-    "sd21": dict(
-        learning_rate=5e-5,
-        max_steps=3000,
-        lr_scheduler="cosine",
-        lr_warmup_steps=100,
-        min_timestep=0,
-        batch_size=1,
-        tag_dropout=0.0,
-        ema=False,
-        every=500,
-        template="style_filewords",
-    ),
-    "sdxl": dict(
-        learning_rate=2.5e-5,
-        max_steps=3000,
-        lr_scheduler="cosine",
-        lr_warmup_steps=100,
-        min_timestep=0,
-        batch_size=1,
-        tag_dropout=0.0,
-        ema=False,
-        every=500,
-        template="style_filewords",
-    ),
+    "tiny": TINY,
+    "sd15": SD,
+    "sd21": SD,
+    "sdxl": {**SD, "learning_rate": 2.5e-5},
 }
 
 
