@@ -22,7 +22,7 @@ from hyperlit.hypernetwork import Hypernetwork
 from hyperlit.io import atomic_path
 from hyperlit.lora.tagged import TaggedLora, check_tagged_loras, lora_hashes, loras_applied
 from hyperlit.models import ModelSpec, SDComponents, load_components, validate_model_config
-from hyperlit.prompt_tags import ParsedPrompt, parse_prompt
+from hyperlit.prompt_tags import ParsedPrompt, parse_prompt, tagged_folder
 from hyperlit.sampling import SampleSettings, check_sampler, check_size, make_pipeline, sample_image
 
 log = logging.getLogger(__name__)
@@ -90,13 +90,8 @@ def available_hypernetworks(directory: Path) -> dict[str, Path]:
 def _load_tagged(parsed: ParsedPrompt, directory: Path | None, spec: ModelSpec) -> list[Hypernetwork]:
     if not parsed.hypernetworks:
         return []
-    if directory is None:
-        raise ValueError(
-            f"--hypernetwork-dir is not set, but the prompt asks for <hypernet:{parsed.hypernetworks[0].name}>; "
-            f"set it to the folder holding the hypernetwork files"
-        )
-    if not directory.is_dir():
-        raise FileNotFoundError(f"--hypernetwork-dir: {directory} is not a folder")
+    first = f"<hypernet:{parsed.hypernetworks[0].name}>"
+    directory = tagged_folder(directory, "--hypernetwork-dir", first, "the hypernetwork files")
     available = available_hypernetworks(directory)
     # Widths a network must have modules for to change anything on this model (self- and cross-attention).
     model_widths = {*spec.family.attention_widths, spec.family.context_dim}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 # A tag is <type:args>; the type is a word and args run to the next '>' (A1111's extra-network pattern).
 TAG = re.compile(r"<(\w+):([^>]+)>")
@@ -88,3 +89,15 @@ def parse_prompt(prompt: str) -> ParsedPrompt:
     # CLIP tokenizer ignores them anyway and the rest of the text must reach the encoder unchanged.
     text = re.sub(r"[ \t]{2,}", " ", text).strip()
     return ParsedPrompt(text, tuple(hypernetworks), tuple(others), tuple(loras))
+
+
+def tagged_folder(directory: Path | None, flag: str, first_tag: str, holding: str) -> Path:
+    """The folder a prompt's tags are looked up in (`flag`'s value), checked: one line naming the flag when it is not
+    set (`first_tag` is what asked for it) or not a folder. Shared by <hypernet:> and <lora:> tags."""
+    if directory is None:
+        raise ValueError(
+            f"{flag} is not set, but the prompt asks for {first_tag}; set it to the folder holding {holding}"
+        )
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{flag}: {directory} is not a folder")
+    return directory

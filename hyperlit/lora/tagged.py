@@ -19,7 +19,7 @@ from pathlib import Path
 from safetensors import SafetensorError, safe_open
 
 from hyperlit.models import ModelFamily
-from hyperlit.prompt_tags import LoraTag
+from hyperlit.prompt_tags import LoraTag, tagged_folder
 
 __all__ = ["TaggedLora", "available_loras", "check_tagged_loras", "lora_hashes", "loras_applied", "short_hash"]
 
@@ -99,13 +99,7 @@ def check_tagged_loras(tags: Sequence[LoraTag], directory: Path | None, family: 
     """Find and check every tagged LoRA file (header only) for `family`: the model is not needed yet."""
     if not tags:
         return []
-    if directory is None:
-        raise ValueError(
-            f"--lora-dir is not set, but the prompt asks for <lora:{tags[0].name}>; set it to the folder holding "
-            f"the LoRA .safetensors files"
-        )
-    if not directory.is_dir():
-        raise FileNotFoundError(f"--lora-dir: {directory} is not a folder")
+    directory = tagged_folder(directory, "--lora-dir", f"<lora:{tags[0].name}>", "the LoRA .safetensors files")
     available = available_loras(directory)
     checked = []
     for tag in tags:
