@@ -73,7 +73,7 @@ TESTS[vae_eval]="tests/test_vae_eval.py tests/test_eval_vae_taesd.py tests/test_
 SOURCES[vae_colour]="hyperlit/vae/colour.py"  # the small part of vae_eval, scored alone on a busy machine
 TESTS[vae_colour]="tests/test_guard_colour_shift.py tests/test_guard_colour_stats.py tests/test_vae_eval.py::test_colour_statistics_values"
 SOURCES[fp16_fix]="hyperlit/vae/fp16_fix.py"
-TESTS[fp16_fix]="tests/test_vae_fp16_fix.py tests/test_guard_train_options.py"
+TESTS[fp16_fix]="tests/test_vae_fp16_fix.py tests/test_guard_train_options.py tests/test_audit_fp16_fix.py"
 SOURCES[build]="hyperlit/tasks/hypernetwork/build.py hyperlit/tasks/vae/build.py hyperlit/tasks/taesd/build.py"
 TESTS[build]="tests/test_task.py tests/test_train_errors.py tests/test_guard_train_options.py tests/test_vae_config.py
   tests/test_bad_input_table.py tests/test_taesd_errors.py tests/test_configs.py"
