@@ -68,7 +68,8 @@ TESTS[clients]="tests/test_client_files.py tests/test_comfyui_verdict.py tests/t
 SOURCES[export]="hyperlit/callbacks/export.py"
 TESTS[export]="tests/test_export_callback.py"
 SOURCES[validation]="hyperlit/callbacks/validation.py hyperlit/data/heldout.py"
-TESTS[validation]="tests/test_validation.py tests/test_data_heldout.py tests/test_guard_sdxl_time_ids.py"
+TESTS[validation]="tests/test_validation.py tests/test_data_heldout.py tests/test_guard_sdxl_time_ids.py
+  tests/test_audit_validation.py"
 SOURCES[preview]="hyperlit/callbacks/preview.py"
 TESTS[preview]="tests/test_preview_grid.py tests/test_preview_taesd.py"
 SOURCES[vae_eval]="hyperlit/vae/evaluate.py hyperlit/vae/metrics.py hyperlit/vae/colour.py hyperlit/vae/taesd_read.py
