@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
@@ -18,11 +19,14 @@ from hyperlit.vae.evaluate import (
     fp16_fidelity,
     load_eval_images,
     save_png,
+    with_reference,
     worse_than,
     worst_panel,
 )
 from hyperlit.vae.taesd_eval import tiny_reconstruction
 from hyperlit.vae.taesd_read import TAESDSource, find_taesd
+
+MODEL_NAMES = ("tiny", "tiny-random")  # --model's choices: the embedded tiny VAEs
 
 
 def add_eval_vae_parser(sub: argparse._SubParsersAction) -> None:
@@ -41,7 +45,7 @@ def add_eval_vae_parser(sub: argparse._SubParsersAction) -> None:
         "--model",
         action="append",
         default=[],
-        choices=["tiny", "tiny-random"],
+        choices=list(MODEL_NAMES),
         help="tiny: the embedded tiny base's VAE (what model=tiny trains from); tiny-random: the random tiny VAE "
         "(model.tiny_random=true, seed 0)",
     )
@@ -52,6 +56,14 @@ def add_eval_vae_parser(sub: argparse._SubParsersAction) -> None:
         help="diffusers VAE folder, single-file VAE (.safetensors/.pt/.ckpt) or full SD checkpoint; or a tiny "
         "autoencoder: a diffusers AutoencoderTiny folder, or a madebyollin-layout <name>_decoder.safetensors/.pth "
         "(with <name>_encoder beside it; a decoder alone decodes the first full VAE's latents); repeatable",
+    )
+    p.add_argument(
+        "--reference-model",
+        default=None,
+        metavar="REF",
+        help="score every model against REF's own reconstruction of each image (posterior mode, 8 bits) instead of "
+        "the image: PSNR, SSIM, LPIPS, rFID and colour; REF is a --model name or a full VAE's path (e.g. the VAE a "
+        "tiny decoder was distilled from, whose latents then feed a TAESD decoder given alone)",
     )
     p.add_argument("--resolution", type=int, default=256, help="short side resize + centre crop (cards: 256)")
     p.add_argument(
@@ -91,12 +103,18 @@ def _check_args(args: argparse.Namespace) -> list[str]:
     ref = args.fail_if_worse
     if ref is not None and ref not in [*args.model, *args.model_path]:
         # the CI gate `--model-path NEW --fail-if-worse OLD`: OLD is scored as well
-        if ref in ("tiny", "tiny-random"):
+        if ref in MODEL_NAMES:
             args.model.append(ref)
         elif os.path.exists(ref):
             args.model_path.append(ref)
         else:
             raise FileNotFoundError(f"--fail-if-worse={ref!r}: no such file or folder, and not a --model name")
+    reference = args.reference_model
+    if reference is not None and reference not in MODEL_NAMES and not os.path.exists(reference):
+        raise FileNotFoundError(
+            f"--reference-model={reference!r}: no such file or folder, and not a --model name "
+            f"({', '.join(MODEL_NAMES)})"
+        )
     labels = list(args.model) + list(args.model_path)
     if not labels:
         raise ValueError("eval-vae: no model given; use --model tiny and/or --model-path P (repeatable)")
@@ -122,8 +140,15 @@ def _tiny_sources(args: argparse.Namespace) -> dict[str, TAESDSource]:
     built); what they need is checked here, before any weight loads."""
     tiny = {path: source for path in args.model_path if (source := find_taesd(path, "--model-path")) is not None}
     full = [*args.model, *(p for p in args.model_path if p not in tiny)]
+    reference = args.reference_model
+    if reference is not None and reference not in MODEL_NAMES:
+        if find_taesd(reference, "--reference-model") is not None:
+            raise ValueError(
+                f"--reference-model={reference!r}: a tiny autoencoder; the reference is a full VAE's reconstruction "
+                f"(a --model name: {', '.join(MODEL_NAMES)}, or a full VAE's folder or file)"
+            )
     alone = [path for path, source in tiny.items() if not source.has_encoder]
-    if alone and not full:
+    if alone and not full and reference is None:
         raise ValueError(
             f"--model-path={alone[0]!r}: a TAESD decoder alone needs latents; list the full VAE it was distilled from "
             "too (--model tiny or --model-path VAE), whose encoder then feeds it"
@@ -135,21 +160,38 @@ def _tiny_sources(args: argparse.Namespace) -> dict[str, TAESDSource]:
     return tiny
 
 
-def _load_models(args: argparse.Namespace, tiny: dict[str, TAESDSource]) -> list[tuple[str, str, nn.Module]]:
-    """Every model in the order given; a TAESD decoder alone decodes the first full VAE's latents."""
+def _load_full(label: str, args: argparse.Namespace, key: str) -> tuple[str, nn.Module]:
+    """(source, vae) of a full VAE: a --model name or a path."""
     from hyperlit.models.loader import embedded_tiny_vae
     from hyperlit.vae.load import load_vae
 
-    full: dict[str, tuple[str, nn.Module]] = {}
-    for name in args.model:
-        random = name == "tiny-random"
+    if label in MODEL_NAMES:
+        random = label == "tiny-random"
         source = "the random tiny VAE (seed 0)" if random else "the embedded tiny base's VAE"
-        full[name] = (source, embedded_tiny_vae(tiny_random=random))
-    for path in args.model_path:
-        if path not in tiny:
-            vae = load_vae(path, norm_num_groups=args.norm_num_groups, key="--model-path")
-            full[path] = (str(Path(path).resolve()), vae)
+        return source, embedded_tiny_vae(tiny_random=random)
+    return str(Path(label).resolve()), load_vae(label, norm_num_groups=args.norm_num_groups, key=key)
+
+
+@dataclass
+class LoadedModels:
+    models: list[tuple[str, str, nn.Module]]  # (label, source, model) in the order given
+    reference: tuple[str, nn.Module] | None  # --reference-model's (source, vae)
+
+
+def _load_models(args: argparse.Namespace, tiny: dict[str, TAESDSource]) -> LoadedModels:
+    """Every model in the order given; a TAESD decoder alone decodes the reference's latents (--reference-model),
+    else the first full VAE's."""
+    full: dict[str, tuple[str, nn.Module]] = {}
+    for label in [*args.model, *args.model_path]:
+        if label not in tiny:
+            full[label] = _load_full(label, args, "--model-path")
+    reference = None
+    if args.reference_model is not None:
+        ref = args.reference_model
+        reference = full[ref] if ref in full else _load_full(ref, args, "--reference-model")
     teacher_label, (_, teacher) = next(iter(full.items()), (None, (None, None)))
+    if reference is not None:
+        teacher_label, teacher = args.reference_model, reference[1]
     models: list[tuple[str, str, nn.Module]] = []
     for label in [*args.model, *args.model_path]:
         if label in full:
@@ -159,7 +201,7 @@ def _load_models(args: argparse.Namespace, tiny: dict[str, TAESDSource]) -> list
         model = tiny_reconstruction(source, "--model-path", teacher, str(teacher_label))
         feeds = "" if source.has_encoder else f"; latents from {teacher_label}"
         models.append((label, f"{Path(label).resolve()} ({source.describe()}{feeds})", model))
-    return models
+    return LoadedModels(models, reference)
 
 
 def run_eval_vae(args: argparse.Namespace) -> int:
@@ -176,7 +218,10 @@ def run_eval_vae(args: argparse.Namespace) -> int:
         from hyperlit.vae.metrics import RFID
 
         rfid = RFID(load_inception(args.inception_weights))
-    models = _load_models(args, tiny)
+    loaded = _load_models(args, tiny)
+    models = loaded.models
+    if loaded.reference is not None:
+        images = with_reference(images, loaded.reference[1], args.reference_model, args.batch_size)
     scores = evaluate(models, images, batch_size=args.batch_size, lpips=lpips, rfid=rfid)
     if args.fp16:
         for score, value in zip(scores, fp16_fidelity(models, images, args.batch_size), strict=True):
@@ -200,6 +245,9 @@ def run_eval_vae(args: argparse.Namespace) -> int:
                     "images": len(images.names),
                     "bad_input": dict(images.skips.counts),
                     "lpips_backbone": "vgg16" if lpips is not None else None,
+                    "reference": {"model": args.reference_model, "source": loaded.reference[0]}
+                    if loaded.reference is not None
+                    else None,
                     "models": [s.to_dict(images.names) for s in scores],
                     "panel": {"path": args.panel, "rows": panel_rows} if args.panel else None,
                     "fail_if_worse": {"reference": args.fail_if_worse, "failures": failures}
@@ -220,7 +268,8 @@ def run_eval_vae(args: argparse.Namespace) -> int:
             for w in s.colour.warnings:
                 print(f"warning: {s.label} {w}")
         if args.panel:
-            columns = " | ".join(["input"] + [s.label for s in scores])
+            reference_column = [f"reference ({args.reference_model})"] if loaded.reference is not None else []
+            columns = " | ".join(["input", *reference_column] + [s.label for s in scores])
             print(f"wrote {args.panel}: rows {', '.join(panel_rows)}; columns {columns}")
         for f in failures:
             print(f"worse than {args.fail_if_worse}: {f}")

@@ -34,6 +34,10 @@ CASES = [
     (["data.path=/nonexistent/images"], "data.path"),
     (["train.max_steps=0"], "train.max_steps"),
     (["train.optimizer.lr=-1"], "train.optimizer"),
+    (["train.lr_scheduler=exponential"], "train.lr_scheduler"),
+    (["train.lr_warmup_steps=-5"], "train.lr_warmup_steps"),
+    (["train.lr_warmup_steps=1.5"], "train.lr_warmup_steps"),
+    (["train.max_steps=100", "train.lr_warmup_steps=100"], "train.lr_warmup_steps"),  # the warmup never ends
     (["callbacks.export.dtype=int8"], "callbacks.export.dtype"),
     (["callbacks.export.name=../up"], "callbacks.export.name"),
     (["callbacks.ema.decay=1.5"], "callbacks.ema"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import subprocess
@@ -30,7 +31,13 @@ from hyperlit.tasks.taesd.module import TAESDTask, teacher_checksum
 from hyperlit.vae.config import PerceptualConfig
 from hyperlit.vae.export import save_diffusers_folder
 from hyperlit.vae.lpips import LPIPS
-from hyperlit.vae.taesd_config import DecoderLossConfig, DistillConfig, TAESDDiscConfig, TAESDTaskConfig
+from hyperlit.vae.taesd_config import (
+    DecoderLossConfig,
+    DistillConfig,
+    TAESDDiscConfig,
+    TAESDOptimizerConfig,
+    TAESDTaskConfig,
+)
 from hyperlit.vae.taesd_layout import from_madebyollin
 from hyperlit.vae.taesd_read import TRAINED_PARTS
 
@@ -51,13 +58,20 @@ def make_vae(seed: int = 0, **overrides) -> AutoencoderKL:
 
 
 def make_task(
-    vae=None, max_steps: int = 4, seed: int = 0, halves=("encoder", "decoder"), latent_crop=None, **disc
+    vae=None,
+    max_steps: int = 4,
+    seed: int = 0,
+    halves=("encoder", "decoder"),
+    latent_crop=None,
+    schedule: TAESDOptimizerConfig | None = None,
+    **disc,
 ) -> TAESDTask:
     cfg = TAESDTaskConfig(
         max_steps=max_steps,
         taesd=DistillConfig("encoder" in halves, "decoder" in halves, latent_crop=latent_crop),
         loss=DecoderLossConfig("mse", 1.0, PerceptualConfig(weight=0.1, random_backbone=True)),
         disc=TAESDDiscConfig(**{"start": 0, "warmup_steps": 1, "ramp_steps": 1, "ndf": 8, "n_layers": 2, **disc}),
+        optimizer=schedule or TAESDOptimizerConfig(),
     )
     torch.manual_seed(1234)  # the random LPIPS backbone is the same in every task built here
     lpips = LPIPS(random_backbone=True)
@@ -83,10 +97,11 @@ def datamodule(tmp_path, resolution=16):
     return PixelDataModule(str(images(tmp_path)), resolution=resolution, batch_size=2, val_count=2, fixed_crops=True)
 
 
-def fit(task, tmp_path, dm, callbacks=(), ckpt_path=None, val=False):
+def fit(task, tmp_path, dm, callbacks=(), ckpt_path=None, val=False, max_steps=-1):
     trainer = pl.Trainer(
         accelerator="cpu",
         max_epochs=-1,
+        max_steps=max_steps,  # counts G and D updates: 2 per task step
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -200,23 +215,34 @@ def state(task: TAESDTask) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in task.state_dict().items() if k.startswith(("taesd.", "disc."))}
 
 
-def test_resume_is_exact(tmp_path):
-    """Two steps, a checkpoint, a fresh process-like start (other init, other RNG state), two more steps: the same
-    weights, D, EMA and optimizer state as four uninterrupted steps, bit for bit."""
-    straight = make_task(max_steps=4)
-    ema_a = EMA(decay=0.5)
-    fit(straight, tmp_path / "a", datamodule(tmp_path / "a"), [ema_a])
+SCHEDULES = {
+    "constant": None,
+    "cosine+warmup": TAESDOptimizerConfig(lr_scheduler="cosine", lr_warmup_steps=1),
+    "disc_lr+linear": TAESDOptimizerConfig(disc_lr=2e-3, lr_scheduler="linear"),
+}
 
-    first = make_task(max_steps=2)
-    fit(first, tmp_path / "b", datamodule(tmp_path / "b"), [EMA(decay=0.5)]).save_checkpoint(tmp_path / "b.ckpt")
+
+@pytest.mark.parametrize("name", list(SCHEDULES))
+def test_resume_is_exact(tmp_path, name):
+    """Two steps, a checkpoint, a fresh process-like start (other init, other RNG state), two more steps: the same
+    weights, D, EMA, optimizer and learning-rate schedule state as four uninterrupted steps, bit for bit."""
+    schedule = SCHEDULES[name]
+    straight = make_task(max_steps=4, schedule=schedule)
+    ema_a = EMA(decay=0.5)
+    trainer_a = fit(straight, tmp_path / "a", datamodule(tmp_path / "a"), [ema_a])
+
+    first = make_task(max_steps=4, schedule=schedule)  # interrupted after two steps of the four-step schedule
+    trainer = fit(first, tmp_path / "b", datamodule(tmp_path / "b"), [EMA(decay=0.5)], max_steps=4)
+    trainer.save_checkpoint(tmp_path / "b.ckpt")
     ckpt = torch.load(tmp_path / "b.ckpt", weights_only=False)
     assert not any(k.startswith(("vae.", "lpips.")) for k in ckpt["state_dict"])  # the teacher stays out
     assert ckpt["taesd_task"]["step"] == 2 and len(ckpt["optimizer_states"]) == 2
+    assert ckpt["lr_schedulers"][0]["last_epoch"] == 2  # stepped once per generator update
 
-    resumed = make_task(max_steps=4, seed=99)  # other initial weights: everything must come from the checkpoint
+    resumed = make_task(max_steps=4, seed=99, schedule=schedule)  # other weights: all must come from the checkpoint
     torch.manual_seed(12345)  # and another process RNG state
     ema_b = EMA(decay=0.5)
-    fit(resumed, tmp_path / "c", datamodule(tmp_path / "b"), [ema_b], ckpt_path=tmp_path / "b.ckpt")
+    trainer_b = fit(resumed, tmp_path / "c", datamodule(tmp_path / "b"), [ema_b], ckpt_path=tmp_path / "b.ckpt")
     assert resumed.step == 4
     a, b = state(straight), state(resumed)
     assert a.keys() == b.keys()
@@ -224,6 +250,51 @@ def test_resume_is_exact(tmp_path):
         assert torch.equal(a[k], b[k]), k
     assert ema_a.shadow.keys() == ema_b.shadow.keys()
     assert all(torch.equal(ema_a.shadow[k], ema_b.shadow[k]) for k in ema_a.shadow)
+    for opt_a, opt_b in zip(trainer_a.optimizers, trainer_b.optimizers, strict=True):
+        assert opt_a.param_groups[0]["lr"] == opt_b.param_groups[0]["lr"]
+    assert trainer_a.lr_scheduler_configs[0].scheduler.state_dict()["last_epoch"] == 4
+    assert trainer_b.lr_scheduler_configs[0].scheduler.state_dict()["last_epoch"] == 4
+
+
+@pytest.mark.parametrize(("name", "warmup", "rate"), [
+    ("cosine", 0, lambda k, n, w: 0.5 * (1 + math.cos(math.pi * k / n))),
+    ("linear", 2, lambda k, n, w: k / w if k < w else (n - k) / (n - w)),
+    ("constant", 2, lambda k, n, w: min(1.0, k / w)),
+])  # fmt: skip
+def test_the_generator_follows_the_schedule_and_d_keeps_its_rate(tmp_path, name, warmup, rate):
+    """Each generator update uses base * rate(k) for k = 0, 1, ... (the textbook formulas, written here), and D's
+    optimizer keeps train.disc_lr (or the base rate) throughout."""
+    n = 5
+    task = make_task(max_steps=n, schedule=TAESDOptimizerConfig(lr_scheduler=name, lr_warmup_steps=warmup))
+    used: list[tuple[float, float]] = []
+    original = task._update
+
+    def record(opt, loss):
+        used.append((opt.param_groups[0]["lr"], opt is task._opts()[0]))
+        original(opt, loss)
+
+    task._update = record
+    fit(task, tmp_path, datamodule(tmp_path))
+    g_rates = [lr for lr, is_g in used if is_g]
+    d_rates = [lr for lr, is_g in used if not is_g]
+    expected = [1e-3 * rate(k, n, warmup) for k in range(n)]
+    assert g_rates == pytest.approx(expected, rel=1e-6, abs=1e-12)
+    assert len(d_rates) == n and all(lr == 1e-3 for lr in d_rates)
+
+
+def test_a_checkpoint_without_schedule_state_does_not_resume_a_schedule(tmp_path):
+    """A checkpoint written before the task had schedules would restart the schedule at step 0: refused."""
+    task = make_task(max_steps=1)
+    fit(task, tmp_path, datamodule(tmp_path)).save_checkpoint(tmp_path / "a.ckpt")
+    ckpt = torch.load(tmp_path / "a.ckpt", weights_only=False)
+    ckpt["lr_schedulers"] = []
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    constant = make_task(max_steps=2)  # a constant rate has nothing to lose
+    fit(constant, tmp_path, datamodule(tmp_path), ckpt_path=tmp_path / "old.ckpt")
+    assert constant.step == 2
+    cosine = make_task(max_steps=2, schedule=TAESDOptimizerConfig(lr_scheduler="cosine"))
+    with pytest.raises(ValueError, match="holds no learning-rate schedule state"):
+        fit(cosine, tmp_path, datamodule(tmp_path), ckpt_path=tmp_path / "old.ckpt")
 
 
 def test_resume_against_another_vae_is_refused(tmp_path):

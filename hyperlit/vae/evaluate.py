@@ -8,6 +8,7 @@ repeat exactly), decoded in fp32, and the reconstruction is clamped and rounded 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 import time
@@ -34,15 +35,27 @@ LPIPS_TOLERANCE = 0.005  # LPIPS a model may rise above the reference
 @dataclass
 class EvalImages:
     names: list[str]
-    pixels: Tensor  # N×3×R×R uint8
+    pixels: Tensor  # N×3×R×R uint8: what every model encodes
     resolution: int
     skips: SkipLog
+    reference: Tensor | None = None  # N×3×R×R uint8: --reference-model's reconstructions; None: the inputs
+    reference_source: str | None = None
+
+    @property
+    def targets(self) -> Tensor:
+        """What every metric compares a reconstruction with: the reference model's reconstruction, or the input."""
+        return self.pixels if self.reference is None else self.reference
 
     def protocol(self) -> str:
+        against = (
+            "the inputs"
+            if self.reference is None
+            else f"{self.reference_source}'s own reconstruction of each input (posterior mode, 8 bits)"
+        )
         return (
             f"{len(self.names)} images; short side resized to {self.resolution} px (bicubic), centre crop "
             f"{self.resolution}x{self.resolution}; posterior mode; fp32 decode; outputs rounded to 8 bits; "
-            f"PSNR/SSIM on [0, 1]; bad input: {self.skips.summary()}"
+            f"PSNR/SSIM on [0, 1]; metrics against {against}; bad input: {self.skips.summary()}"
         )
 
 
@@ -72,6 +85,14 @@ def load_eval_images(folder: str | os.PathLike, resolution: int, limit: int | No
     if not names:
         raise ValueError(f"--data={str(folder)!r}: no usable images ({IMAGE_EXTENSIONS})\n{skips.describe()}")
     return EvalImages(names, torch.stack(pixels), resolution, skips)
+
+
+def with_reference(images: EvalImages, vae: nn.Module, source: str, batch_size: int = 8) -> EvalImages:
+    """``images`` scored against ``vae``'s reconstruction of each (``--reference-model``) instead of the inputs: how
+    closely a model copies that VAE (a tiny decoder against the decoder it was distilled from)."""
+    vae = vae.eval()
+    batches = [reconstruct(vae, images.pixels[i : i + batch_size]) for i in range(0, len(images.names), batch_size)]
+    return dataclasses.replace(images, reference=torch.cat(batches), reference_source=source)
 
 
 @dataclass
@@ -136,7 +157,7 @@ def score_model(
     limits: ColourLimits | None = None,
     colour_inputs: ColourAccumulator | None = None,
 ) -> ModelScore:
-    """One model over every image. ``rfid`` must already hold the real images' features."""
+    """One model over every image against ``images.targets``. ``rfid`` must already hold the targets' features."""
     vae = vae.eval()
     psnrs, ssims, lps = [], [], []
     inputs = colour_inputs or ColourAccumulator()
@@ -145,8 +166,8 @@ def score_model(
         rfid.start_model()
     start = time.perf_counter()
     for i in range(0, len(images.names), batch_size):
-        x = images.pixels[i : i + batch_size]
-        y = reconstruct(vae, x)
+        x = images.targets[i : i + batch_size]
+        y = reconstruct(vae, images.pixels[i : i + batch_size])
         psnrs.append(psnr_per_image(x, y))
         ssims.append(ssim_per_image(x, y))
         if lpips is not None:
@@ -179,10 +200,10 @@ def evaluate(
     rfid: RFID | None = None,
     limits: ColourLimits | None = None,
 ) -> list[ModelScore]:
-    """Every (label, source, vae) on the same images, in order."""
+    """Every (label, source, vae) on the same images, in order, against ``images.targets``."""
     inputs = ColourAccumulator()
     for i in range(0, len(images.names), batch_size):
-        x = images.pixels[i : i + batch_size]
+        x = images.targets[i : i + batch_size]
         inputs.update(x)
         if rfid is not None:
             rfid.add_real(x)
@@ -301,12 +322,14 @@ def worse_than(
 def worst_panel(
     models: list[tuple[str, str, nn.Module]], scores: list[ModelScore], images: EvalImages, k: int = 4
 ) -> tuple[np.ndarray, list[int]]:
-    """H×W×3 uint8: one row per image among each model's ``k`` worst (by PSNR), columns input | model 1 | ... ."""
+    """H×W×3 uint8: one row per image among each model's ``k`` worst (by PSNR), columns input | (reference |)
+    model 1 | ... ."""
     rows: list[int] = []
     for s in scores:
         rows += [i for i in s.worst(k) if i not in rows]
     x = images.pixels[rows]
-    columns = [x] + [reconstruct(vae, x) for _, _, vae in models]
+    columns = [x] + ([images.reference[rows]] if images.reference is not None else [])
+    columns += [reconstruct(vae, x) for _, _, vae in models]
     grid = torch.cat([torch.cat(list(col), dim=1) for col in columns], dim=2)  # 3×(n·R)×(m·R)
     return grid.permute(1, 2, 0).numpy(), rows
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from hyperlit.lr_schedule import SCHEDULER_NAMES
 from hyperlit.options import check_choice, check_min, not_allowed
 from hyperlit.vae.config import DiscConfig, OptimizerConfig, PerceptualConfig, PosteriorConfig
 from hyperlit.vae.losses import RECONSTRUCTION
@@ -69,18 +70,40 @@ class TAESDDiscConfig(DiscConfig):
 
 
 @dataclass
+class TAESDOptimizerConfig(OptimizerConfig):
+    """``train:`` the VAE task's optimizer extras and the generator's learning-rate schedule (train.yaml's keys)."""
+
+    # diffusers' schedules (hyperlit.lr_schedule.build_scheduler), stepped once per generator update; D keeps its rate
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0  # linear warmup from 0 over this many generator updates
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("train.lr_scheduler", self.lr_scheduler, SCHEDULER_NAMES)
+        if not isinstance(self.lr_warmup_steps, int) or isinstance(self.lr_warmup_steps, bool):
+            raise not_allowed("train.lr_warmup_steps", self.lr_warmup_steps, "use a whole number >= 0")
+        check_min("train.lr_warmup_steps", self.lr_warmup_steps, 0)
+
+
+@dataclass
 class TAESDTaskConfig:
     max_steps: int = 200  # the task's own steps (one generator update and at most one D update each)
     taesd: DistillConfig = field(default_factory=DistillConfig)
     loss: DecoderLossConfig = field(default_factory=DecoderLossConfig)
     disc: TAESDDiscConfig = field(default_factory=TAESDDiscConfig)
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    optimizer: TAESDOptimizerConfig = field(default_factory=TAESDOptimizerConfig)
     posterior: PosteriorConfig = field(default_factory=lambda: PosteriorConfig(cache=True, sample=True))
     max_bad_steps: int = 10  # consecutive NaN/inf steps before training stops
 
     def __post_init__(self) -> None:
         check_min("train.max_steps", self.max_steps, 1)
         check_min("max_bad_steps", self.max_bad_steps, 1)
+        if self.optimizer.lr_warmup_steps >= self.max_steps:
+            raise not_allowed(
+                "train.lr_warmup_steps",
+                self.optimizer.lr_warmup_steps,
+                f"use fewer than train.max_steps={self.max_steps} (the warmup would never finish)",
+            )
         check_bool("posterior.cache", self.posterior.cache)
         check_bool("posterior.sample", self.posterior.sample)
         if self.taesd.augment and self.posterior.cache:

@@ -29,7 +29,7 @@ def task_config(cfg: Any) -> TAESDTaskConfig:
         "taesd": teacher.plain(cfg.get("taesd")),
         "loss": teacher.plain(cfg.get("loss")),
         "disc": teacher.plain(cfg.get("disc")),
-        "optimizer": {k: train[k] for k in ("disc_lr", "grad_clip") if k in train},
+        "optimizer": {k: train[k] for k in ("disc_lr", "grad_clip", "lr_scheduler", "lr_warmup_steps") if k in train},
         "posterior": teacher.plain(cfg.get("posterior")),
     }
     if cfg.get("max_bad_steps") is not None:

@@ -20,9 +20,11 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, AutoencoderTiny
 from torch import Tensor, nn
+from torch.optim.lr_scheduler import LRScheduler
 from torchmetrics import MeanMetric
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
+from hyperlit.lr_schedule import build_scheduler
 from hyperlit.vae.discriminator import PatchDiscriminator
 from hyperlit.vae.frozen import cached_posterior, frozen, weights_checksum
 from hyperlit.vae.losses import adversarial_factor, discriminator_loss, generator_loss, reconstruction_loss
@@ -241,19 +243,30 @@ class TAESDTask(pl.LightningModule):
         return loss, {"d_loss": loss.detach(), "d_acc": acc}
 
     # ------------------------------------------------------------------ training
-    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+    def configure_optimizers(self) -> tuple[list[torch.optim.Optimizer], list[LRScheduler]]:
+        """G's optimizer with its schedule (stepped per generator update; Lightning checkpoints its state), and D's
+        at a constant rate: D is a critic that must keep up with whatever G draws, to the last step."""
+        o = self.config.optimizer
         g_params = [p for half in self.trained_halves() for p in half.parameters()]
-        opts = [self.optimizer_factory(g_params)]
+        opt_g = self.optimizer_factory(g_params)
+        opts = [opt_g]
         if self.disc is not None:
-            disc_lr = self.config.optimizer.disc_lr
-            opts.append(self.optimizer_factory(self.disc.parameters(), **({"lr": disc_lr} if disc_lr else {})))
-        return opts
+            opts.append(self.optimizer_factory(self.disc.parameters(), **({"lr": o.disc_lr} if o.disc_lr else {})))
+        lr = opt_g.param_groups[0]["lr"]
+        schedule = build_scheduler(opt_g, lr, o.lr_scheduler, o.lr_warmup_steps, self.config.max_steps)
+        return opts, [schedule]
 
     def _opts(self) -> tuple[Any, Any | None]:
         opts = self.optimizers()
         if isinstance(opts, list | tuple):
             return opts[0], (opts[1] if len(opts) > 1 else None)
         return opts, None
+
+    def _schedule(self) -> LRScheduler | None:
+        schedules = self.lr_schedulers()
+        if isinstance(schedules, list):
+            return schedules[0] if schedules else None
+        return schedules
 
     def _update(self, opt: Any, loss: Tensor) -> None:
         opt.zero_grad(set_to_none=True)
@@ -324,6 +337,10 @@ class TAESDTask(pl.LightningModule):
                 self._bad_step("the discriminator loss", d_total)
                 return
         self._update(opt_g, surrogate)
+        schedule = self._schedule()
+        if schedule is not None:
+            logs["lr"] = torch.tensor(schedule.get_last_lr()[0])  # the rate this update used
+            schedule.step()  # manual optimization: Lightning steps no schedule itself
         if d_total is not None:
             self._update(opt_d, d_total)
         self.bad_in_a_row = 0
@@ -398,6 +415,13 @@ class TAESDTask(pl.LightningModule):
             raise ValueError(
                 "ckpt_path: the checkpoint distils a different VAE (checksum "
                 f"{str(state.get('teacher_checksum'))[:12]} vs {self.teacher_checksum[:12]}); use the same model.path"
+            )
+        o = self.config.optimizer
+        if not checkpoint.get("lr_schedulers") and (o.lr_scheduler != "constant" or o.lr_warmup_steps):
+            raise ValueError(
+                f"ckpt_path: the checkpoint holds no learning-rate schedule state (written before train.lr_scheduler "
+                f"existed), so train.lr_scheduler={o.lr_scheduler} / train.lr_warmup_steps={o.lr_warmup_steps} "
+                "cannot resume where it stopped; resume with lr_scheduler=constant and lr_warmup_steps=0"
             )
         self.step = int(state.get("step", 0))
         self.skipped_steps = int(state.get("skipped_steps", 0))
