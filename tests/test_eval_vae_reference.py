@@ -13,7 +13,7 @@ from helpers.taesd import textured_taesd
 from helpers.vae import SAMPLE, fitted_tiny_vae, pull_to_grey
 from safetensors.torch import save_file
 from scipy import linalg
-from test_vae_eval import direct_ssim, protocol_crop, reconstruct_directly
+from test_vae_eval import direct_scores, protocol_crop, reconstruct_directly
 
 from hyperlit.cli import main
 from hyperlit.models.loader import embedded_tiny_vae
@@ -70,11 +70,8 @@ def test_every_image_metric_is_against_the_reference_models_reconstruction(vaes,
         ref, y = reconstruct_directly(fitted, x), reconstruct_directly(grey, x)
         refs.append(ref)
         outs.append(y)
-        a, b = ref.astype(np.float64) / 255, y.astype(np.float64) / 255
-        psnrs.append(10 * np.log10(1.0 / np.mean((a - b) ** 2)))
-        ssims.append(direct_ssim(a, b))
-        ta, tb = (torch.from_numpy(v).permute(2, 0, 1)[None].float() * 2 - 1 for v in (a, b))
-        lps.append(float(lpips(tb, ta)))
+        for scores, value in zip((psnrs, ssims, lps), direct_scores(ref, y, lpips), strict=True):
+            scores.append(value)
     assert score["psnr"] == pytest.approx(np.mean(psnrs), abs=1e-3)
     assert score["ssim"] == pytest.approx(np.mean(ssims), abs=1e-4)
     assert score["lpips"] == pytest.approx(np.mean(lps), rel=1e-4)

@@ -67,6 +67,13 @@ def direct_ssim(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(values))
 
 
+def direct_scores(reference: np.ndarray, image: np.ndarray, lpips) -> tuple[float, float, float]:
+    """PSNR, SSIM and LPIPS of an 8-bit image against its 8-bit reference, each computed here directly."""
+    a, b = reference.astype(np.float64) / 255, image.astype(np.float64) / 255
+    ta, tb = (torch.from_numpy(v).permute(2, 0, 1)[None].float() * 2 - 1 for v in (a, b))
+    return 10 * np.log10(1.0 / np.mean((a - b) ** 2)), direct_ssim(a, b), float(lpips(tb, ta))
+
+
 def reconstruct_directly(vae, image: np.ndarray) -> np.ndarray:
     x = torch.from_numpy(image).permute(2, 0, 1)[None].double().div(127.5).sub(1).float()
     with torch.no_grad():
@@ -118,12 +125,10 @@ def test_metrics_equal_a_direct_computation(tmp_path: Path, models, capsys) -> N
     psnrs, ssims, lps = [], [], []
     for p in paths:
         x = protocol_crop(p, RES)
-        y = reconstruct_directly(vae, x)
-        a, b = x.astype(np.float64) / 255, y.astype(np.float64) / 255
-        psnrs.append(10 * np.log10(1.0 / np.mean((a - b) ** 2)))
-        ssims.append(direct_ssim(a, b))
-        ta, tb = (torch.from_numpy(v).permute(2, 0, 1)[None].float() * 2 - 1 for v in (a, b))
-        lps.append(float(lpips(tb, ta)))
+        for scores, value in zip(
+            (psnrs, ssims, lps), direct_scores(x, reconstruct_directly(vae, x), lpips), strict=True
+        ):
+            scores.append(value)
     assert score["psnr"] == pytest.approx(np.mean(psnrs), abs=1e-3)
     assert score["ssim"] == pytest.approx(np.mean(ssims), abs=1e-4)
     assert score["lpips"] == pytest.approx(np.mean(lps), rel=1e-4)
