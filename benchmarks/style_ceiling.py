@@ -90,9 +90,19 @@ def encode(pipe, folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
     return latents, context
 
 
-def fine_tune(pipe, folder: Path, mode: str, lr: float, steps: int, batch: int, min_timestep: int, seed: int):
-    """Train a copy of the pipeline's UNet on the folder; the trained UNet, its parameter count and final loss."""
-    latents, context = encode(pipe, folder)
+def fine_tune(
+    pipe,
+    data: tuple[torch.Tensor, torch.Tensor],
+    mode: str,
+    lr: float,
+    steps: int,
+    batch: int,
+    min_timestep: int,
+    seed: int,
+):
+    """Train a copy of the pipeline's UNet on `encode`'s (latents, contexts); the trained UNet, its parameter count
+    and final loss."""
+    latents, context = data
     unet = copy.deepcopy(pipe.unet).train()
     params = trainable(unet, mode)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -140,9 +150,10 @@ def main(argv: list[str] | None = None) -> int:
             style = style_named(name)
             folder = Path(tmp) / name
             write_style_set(style, folder)
+            data = encode(pipe, folder)  # once per style, shared by every mode
             for mode, lr in zip(args.modes, lrs, strict=True):
                 start = time.time()
-                unet, count, loss = fine_tune(pipe, folder, mode, lr, args.steps, args.batch, args.min_timestep,
+                unet, count, loss = fine_tune(pipe, data, mode, lr, args.steps, args.batch, args.min_timestep,
                                               args.seed)  # fmt: skip
                 base_unet, pipe.unet = pipe.unet, unet
                 try:

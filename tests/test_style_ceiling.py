@@ -55,7 +55,9 @@ def test_modes_pick_the_parts_they_name_and_freeze_the_rest(ceiling, pipe):
 def test_a_kv_fine_tune_moves_only_keys_and_values_and_leaves_the_base_alone(ceiling, pipe, tmp_path):
     write_style_set(style_named("halftone_dots"), tmp_path, count=2)
     before = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
-    unet, count, loss = ceiling.fine_tune(pipe, tmp_path, "kv", lr=1e-2, steps=3, batch=2, min_timestep=0, seed=0)
+    unet, count, loss = ceiling.fine_tune(
+        pipe, ceiling.encode(pipe, tmp_path), "kv", lr=1e-2, steps=3, batch=2, min_timestep=0, seed=0
+    )
     assert unet is not pipe.unet and loss > 0
     assert count == sum(p.numel() for n, p in pipe.unet.named_parameters() if ".to_k." in n or ".to_v." in n)
     moved = {n for n, p in unet.named_parameters() if not torch.equal(p, before[n])}
