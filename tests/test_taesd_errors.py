@@ -30,6 +30,10 @@ CASES = [
     (["taesd.latent_crop=0"], "taesd.latent_crop"),
     (["taesd.augment=true", "posterior.cache=true"], "taesd.augment"),  # the cache holds unturned images
     (["taesd.augment=yes"], "taesd.augment"),
+    (["taesd.extra_scenes=-1"], "taesd.extra_scenes"),
+    (["taesd.extra_scenes=1.5"], "taesd.extra_scenes"),
+    (["taesd.extra_scenes=2", "posterior.cache=true", "taesd.augment=false"], "taesd.extra_scenes"),  # nothing to cache
+    (["taesd.scene_sample_look=2"], "taesd.scene_sample_look"),
     (["data.batch_size=0"], "data.batch_size"),
     (["data.path=/nonexistent/images"], "data.path"),
     (["train.max_steps=0"], "train.max_steps"),
@@ -80,6 +84,17 @@ def test_bad_input_is_one_line_before_any_weights_load(overrides, key, tmp_path,
     cfg = compose_config("taesd", [f"paths.output_dir={tmp_path}", *QUIET_RUN, *overrides])
     line = run_entry(cfg, capsys)
     assert line.startswith(f"hyperlit: error: {key}"), line
+
+
+def test_extra_scenes_are_refused_for_another_family(tmp_path, no_weights, capsys):
+    """Procedural scenes are the tiny base's domain: with an SD VAE they are one line, before the VAE is read."""
+    (tmp_path / "vae.safetensors").write_bytes(b"never read")
+    cfg = compose_config("taesd", [
+        f"paths.output_dir={tmp_path}", *QUIET_RUN, "model=sd15", f"model.path={tmp_path}/vae.safetensors",
+        "taesd.extra_scenes=2", "posterior.cache=false",
+    ])  # fmt: skip
+    line = run_entry(cfg, capsys)
+    assert line.startswith("hyperlit: error: taesd.extra_scenes: 2 is not allowed with model.family=sd15"), line
 
 
 def test_sixteen_channels_against_a_four_channel_vae_names_both(tmp_path, capsys):

@@ -28,7 +28,7 @@ from hyperlit.data.pixeldatamodule import PixelDataModule
 from hyperlit.models.loader import embedded_tiny_vae
 from hyperlit.tasks.taesd.build import build
 from hyperlit.tasks.taesd.module import TAESDTask, teacher_checksum
-from hyperlit.vae.config import PerceptualConfig
+from hyperlit.vae.config import PerceptualConfig, PosteriorConfig
 from hyperlit.vae.export import save_diffusers_folder
 from hyperlit.vae.lpips import LPIPS
 from hyperlit.vae.taesd_config import (
@@ -64,11 +64,13 @@ def make_task(
     halves=("encoder", "decoder"),
     latent_crop=None,
     schedule: TAESDOptimizerConfig | None = None,
+    scenes: int = 0,
     **disc,
 ) -> TAESDTask:
     cfg = TAESDTaskConfig(
         max_steps=max_steps,
-        taesd=DistillConfig("encoder" in halves, "decoder" in halves, latent_crop=latent_crop),
+        taesd=DistillConfig("encoder" in halves, "decoder" in halves, latent_crop=latent_crop, extra_scenes=scenes),
+        posterior=PosteriorConfig(cache=not scenes, sample=True),  # scenes are new every step: nothing to cache
         loss=DecoderLossConfig("mse", 1.0, PerceptualConfig(weight=0.1, random_backbone=True)),
         disc=TAESDDiscConfig(**{"start": 0, "warmup_steps": 1, "ramp_steps": 1, "ndf": 8, "n_layers": 2, **disc}),
         optimizer=schedule or TAESDOptimizerConfig(),
@@ -219,6 +221,7 @@ SCHEDULES = {
     "constant": None,
     "cosine+warmup": TAESDOptimizerConfig(lr_scheduler="cosine", lr_warmup_steps=1),
     "disc_lr+linear": TAESDOptimizerConfig(disc_lr=2e-3, lr_scheduler="linear"),
+    "cosine+scenes": TAESDOptimizerConfig(lr_scheduler="cosine"),  # with taesd.extra_scenes=2: drawn per step
 }
 
 
@@ -226,12 +229,13 @@ SCHEDULES = {
 def test_resume_is_exact(tmp_path, name):
     """Two steps, a checkpoint, a fresh process-like start (other init, other RNG state), two more steps: the same
     weights, D, EMA, optimizer and learning-rate schedule state as four uninterrupted steps, bit for bit."""
-    schedule = SCHEDULES[name]
-    straight = make_task(max_steps=4, schedule=schedule)
+    schedule, scenes = SCHEDULES[name], 2 if name.endswith("+scenes") else 0
+    straight = make_task(max_steps=4, schedule=schedule, scenes=scenes)
     ema_a = EMA(decay=0.5)
     trainer_a = fit(straight, tmp_path / "a", datamodule(tmp_path / "a"), [ema_a])
 
-    first = make_task(max_steps=4, schedule=schedule)  # interrupted after two steps of the four-step schedule
+    # interrupted after two steps of the four-step schedule
+    first = make_task(max_steps=4, schedule=schedule, scenes=scenes)
     trainer = fit(first, tmp_path / "b", datamodule(tmp_path / "b"), [EMA(decay=0.5)], max_steps=4)
     trainer.save_checkpoint(tmp_path / "b.ckpt")
     ckpt = torch.load(tmp_path / "b.ckpt", weights_only=False)
@@ -239,7 +243,8 @@ def test_resume_is_exact(tmp_path, name):
     assert ckpt["taesd_task"]["step"] == 2 and len(ckpt["optimizer_states"]) == 2
     assert ckpt["lr_schedulers"][0]["last_epoch"] == 2  # stepped once per generator update
 
-    resumed = make_task(max_steps=4, seed=99, schedule=schedule)  # other weights: all must come from the checkpoint
+    # other weights: all must come from the checkpoint
+    resumed = make_task(max_steps=4, seed=99, schedule=schedule, scenes=scenes)
     torch.manual_seed(12345)  # and another process RNG state
     ema_b = EMA(decay=0.5)
     trainer_b = fit(resumed, tmp_path / "c", datamodule(tmp_path / "b"), [ema_b], ckpt_path=tmp_path / "b.ckpt")

@@ -29,6 +29,10 @@ class DistillConfig:
     # the teacher sees it: 48 variants per image, each labelled exactly by the teacher, so a small data set teaches
     # the teacher's function rather than its images (needs posterior.cache=false).
     augment: bool = False
+    # This many procedural scenes of the tiny base's domain (hyperlit.tasks.taesd.scenes) appended to each training
+    # batch, new ones every step: unlimited distinct images for the teacher to label (needs posterior.cache=false).
+    extra_scenes: int = 0
+    scene_sample_look: float = 0.5  # share of those scenes in the sample set's look; the rest in the base's
 
     def __post_init__(self) -> None:
         if self.latent_crop is not None and (
@@ -38,6 +42,11 @@ class DistillConfig:
         check_bool("taesd.train_encoder", self.train_encoder)
         check_bool("taesd.train_decoder", self.train_decoder)
         check_bool("taesd.augment", self.augment)
+        if not isinstance(self.extra_scenes, int) or isinstance(self.extra_scenes, bool) or self.extra_scenes < 0:
+            raise not_allowed("taesd.extra_scenes", self.extra_scenes, "use a whole number >= 0 (0: none)")
+        share = self.scene_sample_look
+        if isinstance(share, bool) or not isinstance(share, int | float) or not 0 <= share <= 1:
+            raise not_allowed("taesd.scene_sample_look", share, "use a share from 0 to 1 (e.g. 0.5)")
         check_min("taesd.encoder_weight", self.encoder_weight, 0)
         if not (self.train_encoder or self.train_decoder):
             raise ValueError(
@@ -110,4 +119,9 @@ class TAESDTaskConfig:
             raise ValueError(
                 "taesd.augment: true is not allowed with posterior.cache=true (a cached posterior is the unturned "
                 "image's); set posterior.cache=false"
+            )
+        if self.taesd.extra_scenes and self.posterior.cache:
+            raise ValueError(
+                f"taesd.extra_scenes: {self.taesd.extra_scenes} is not allowed with posterior.cache=true (the scenes "
+                "are new every step, there is nothing to cache); set posterior.cache=false or taesd.extra_scenes=0"
             )

@@ -69,6 +69,15 @@ def check_sizes(tcfg: TAESDTaskConfig, resolution: Any) -> None:
         )
 
 
+def check_scenes(tcfg: TAESDTaskConfig, family: str) -> None:
+    """Procedural scenes are the tiny base's image domain: another family's VAE would learn nothing useful there."""
+    if tcfg.taesd.extra_scenes and family != "tiny":
+        raise ValueError(
+            f"taesd.extra_scenes: {tcfg.taesd.extra_scenes} is not allowed with model.family={family} (the scenes "
+            "are the tiny base's image domain); use 0 and your own images in data.path"
+        )
+
+
 def check_factor(vae: Any, source: str) -> None:
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     if factor != TAESD_FACTOR:
@@ -85,6 +94,7 @@ def build(cfg: DictConfig) -> TaskParts:
     source = teacher.teacher_source(cfg)  # model.path checked, nothing read
     check_latent_layout(cfg, source.family.latent_channels)
     check_sizes(tcfg, cfg.data.get("resolution"))
+    check_scenes(tcfg, source.family.name)
     data_path = resolve_path(cfg.data.get("path"), "data.path", "a folder of images")
     datamodule = instantiate(cfg.data, path=str(data_path), fixed_crops=tcfg.posterior.cache, seed=int(cfg.seed))
     perceptual = teacher.Perceptual(None, False)

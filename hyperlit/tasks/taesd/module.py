@@ -25,6 +25,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from hyperlit.lr_schedule import build_scheduler
+from hyperlit.tasks.taesd.scenes import scene_batch
 from hyperlit.vae.discriminator import PatchDiscriminator
 from hyperlit.vae.frozen import cached_posterior, frozen, weights_checksum
 from hyperlit.vae.losses import adversarial_factor, discriminator_loss, generator_loss, reconstruction_loss
@@ -135,6 +136,16 @@ class TAESDTask(pl.LightningModule):
         g = torch.Generator(device="cpu").manual_seed(self.draw_seed())
         noise = torch.randn(mean.shape, generator=g).to(mean.device)
         return self.to_unet_scale(mean + torch.exp(0.5 * logvar) * noise)
+
+    def with_scenes(self, pixels: Tensor) -> Tensor:
+        """``taesd.extra_scenes``: that many procedural scenes of the tiny base's domain appended to the batch, new
+        ones every step, drawn from (seed, step, rank) so a resumed run sees the same scenes."""
+        count = self.config.taesd.extra_scenes
+        if not count:
+            return pixels
+        t = self.config.taesd
+        scenes = scene_batch(count, *pixels.shape[-2:], self.draw_seed() + 900_007, t.scene_sample_look)
+        return torch.cat([pixels, scenes.to(device=pixels.device, dtype=pixels.dtype)])
 
     def augment(self, pixels: Tensor) -> Tensor:
         """``taesd.augment``: each image flipped / turned by quarter turns and its RGB channels permuted, drawn from
@@ -322,7 +333,7 @@ class TAESDTask(pl.LightningModule):
             self.trainer.should_stop = True
             return
         opt_g, opt_d = self._opts()
-        x = self.augment(batch["pixels"])
+        x = self.augment(self.with_scenes(batch["pixels"]))
         mean, logvar = self.posterior(x, batch.get("index"))
         z = self.sample_latents(mean, logvar)
         surrogate, logs, pair = self.generator_losses(x, mean, z)
