@@ -58,20 +58,25 @@ def all_pixels(split) -> torch.Tensor:
 
 
 def test_scenes_repeat_for_a_seed_and_differ_across_seeds() -> None:
-    a = scene_batch(6, 64, 64, seed=11)
+    a = scene_batch(6, 64, 64, seed=11, sample_look=0.5)
     assert a.shape == (6, 3, 64, 64) and a.dtype == torch.float32
     assert a.min() >= -1 and a.max() <= 1
-    assert torch.equal(a, scene_batch(6, 64, 64, seed=11))
-    b = scene_batch(6, 64, 64, seed=12)
+    assert torch.equal(a, scene_batch(6, 64, 64, seed=11, sample_look=0.5))
+    b = scene_batch(6, 64, 64, seed=12, sample_look=0.5)
     assert all(not torch.equal(a[i], b[j]) for i in range(6) for j in range(6))
     assert all(not torch.equal(a[i], a[j]) for i in range(6) for j in range(i + 1, 6))
-    assert scene_batch(2, 48, 80, seed=1).shape == (2, 3, 48, 80)  # any crop shape the loader hands over
+    assert scene_batch(2, 48, 80, seed=1, sample_look=0.5).shape == (
+        2,
+        3,
+        48,
+        80,
+    )  # any crop shape the loader hands over
 
 
 def test_scenes_are_shapes_of_the_palette_in_both_looks() -> None:
     """The shape judge (hand-written geometry and hue) finds a palette colour and a shape in every scene; all colours
     and shapes occur; about half have exactly the sample set's background greys, the rest the base's."""
-    images = as_uint8(scene_batch(240, 64, 64, seed=3))
+    images = as_uint8(scene_batch(240, 64, 64, seed=3, sample_look=0.5))
     verdicts = [judge(im / 255.0) for im in images]
     assert all(v.colour is not None and v.shape is not None for v in verdicts)
     assert {v.colour for v in verdicts} == set(COLOURS) and {v.shape for v in verdicts} == set(SHAPES)

@@ -32,7 +32,7 @@ class DistillConfig:
     # This many procedural scenes of the tiny base's domain (hyperlit.tasks.taesd.scenes) appended to each training
     # batch, new ones every step: unlimited distinct images for the teacher to label (needs posterior.cache=false).
     extra_scenes: int = 0
-    scene_sample_look: float = 0.5  # share of those scenes in the sample set's look; the rest in the base's
+    scene_sample_look: float = 1.0  # share of those scenes in the sample set's look; the rest in the base's
 
     def __post_init__(self) -> None:
         if self.latent_crop is not None and (

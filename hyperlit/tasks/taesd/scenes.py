@@ -25,7 +25,7 @@ BASE_JITTER = 25
 BASE_BACKGROUNDS = (*BACKGROUNDS, STRIPED)  # the UNet's images added striped backgrounds
 
 
-def draw_scene(rng: random.Random, height: int, width: int, sample_look: float = 0.5) -> np.ndarray:
+def draw_scene(rng: random.Random, height: int, width: int, sample_look: float) -> np.ndarray:
     """One scene as a (height, width, 3) uint8 array: the sample set's look with probability ``sample_look``,
     else the base's."""
     colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
@@ -37,7 +37,7 @@ def draw_scene(rng: random.Random, height: int, width: int, sample_look: float =
     return np.asarray(image, dtype=np.uint8)
 
 
-def scene_batch(count: int, height: int, width: int, seed: int, sample_look: float = 0.5) -> Tensor:
+def scene_batch(count: int, height: int, width: int, seed: int, sample_look: float) -> Tensor:
     """``count`` scenes as a (count, 3, height, width) float32 batch in [-1, 1], the data loader's range; the same
     seed draws the same scenes (python's ``random``, no global state)."""
     rng = random.Random(seed)
