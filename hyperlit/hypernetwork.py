@@ -81,8 +81,10 @@ class HypernetworkConfig:
     activate_output: bool = False
     layer_norm: bool = False
     weight_init: str = "Normal"
-    # None means no dropout; otherwise one probability per entry of layer_structure (A1111's dropout_structure).
-    dropout_structure: list[float] | None = None
+    # None means no dropout; one probability per entry of layer_structure (A1111's dropout_structure); or one
+    # number p: A1111's "use dropout" layout, p after every hidden layer and 0 at the input and output
+    # ([1, 2, 1] -> [0, p, 0]), so a model family's default fits any layer_structure.
+    dropout_structure: list[float] | float | None = None
     # Context widths that get a (K, V) module pair, or "auto": the widths the base model's attention uses.
     sizes: list[int] | str = "auto"
     multiplier: float = 1.0
@@ -143,8 +145,15 @@ def _validate_layer_structure(value: object) -> list[float]:
 def _validate_dropout(value: object, length: int) -> list[float] | None:
     if value is None:
         return None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if not 0 <= value < 1:
+            raise ValueError(f"hypernet.dropout_structure: {value!r} is not allowed; a single probability is in [0, 1)")
+        return [0.0] + [float(value)] * (length - 2) + [0.0]
     if isinstance(value, str) or not isinstance(value, Sequence):
-        raise ValueError(f"hypernet.dropout_structure: {value!r} is not a list; use null or {length} numbers in [0, 1)")
+        raise ValueError(
+            f"hypernet.dropout_structure: {value!r} is not a list; use null, one number in [0, 1) (on every hidden "
+            f"layer) or {length} numbers in [0, 1)"
+        )
     items = list(value)
     if len(items) != length:
         raise ValueError(

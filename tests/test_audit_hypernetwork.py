@@ -24,6 +24,20 @@ def test_dropout_follows_the_entry_of_the_layer_it_comes_after():
     assert kinds == [("Linear", None), ("Dropout", 0.1), ("Linear", None), ("Dropout", 0.3), ("Linear", None)]
 
 
+@pytest.mark.parametrize(
+    ("layer_structure", "expected"),
+    [([1, 2, 1], [0.0, 0.3, 0.0]), ([1, 2, 2, 1], [0.0, 0.3, 0.3, 0.0]), ([1, 4, 2, 4, 1], [0.0, 0.3, 0.3, 0.3, 0.0])],
+)
+def test_one_dropout_number_is_a1111s_use_dropout_layout_for_any_structure(layer_structure, expected):
+    # A family default is one number; the layout: p after every hidden layer, none after the input or the output
+    cfg = HypernetworkConfig(layer_structure=layer_structure, dropout_structure=0.3)
+    assert cfg.dropout_structure == expected and cfg.use_dropout
+    mlp = HypernetworkModule(8, cfg)
+    drops = [m.p for m in mlp.modules() if isinstance(m, nn.Dropout)]
+    assert drops == [0.3] * (len(layer_structure) - 2)
+    assert not HypernetworkConfig(dropout_structure=0).use_dropout
+
+
 @pytest.mark.parametrize("activation", ["relu", "leakyrelu"])
 def test_kaiming_init_uses_the_activations_gain(activation):
     # Kaiming normal: std = gain / sqrt(fan_in). A1111 passes nonlinearity "leaky_relu" for leakyrelu but no slope,
@@ -86,6 +100,19 @@ def test_config_messages_name_the_key_the_value_and_what_is_allowed():
         (
             dict(dropout_structure=[0, "0.1", 0]),
             "hypernet.dropout_structure: entry '0.1' in [0, '0.1', 0] is not allowed; entries are in [0, 1)",
+        ),
+        (
+            dict(dropout_structure=1.0),
+            "hypernet.dropout_structure: 1.0 is not allowed; a single probability is in [0, 1)",
+        ),
+        (
+            dict(dropout_structure=-0.1),
+            "hypernet.dropout_structure: -0.1 is not allowed; a single probability is in [0, 1)",
+        ),
+        (
+            dict(dropout_structure=True),
+            "hypernet.dropout_structure: True is not a list; use null, one number in [0, 1) (on every hidden layer) "
+            "or 3 numbers in [0, 1)",
         ),
         (dict(multiplier="0.5"), "hypernet.multiplier: '0.5' is not a number"),
         (dict(sizes=[768, 0]), "hypernet.sizes: entry 0 is not allowed; widths are positive integers"),

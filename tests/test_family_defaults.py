@@ -13,9 +13,13 @@ from helpers.paths import REPO_ROOT
 # (data=folder) gets exactly these; the command line still wins.
 # SD 1.x and 2.x share one file's values; SDXL halves the rate (its 70 cross-attention layers against SD1's 16).
 SD = dict(learning_rate=5e-5, max_steps=3000, lr_scheduler="cosine", lr_warmup_steps=100, min_timestep=0,
-          batch_size=1, tag_dropout=0.0, ema=False, every=500, template="style_filewords")  # fmt: skip
-TINY = dict(learning_rate=2e-3, max_steps=2000, lr_scheduler="constant", lr_warmup_steps=0, min_timestep=250,
-            batch_size=4, tag_dropout=0.1, ema=True, every=250, template="filewords")  # fmt: skip
+          batch_size=1, tag_dropout=0.0, ema=False, ema_decay=0.99, every=500, template="style_filewords",
+          dropout=None)  # fmt: skip
+TINY = dict(learning_rate=2e-3, max_steps=3000, lr_scheduler="constant", lr_warmup_steps=0, min_timestep=250,
+            batch_size=4, tag_dropout=0.1, ema=True, ema_decay=0.998, every=250, template="filewords",
+            dropout=0.3)  # fmt: skip
+# The demo (data=sample on the tiny base) keeps the recipe its README figures were measured with.
+DEMO = {**TINY, "batch_size": 6, "max_steps": 2000, "ema_decay": 0.99, "dropout": None}
 EXPECTED = {
     "tiny": TINY,
     "sd15": SD,
@@ -53,8 +57,10 @@ def summary(cfg: dict) -> dict:
         batch_size=cfg["data"]["batch_size"],
         tag_dropout=cfg["data"]["tag_dropout"],
         ema=callbacks["ema"]["enabled"],
+        ema_decay=callbacks["ema"]["decay"],
         every=every.pop(),
         template=cfg["data"]["template"],
+        dropout=cfg["hypernet"]["dropout_structure"],
     )
 
 
@@ -65,9 +71,22 @@ def test_a_users_folder_gets_the_familys_defaults(family):
     assert summary(cfg) == EXPECTED[family]
 
 
-def test_the_demo_is_the_tiny_family_plus_its_documented_batch():
-    """data=sample on the tiny base: the family's defaults, and only conf/recipe/sample_tiny.yaml's batch of 6."""
-    assert summary(cfg_job()) == {**EXPECTED["tiny"], "batch_size": 6}
+def test_the_demo_is_the_tiny_family_plus_its_documented_recipe():
+    """data=sample on the tiny base: the family's defaults, and conf/recipe/sample_tiny.yaml's measured values."""
+    assert summary(cfg_job()) == DEMO
+
+
+@pytest.mark.parametrize(
+    ("overrides", "dropout"),
+    [
+        (["data=folder", "data.path=/d", "hypernet=swish_121_dropout"], [0, 0.3, 0]),  # the preset's own
+        (["hypernet=swish_121_dropout"], [0, 0.3, 0]),  # over the demo recipe's null too
+        (["data=folder", "data.path=/d", "hypernet=relu_1221_ln"], 0.3),  # no dropout of its own: the family's
+        (["data=folder", "data.path=/d", "hypernet=swish_121_dropout", "hypernet.dropout_structure=null"], None),
+    ],
+)
+def test_a_presets_own_dropout_wins_over_the_family_and_the_command_line_over_both(overrides, dropout):
+    assert cfg_job(*overrides)["hypernet"]["dropout_structure"] == dropout
 
 
 def test_the_command_line_wins_over_the_family():
@@ -83,7 +102,7 @@ def test_the_command_line_wins_over_the_family():
     got = summary(cfg)
     assert (got["learning_rate"], got["batch_size"], got["ema"], got["min_timestep"]) == (1e-4, 2, False, 0)
     assert got["template"] == "style"
-    assert got["max_steps"] == 2000  # the rest stays the family's
+    assert got["max_steps"] == 3000 and got["dropout"] == 0.3  # the rest stays the family's
 
 
 def test_the_vae_task_takes_no_hypernetwork_defaults():
