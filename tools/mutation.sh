@@ -89,7 +89,8 @@ TESTS[vae_module]="tests/test_vae_task.py tests/test_audit_vae.py tests/test_gua
 SOURCES[kv_inputs]="hyperlit/kv_inputs.py"  # also part of attention; alone it runs in a fraction of the time
 TESTS[kv_inputs]="tests/test_shared_context.py tests/test_audit_attention.py tests/test_attention.py"
 SOURCES[styles]="hyperlit/demo/styles*.py hyperlit/demo/style_*.py"
-TESTS[styles]="tests/test_styles.py tests/test_style_eye_labels.py tests/test_style_looks_exact.py"
+TESTS[styles]="tests/test_styles.py tests/test_style_eye_labels.py tests/test_style_looks_exact.py
+  tests/test_style_judges_exact.py"
 SOURCES[lora]="hyperlit/lora/*.py"
 TESTS[lora]="tests/test_lora.py"
 SOURCES[taesd]="hyperlit/tasks/taesd/*.py"
