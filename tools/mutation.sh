@@ -60,7 +60,7 @@ TESTS[options]="tests/test_train_errors.py tests/test_bad_input_table.py tests/t
   tests/test_vae_config.py tests/test_vae_losses.py tests/test_config_mistakes.py tests/test_audit_options.py
   $TRAIN_SUBPROCESSES"
 SOURCES[components]="hyperlit/models/components.py"
-TESTS[components]="tests/test_models.py tests/test_sdxl_models.py tests/test_guard_sdxl_time_ids.py
+TESTS[components]="tests/test_models.py tests/test_sdxl_models.py tests/test_guard_sdxl_time_ids.py tests/test_audit_components.py
   tests/test_guard_cache_family.py tests/test_data_cache.py"
 SOURCES[clients]="hyperlit/files/clients.py hyperlit/files/comfyui.py"
 TESTS[clients]="tests/test_client_files.py tests/test_comfyui_verdict.py tests/test_export_callback.py
