@@ -1,0 +1,103 @@
+"""The preview callback's schedule and bookkeeping, with a stand-in trainer and module and the grid itself
+recorded instead of drawn: which steps get a grid, the fallback prompt (the first caption trained on), the TAESD
+check at set-up on rank 0 only, the end-of-run grid and the warning that nothing is being learned."""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+
+import pytest
+
+from hyperlit.callbacks.preview import PreviewImages
+
+
+def trainer(step: int = 0, rank_zero: bool = True, max_steps: int = 0, held_out=None) -> SimpleNamespace:
+    datamodule = SimpleNamespace(held_out=held_out) if held_out is not None else None
+    return SimpleNamespace(global_step=step, is_global_zero=rank_zero, max_steps=max_steps, datamodule=datamodule)
+
+
+def recording(tmp_path, **kwargs) -> tuple[PreviewImages, list[int]]:
+    """A callback whose grids are recorded (the step each would be drawn at), not drawn."""
+    callback = PreviewImages(str(tmp_path), **kwargs)
+    steps: list[int] = []
+
+    def draw(trainer, pl_module):
+        callback._last_step = trainer.global_step  # as the real grid does
+        steps.append(trainer.global_step)
+
+    callback._preview = draw
+    return callback, steps
+
+
+def test_grids_at_step_zero_and_every_n_steps_once_each(tmp_path):
+    callback, steps = recording(tmp_path, every=3)
+    for step in (0, 0, 1, 2, 3, 3, 4, 5, 6, 7, 9):  # a repeated step: gradient accumulation's micro-batches
+        callback.on_train_batch_start(trainer(step), None, {"caption": ["a"]}, 0)
+    assert steps == [0, 3, 6, 9]
+    callback.on_train_end(trainer(9), None)  # the last grid was at the last step: not drawn again
+    assert steps == [0, 3, 6, 9]
+    callback.on_train_end(trainer(11), None)
+    assert steps == [0, 3, 6, 9, 11]
+
+
+def test_every_zero_draws_no_grid_during_training_and_other_ranks_none_at_all(tmp_path):
+    callback, steps = recording(tmp_path, every=0)
+    for step in range(4):
+        callback.on_train_batch_start(trainer(step), None, {}, 0)
+    assert steps == []
+    callback.on_train_end(trainer(4), None)  # at_end: one grid
+    assert steps == [4]
+    other, other_steps = recording(tmp_path, every=2)
+    for step in range(4):
+        other.on_train_batch_start(trainer(step, rank_zero=False), None, {}, 0)
+    other.on_train_end(trainer(5, rank_zero=False), None)
+    assert other_steps == []
+    quiet, quiet_steps = recording(tmp_path, every=2, at_end=False)
+    quiet.on_train_end(trainer(5), None)
+    quiet.on_train_end(trainer(6), None)  # not at the end option, but a scheduled step
+    assert quiet_steps == [6]
+
+
+def test_without_prompts_or_held_out_images_the_grid_shows_the_first_caption_trained_on(tmp_path):
+    callback, _ = recording(tmp_path, every=100)
+    assert callback.grid_prompts(trainer()) == [""]
+    callback.on_train_batch_start(trainer(1), None, ("not", "a", "dict"), 0)  # a batch of another shape
+    callback.on_train_batch_start(trainer(2), None, {"latents": None}, 0)  # a batch without captions
+    callback.on_train_batch_start(trainer(3), None, {"caption": []}, 0)
+    assert callback.grid_prompts(trainer()) == [""]
+    callback.on_train_batch_start(trainer(4), None, {"caption": ["a red circle", "a blue square"]}, 0)
+    callback.on_train_batch_start(trainer(5), None, {"caption": ["a green star"]}, 0)
+    assert callback.grid_prompts(trainer()) == ["a red circle"]
+    held = [SimpleNamespace(caption="held one"), SimpleNamespace(caption="held two")]
+    assert callback.grid_prompts(trainer(held_out=held)) == ["held one", "held two"]
+    chosen, _ = recording(tmp_path, prompts=["mine"])
+    assert chosen.grid_prompts(trainer(held_out=held)) == ["mine"]
+
+
+@pytest.mark.parametrize(("has_decoder", "rank_zero", "checked"), [(True, True, True), (True, False, False),
+                                                                    (False, True, False)])  # fmt: skip
+def test_the_tiny_decoder_is_checked_at_set_up_on_rank_zero_only(tmp_path, has_decoder, rank_zero, checked):
+    callback = PreviewImages(str(tmp_path))
+    seen = []
+    callback.decoder = object() if has_decoder else None  # a found TAESD (its files are read at the first grid)
+    callback.latent_decoder = seen.append
+    module = SimpleNamespace(components=object())
+    callback.setup(trainer(rank_zero=rank_zero), module, "fit")
+    assert seen == ([module.components] if checked else [])
+
+
+def test_nothing_learned_is_said_once_from_half_way_and_only_under_the_threshold(tmp_path, caplog):
+    callback = PreviewImages(str(tmp_path), min_change=2.0)
+    module = SimpleNamespace(learning_rate=1e-5)
+    caplog.set_level(logging.WARNING)
+    assert not callback.check_learning(trainer(max_steps=100), module, 0, 0.0, "")  # step 0: untrained anyway
+    assert not callback.check_learning(trainer(max_steps=100), module, 49, 0.0, "")  # before half-way
+    assert not callback.check_learning(trainer(max_steps=100), module, 50, 2.0, "")  # at the threshold: changing
+    assert callback.check_learning(trainer(max_steps=100), module, 50, 1.5, "")
+    assert not callback.check_learning(trainer(max_steps=100), module, 60, 0.5, "")  # said once
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
+    unbounded = PreviewImages(str(tmp_path), min_change=2.0)  # max_steps unknown (0): any step after 0
+    assert unbounded.check_learning(trainer(max_steps=0), module, 1, 1.0, "")
+    off = PreviewImages(str(tmp_path))  # min_change null: never
+    assert not off.check_learning(trainer(max_steps=10), module, 10, 0.0, "")
