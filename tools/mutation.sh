@@ -64,7 +64,7 @@ TESTS[components]="tests/test_models.py tests/test_sdxl_models.py tests/test_gua
   tests/test_guard_cache_family.py tests/test_data_cache.py"
 SOURCES[clients]="hyperlit/files/clients.py hyperlit/files/comfyui.py"
 TESTS[clients]="tests/test_client_files.py tests/test_comfyui_verdict.py tests/test_export_callback.py
-  tests/test_guard_inspect_clients.py"  # test_client_files.py is all slow: mutmut runs fast tests only
+  tests/test_guard_inspect_clients.py tests/test_audit_clients.py"  # test_client_files.py is all slow: mutmut runs fast tests only
 SOURCES[export]="hyperlit/callbacks/export.py"
 TESTS[export]="tests/test_export_callback.py"
 SOURCES[validation]="hyperlit/callbacks/validation.py hyperlit/data/heldout.py"
