@@ -5,11 +5,36 @@ check at set-up on rank 0 only, the end-of-run grid and the warning that nothing
 from __future__ import annotations
 
 import logging
+import re
+from functools import partial
 from types import SimpleNamespace
 
 import pytest
+import torch
+from PIL import Image
 
+from hyperlit.attention import attach_hypernetworks
+from hyperlit.callbacks.change import preview_change, val_text
 from hyperlit.callbacks.preview import PreviewImages
+from hyperlit.callbacks.validation import ValidationLoss
+from hyperlit.hypernetwork import Hypernetwork, HypernetworkConfig
+from hyperlit.models import FAMILIES, load_components
+from hyperlit.tasks.hypernetwork.module import HypernetworkTask
+
+TINY_WIDTHS = [*FAMILIES["tiny"].attention_widths, FAMILIES["tiny"].context_dim]
+
+
+@pytest.fixture(scope="module")
+def module() -> HypernetworkTask:
+    """The tiny model with a hypernetwork whose weights are large enough to change every image."""
+    components = load_components(family="tiny")
+    hn = Hypernetwork(HypernetworkConfig(layer_structure=[1, 2, 1], activation="relu"), sizes=TINY_WIDTHS, name="hn")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in hn.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+    attach_hypernetworks(components.unet, [hn])
+    return HypernetworkTask(hypernetwork=hn, components=components, optimizer=partial(torch.optim.AdamW))
 
 
 def trainer(step: int = 0, rank_zero: bool = True, max_steps: int = 0, held_out=None) -> SimpleNamespace:
@@ -101,3 +126,53 @@ def test_nothing_learned_is_said_once_from_half_way_and_only_under_the_threshold
     assert unbounded.check_learning(trainer(max_steps=0), module, 1, 1.0, "")
     off = PreviewImages(str(tmp_path))  # min_change null: never
     assert not off.check_learning(trainer(max_steps=10), module, 10, 0.0, "")
+
+
+@pytest.mark.parametrize("multipliers", [[0.0, 1.0], [0.5], [1.0, 0.0, 0.5]])
+def test_change_is_multiplier_0_against_1_whatever_columns_the_grid_has(module, tmp_path, multipliers):
+    prompts = ["a red circle", "a blue square"]
+    preview = PreviewImages(str(tmp_path), prompts=prompts, multipliers=multipliers, steps=1)
+    cells = preview.render(module, prompts)
+    without = [row[0] for row in preview.render(module, prompts, [0.0])]
+    with_network = [row[0] for row in preview.render(module, prompts, [1.0])]
+    expected = preview_change(without, with_network)
+    assert expected > 0
+    assert preview.change(module, prompts, cells) == pytest.approx(expected, rel=1e-12)
+
+
+class Metrics:
+    """A logger that records what it is given."""
+
+    def __init__(self) -> None:
+        self.logged: list[tuple[dict, int]] = []
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        self.logged.append((metrics, step))
+
+
+def test_a_grid_is_written_logged_and_described_in_one_line(module, tmp_path, caplog):
+    validation = ValidationLoss()
+    validation.scores = {0: 0.25, 4: 0.125}
+    metrics = Metrics()
+    run = SimpleNamespace(global_step=4, is_global_zero=True, max_steps=0, datamodule=None,
+                          loggers=[metrics], callbacks=[validation])  # fmt: skip
+    preview = PreviewImages(str(tmp_path / "images"), prompts=["a green star"], multipliers=[0.0, 1.0], steps=1,
+                            min_change=1000.0)  # fmt: skip
+    caplog.set_level(logging.INFO, logger="hyperlit.callbacks.preview")
+    preview._preview(run, module)
+    path = tmp_path / "images" / "hn-4.png"
+    assert preview.written == [path] and Image.open(path).format == "PNG"
+    change = preview.changes[4]
+    assert metrics.logged == [({"preview/change": change}, 4)]
+    val = val_text(0.125, 0.25)
+    lines = [r.getMessage() for r in caplog.records if r.name == "hyperlit.callbacks.preview"]
+    assert re.fullmatch(
+        re.escape(f"preview: grid {path} in ") + r"\d+\.\d s" + re.escape(f"; change {change:.2f} of 255 "
+                                                                         f"(multiplier 0 vs 1), {val}"),
+        lines[0],
+    ), lines  # fmt: skip
+    # the warning (min_change far above any change) names the same validation line
+    assert preview.warned and val in lines[1]
+    # the step is remembered: the same step's batch draws no second grid
+    preview.on_train_batch_start(run, module, {}, 0)
+    assert preview.written == [path]
