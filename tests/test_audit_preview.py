@@ -19,6 +19,7 @@ from hyperlit.callbacks.preview import PreviewImages
 from hyperlit.callbacks.validation import ValidationLoss
 from hyperlit.hypernetwork import Hypernetwork, HypernetworkConfig
 from hyperlit.models import FAMILIES, load_components
+from hyperlit.sampling import SampleSettings
 from hyperlit.tasks.hypernetwork.module import HypernetworkTask
 
 TINY_WIDTHS = [*FAMILIES["tiny"].attention_widths, FAMILIES["tiny"].context_dim]
@@ -176,3 +177,44 @@ def test_a_grid_is_written_logged_and_described_in_one_line(module, tmp_path, ca
     # the step is remembered: the same step's batch draws no second grid
     preview.on_train_batch_start(run, module, {}, 0)
     assert preview.written == [path]
+
+
+SIZE_ADVICE = "is not allowed; use a positive multiple of 8"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"every": -1}, "callbacks.preview.every: -1 is not allowed; use 0 (off) or more"),
+        ({"every": True}, "callbacks.preview.every: True is not allowed; use 0 (off) or more"),
+        ({"every": 2.0}, "callbacks.preview.every: 2.0 is not allowed; use 0 (off) or more"),
+        ({"steps": 0}, "callbacks.preview.steps: 0 is not allowed; use 1 or more"),
+        ({"steps": True}, "callbacks.preview.steps: True is not allowed; use 1 or more"),
+        ({"steps": 1.5}, "callbacks.preview.steps: 1.5 is not allowed; use 1 or more"),
+        ({"multipliers": [0, True]},
+         "callbacks.preview.multipliers: [0, True] is not allowed; use a non-empty list of numbers"),
+        ({"multipliers": []}, "callbacks.preview.multipliers: [] is not allowed; use a non-empty list of numbers"),
+        ({"min_change": -0.5},
+         "callbacks.preview.min_change: -0.5 is not allowed; use a number >= 0 or null (no check)"),
+        ({"min_change": True},
+         "callbacks.preview.min_change: True is not allowed; use a number >= 0 or null (no check)"),
+        ({"min_change": "1"},
+         "callbacks.preview.min_change: '1' is not allowed; use a number >= 0 or null (no check)"),
+        ({"resolution": 12}, f"callbacks.preview.resolution: 12 {SIZE_ADVICE}"),
+    ],
+)  # fmt: skip
+def test_bad_options_are_one_line_errors_naming_the_key(tmp_path, kwargs, message):
+    with pytest.raises(ValueError) as error:
+        PreviewImages(str(tmp_path), **kwargs)
+    assert str(error.value) == message
+
+
+def test_defaults_and_edge_values_that_are_allowed(tmp_path):
+    preview = PreviewImages(str(tmp_path))
+    assert (preview.every, preview.steps, preview.multipliers, preview.min_change) == (500, 20, [0.0, 0.5, 1.0], None)
+    assert PreviewImages(str(tmp_path), min_change=0).min_change == 0.0
+    assert PreviewImages(str(tmp_path), min_change=0.5).min_change == 0.5
+    with pytest.raises(ValueError, match=r"^callbacks\.preview\.sampler: 'nope' is not allowed"):
+        PreviewImages(str(tmp_path), sampler="nope")
+    chosen = PreviewImages(str(tmp_path), steps=3, guidance_scale=5.0, sampler="euler", resolution=16)
+    assert chosen.settings(SimpleNamespace(components=None)) == SampleSettings(3, 5.0, "euler", 16, 16)
