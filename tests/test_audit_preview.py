@@ -218,3 +218,15 @@ def test_defaults_and_edge_values_that_are_allowed(tmp_path):
         PreviewImages(str(tmp_path), sampler="nope")
     chosen = PreviewImages(str(tmp_path), steps=3, guidance_scale=5.0, sampler="euler", resolution=16)
     assert chosen.settings(SimpleNamespace(components=None)) == SampleSettings(3, 5.0, "euler", 16, 16)
+
+
+def test_without_a_resolution_the_grid_is_drawn_at_the_models_own_size(tmp_path):
+    """SD 2.x: 768 px for its v-prediction models, 512 px for the epsilon "base" ones (the scheduler's type)."""
+    preview = PreviewImages(str(tmp_path), steps=2)
+    sd2 = FAMILIES["sd21"]
+    sizes = {}
+    for prediction in ("v_prediction", "epsilon"):
+        components = SimpleNamespace(family=sd2, prediction_type=prediction)
+        sizes[prediction] = preview.settings(SimpleNamespace(components=components)).height
+    assert sizes == {"v_prediction": sd2.native_resolution("v_prediction"), "epsilon": 512}
+    assert sizes["v_prediction"] == 768
