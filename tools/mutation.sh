@@ -60,18 +60,18 @@ TESTS[options]="tests/test_train_errors.py tests/test_bad_input_table.py tests/t
   tests/test_vae_config.py tests/test_vae_losses.py tests/test_config_mistakes.py tests/test_audit_options.py
   $TRAIN_SUBPROCESSES"
 SOURCES[components]="hyperlit/models/components.py"
-TESTS[components]="tests/test_models.py tests/test_sdxl_models.py tests/test_guard_sdxl_time_ids.py
+TESTS[components]="tests/test_models.py tests/test_sdxl_models.py tests/test_guard_sdxl_time_ids.py tests/test_audit_components.py
   tests/test_guard_cache_family.py tests/test_data_cache.py"
 SOURCES[clients]="hyperlit/files/clients.py hyperlit/files/comfyui.py"
 TESTS[clients]="tests/test_client_files.py tests/test_comfyui_verdict.py tests/test_export_callback.py
-  tests/test_guard_inspect_clients.py"  # test_client_files.py is all slow: mutmut runs fast tests only
+  tests/test_guard_inspect_clients.py tests/test_audit_clients.py"  # test_client_files.py is all slow: mutmut runs fast tests only
 SOURCES[export]="hyperlit/callbacks/export.py"
 TESTS[export]="tests/test_export_callback.py"
 SOURCES[validation]="hyperlit/callbacks/validation.py hyperlit/data/heldout.py"
 TESTS[validation]="tests/test_validation.py tests/test_data_heldout.py tests/test_guard_sdxl_time_ids.py
   tests/test_audit_validation.py"
 SOURCES[preview]="hyperlit/callbacks/preview.py"
-TESTS[preview]="tests/test_preview_grid.py tests/test_preview_taesd.py"
+TESTS[preview]="tests/test_preview_grid.py tests/test_preview_taesd.py tests/test_audit_preview.py"
 SOURCES[vae_eval]="hyperlit/vae/evaluate.py hyperlit/vae/metrics.py hyperlit/vae/colour.py hyperlit/vae/taesd_read.py
   hyperlit/vae/taesd_eval.py"
 TESTS[vae_eval]="tests/test_vae_eval.py tests/test_eval_vae_taesd.py tests/test_eval_vae_reference.py tests/test_guard_eval_inf_psnr.py tests/test_guard_colour_shift.py
@@ -89,7 +89,8 @@ TESTS[vae_module]="tests/test_vae_task.py tests/test_audit_vae.py tests/test_gua
 SOURCES[kv_inputs]="hyperlit/kv_inputs.py"  # also part of attention; alone it runs in a fraction of the time
 TESTS[kv_inputs]="tests/test_shared_context.py tests/test_audit_attention.py tests/test_attention.py"
 SOURCES[styles]="hyperlit/demo/styles*.py hyperlit/demo/style_*.py"
-TESTS[styles]="tests/test_styles.py tests/test_style_eye_labels.py tests/test_style_looks_exact.py"
+TESTS[styles]="tests/test_styles.py tests/test_style_eye_labels.py tests/test_style_looks_exact.py
+  tests/test_style_judges_exact.py"
 SOURCES[lora]="hyperlit/lora/*.py"
 TESTS[lora]="tests/test_lora.py"
 SOURCES[taesd]="hyperlit/tasks/taesd/*.py"
