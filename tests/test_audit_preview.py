@@ -6,36 +6,24 @@ from __future__ import annotations
 
 import logging
 import re
-from functools import partial
 from types import SimpleNamespace
 
 import pytest
-import torch
+from helpers.preview_task import strong_hypernetwork_task
 from PIL import Image
 
-from hyperlit.attention import attach_hypernetworks
 from hyperlit.callbacks.change import preview_change, val_text
 from hyperlit.callbacks.preview import PreviewImages
 from hyperlit.callbacks.validation import ValidationLoss
-from hyperlit.hypernetwork import Hypernetwork, HypernetworkConfig
-from hyperlit.models import FAMILIES, load_components
+from hyperlit.models import FAMILIES
 from hyperlit.sampling import SampleSettings
 from hyperlit.tasks.hypernetwork.module import HypernetworkTask
-
-TINY_WIDTHS = [*FAMILIES["tiny"].attention_widths, FAMILIES["tiny"].context_dim]
 
 
 @pytest.fixture(scope="module")
 def module() -> HypernetworkTask:
     """The tiny model with a hypernetwork whose weights are large enough to change every image."""
-    components = load_components(family="tiny")
-    hn = Hypernetwork(HypernetworkConfig(layer_structure=[1, 2, 1], activation="relu"), sizes=TINY_WIDTHS, name="hn")
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in hn.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
-    attach_hypernetworks(components.unet, [hn])
-    return HypernetworkTask(hypernetwork=hn, components=components, optimizer=partial(torch.optim.AdamW))
+    return strong_hypernetwork_task()
 
 
 def trainer(step: int = 0, rank_zero: bool = True, max_steps: int = 0, held_out=None) -> SimpleNamespace:

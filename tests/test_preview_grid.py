@@ -2,38 +2,25 @@
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
+from helpers.preview_task import strong_hypernetwork_task
 from PIL import Image, ImageFont
 
-from hyperlit.attention import attach_hypernetworks, hypernetworks_attached
+from hyperlit.attention import hypernetworks_attached
 from hyperlit.callbacks import preview as preview_module
 from hyperlit.callbacks.grid import label_grid, layout_for, wrap
 from hyperlit.callbacks.preview import PreviewImages, grid_caption
-from hyperlit.hypernetwork import Hypernetwork, HypernetworkConfig
-from hyperlit.models import FAMILIES, load_components
 from hyperlit.runner import build_run, fit
 from hyperlit.sampling import make_pipeline, sample_image
-from hyperlit.tasks.hypernetwork.module import HypernetworkTask
-
-TINY_WIDTHS = [*FAMILIES["tiny"].attention_widths, FAMILIES["tiny"].context_dim]
 
 
 @pytest.fixture(scope="module")
 def module():
-    components = load_components(family="tiny")
-    hn = Hypernetwork(HypernetworkConfig(layer_structure=[1, 2, 1], activation="relu"), sizes=TINY_WIDTHS, name="hn")
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in hn.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
-    attach_hypernetworks(components.unet, [hn])
-    return HypernetworkTask(hypernetwork=hn, components=components, optimizer=partial(torch.optim.AdamW))
+    return strong_hypernetwork_task()
 
 
 def pixels(image: Image.Image) -> np.ndarray:
