@@ -71,7 +71,8 @@ SOURCES[validation]="hyperlit/callbacks/validation.py hyperlit/data/heldout.py"
 TESTS[validation]="tests/test_validation.py tests/test_data_heldout.py tests/test_guard_sdxl_time_ids.py
   tests/test_audit_validation.py"
 SOURCES[preview]="hyperlit/callbacks/preview.py"
-TESTS[preview]="tests/test_preview_grid.py tests/test_preview_taesd.py tests/test_audit_preview.py"
+TESTS[preview]="tests/test_preview_grid.py tests/test_preview_taesd.py tests/test_audit_preview.py
+  tests/test_audit_preview_outputs.py"
 SOURCES[vae_eval]="hyperlit/vae/evaluate.py hyperlit/vae/metrics.py hyperlit/vae/colour.py hyperlit/vae/taesd_read.py
   hyperlit/vae/taesd_eval.py"
 TESTS[vae_eval]="tests/test_vae_eval.py tests/test_eval_vae_taesd.py tests/test_eval_vae_reference.py tests/test_guard_eval_inf_psnr.py tests/test_guard_colour_shift.py
