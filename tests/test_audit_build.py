@@ -1,18 +1,26 @@
 """The TAESD task's build at the door, with the config a user would compose: each check's refusal word for word with
 the value and what is allowed, the edge values that are allowed (the largest latent crop, the smallest image
 PatchGAN can take, one latent channel), the options that reach the task config, and the data folder found before
-the teacher is read and handed to the data module."""
+the teacher is read and handed to the data module; the VAE task's reader errors and model defaults; train.lr_auto."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
 import pytest
+import torch
 from helpers.config import compose_config
 from helpers.paths import REPO_ROOT
 from omegaconf import OmegaConf
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
+from hyperlit.callbacks.lr_range import LRAutoOptions
+from hyperlit.models.loader import embedded_tiny_vae
+from hyperlit.tasks.hypernetwork.build import lr_auto_options_of
 from hyperlit.tasks.taesd.build import build, check_factor, check_latent_layout, check_scenes, check_sizes, task_config
+from hyperlit.tasks.vae import build as vae_build  # the module, whose reader is replaced once
+from hyperlit.tasks.vae.build import load_task_vae, read_vae
 from hyperlit.vae.taesd_config import TAESDTaskConfig
 
 
@@ -115,3 +123,51 @@ def test_the_data_folder_is_found_before_the_teacher_and_handed_to_the_data_modu
     parts = build(compose_config("taesd", ["data.path=datasets/sample", "loss.perceptual.weight=0",
                                            "posterior.cache=false"]))  # fmt: skip
     assert (parts.datamodule.path, parts.datamodule.fixed_crops) == (str(REPO_ROOT / "datasets" / "sample"), False)
+
+
+ALLOWED_VAE = "allowed: a diffusers folder or a .safetensors/.ckpt/.pt file"
+
+
+def test_a_vae_file_that_cannot_be_read_is_one_line_with_the_readers_reason(tmp_path, monkeypatch):
+    bad = tmp_path / "vae.safetensors"
+    bad.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
+    with pytest.raises(SafetensorError) as direct:  # what safetensors itself says of the file
+        load_file(bad)
+    reason = str(direct.value).splitlines()[0]
+    with pytest.raises(ValueError) as error:
+        read_vae(bad)
+    assert str(error.value) == (
+        f"model.path={bad}: not a readable VAE or SD checkpoint (SafetensorError: {reason}); {ALLOWED_VAE}"
+    )
+
+    def silent(*_args, **_kwargs):
+        raise EOFError()  # a reader failing without a message
+
+    monkeypatch.setattr(vae_build, "load_vae", silent)
+    with pytest.raises(ValueError) as error:
+        read_vae(bad)
+    assert str(error.value) == f"model.path={bad}: not a readable VAE or SD checkpoint (EOFError: ); {ALLOWED_VAE}"
+
+
+def test_a_model_config_without_tiny_random_or_seed_means_the_pretrained_tiny_base():
+    cfg = compose_config("vae", ["~model.tiny_random", "~model.seed"])
+    vae, source, embedded = load_task_vae(cfg)
+    assert (source, embedded) == ("the embedded tiny base model", True)
+    reference = embedded_tiny_vae(False, 0)
+    assert all(
+        torch.equal(a, b) for a, b in zip(vae.state_dict().values(), reference.state_dict().values(), strict=True)
+    )
+
+
+def test_lr_auto_null_or_left_out_gives_the_range_tests_defaults():
+    """Before: OmegaConf.to_container({}) raised "Input cfg is not an OmegaConf config object", with no key named."""
+    assert lr_auto_options_of(OmegaConf.create({"lr_auto": None})) == LRAutoOptions()
+    assert lr_auto_options_of(OmegaConf.create({})) == LRAutoOptions()
+    chosen = compose_config("train", ["train.learning_rate=auto", "train.lr_auto.count=5", "train.lr_auto.max=0.01"])
+    assert lr_auto_options_of(chosen.train) == LRAutoOptions(max=0.01, count=5)
+    for value, message in (
+        ({"count": "x"}, "train.lr_auto.count: 'x' is not allowed; use a whole number >= 2"),
+        ({"nope": 1}, "train.lr_auto.nope: 'nope' is not allowed; allowed keys: count, max, min, steps_per_rate"),
+        (5, "train.lr_auto: 5 is not allowed; use a mapping of min, max, count, steps_per_rate, or null"),
+    ):
+        assert refusal(lr_auto_options_of, OmegaConf.create({"lr_auto": value})) == message
