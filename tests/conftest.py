@@ -4,7 +4,9 @@ pytest `pythonpath`), and no test module imports this file."""
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +20,20 @@ from hyperlit.models import SDComponents, load_components
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Console handlers that libraries add when imported (Lightning's on the `lightning` logger, diffusers' and
+    transformers' on theirs) hold the sys.stderr of that moment: the first session's capture, which pytest closes at
+    that session's end. A second pytest session in the same process (mutmut runs its stats pass and then its clean
+    run that way, and forks every mutant from that process) then logs into a closed file, and "--- Logging error
+    ---" tracebacks land in the stderr tests read. Such handlers get this session's stderr, as the first had."""
+    for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+        for handler in getattr(logger, "handlers", ()):
+            if type(handler) is logging.StreamHandler and getattr(handler.stream, "closed", False):
+                with handler.lock:  # not setStream(): it flushes the closed file first
+                    handler.stream = sys.stderr
+                handler.__dict__.pop("flush", None)  # diffusers and transformers pin the old stream's flush
 
 
 @pytest.fixture

@@ -71,7 +71,8 @@ SOURCES[validation]="hyperlit/callbacks/validation.py hyperlit/data/heldout.py"
 TESTS[validation]="tests/test_validation.py tests/test_data_heldout.py tests/test_guard_sdxl_time_ids.py
   tests/test_audit_validation.py"
 SOURCES[preview]="hyperlit/callbacks/preview.py"
-TESTS[preview]="tests/test_preview_grid.py tests/test_preview_taesd.py tests/test_audit_preview.py"
+TESTS[preview]="tests/test_preview_grid.py tests/test_preview_taesd.py tests/test_audit_preview.py
+  tests/test_audit_preview_outputs.py"
 SOURCES[vae_eval]="hyperlit/vae/evaluate.py hyperlit/vae/metrics.py hyperlit/vae/colour.py hyperlit/vae/taesd_read.py
   hyperlit/vae/taesd_eval.py"
 TESTS[vae_eval]="tests/test_vae_eval.py tests/test_eval_vae_taesd.py tests/test_eval_vae_reference.py tests/test_guard_eval_inf_psnr.py tests/test_guard_colour_shift.py
@@ -82,7 +83,8 @@ SOURCES[fp16_fix]="hyperlit/vae/fp16_fix.py"
 TESTS[fp16_fix]="tests/test_vae_fp16_fix.py tests/test_guard_train_options.py tests/test_audit_fp16_fix.py"
 SOURCES[build]="hyperlit/tasks/hypernetwork/build.py hyperlit/tasks/vae/build.py hyperlit/tasks/taesd/build.py"
 TESTS[build]="tests/test_task.py tests/test_train_errors.py tests/test_guard_train_options.py tests/test_vae_config.py
-  tests/test_bad_input_table.py tests/test_taesd_errors.py tests/test_configs.py $TRAIN_SUBPROCESSES"
+  tests/test_bad_input_table.py tests/test_taesd_errors.py tests/test_configs.py tests/test_audit_build.py
+  $TRAIN_SUBPROCESSES"
 SOURCES[vae_module]="hyperlit/tasks/vae/module.py"
 TESTS[vae_module]="tests/test_vae_task.py tests/test_audit_vae.py tests/test_guard_vae_sampling.py
   tests/test_guard_train_options.py"
