@@ -96,7 +96,7 @@ TESTS[styles]="tests/test_styles.py tests/test_style_eye_labels.py tests/test_st
 SOURCES[lora]="hyperlit/lora/*.py"
 TESTS[lora]="tests/test_lora.py"
 SOURCES[taesd]="hyperlit/tasks/taesd/*.py"
-TESTS[taesd]="tests/test_taesd_task.py tests/test_taesd_errors.py tests/test_taesd_layout.py"
+TESTS[taesd]="tests/test_taesd_task.py tests/test_taesd_errors.py tests/test_taesd_layout.py tests/test_taesd_scenes.py"
 
 usage() { echo "usage: $0 MODULE [MAX_CHILDREN] | list; modules: ${!SOURCES[*]}" >&2; exit 2; }
 [[ $# -ge 1 ]] || usage

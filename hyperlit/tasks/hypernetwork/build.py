@@ -106,12 +106,13 @@ def model_kwargs(model_cfg: DictConfig) -> dict[str, Any]:
 
 def lr_auto_options_of(train: DictConfig) -> LRAutoOptions:
     """``train.lr_auto`` for learning_rate=auto; an A1111 schedule string keeps its own rates (auto is one rate)."""
-    node = train.get("lr_auto")  # null or left out: the range test's defaults
-    if node is None:
-        node = {}
-    if not isinstance(node, DictConfig | dict):
+    node = train.get("lr_auto")
+    if node is None:  # null or left out: the range test's defaults
+        fields = {}
+    elif isinstance(node, DictConfig):  # a mapping inside a DictConfig is always one
+        fields = OmegaConf.to_container(node, resolve=True)
+    else:
         raise not_allowed("train.lr_auto", node, "use a mapping of min, max, count, steps_per_rate, or null")
-    fields = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
     return build_options(LRAutoOptions, fields, "train.lr_auto.")
 
 
