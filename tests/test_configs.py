@@ -102,14 +102,14 @@ def test_unknown_hypernet_key_is_named():
 
 def test_demo_recipe_applies_to_the_embedded_demo_only():
     """conf/recipe/sample_tiny.yaml sets the demo's measured recipe (batch 6, 2e-3 x 2000, no dropout) for data=sample x
-    model=tiny only; the rest is the family's, and a user's folder gets the family's 3e-3 x 2500 with dropout 0.3."""
+    model=tiny only; the rest is the family's, and a user's folder gets the family's 3e-3 x 2500 with dropout 0.5."""
     demo = compose_config("train", [])
     assert (demo.train.learning_rate, demo.train.max_steps, demo.data.tag_dropout) == (2e-3, 2000, 0.1)
     assert demo.train.min_timestep == 250 and demo.data.batch_size == 6
     assert demo.callbacks.ema.enabled and demo.callbacks.ema.decay == 0.99 and demo.hypernet.dropout_structure is None
     folder = compose_config("train", ["data=folder", "data.path=/d"])  # a user's folder on the tiny base
     assert (folder.train.learning_rate, folder.train.max_steps, folder.data.batch_size) == (3e-3, 2500, 4)
-    assert folder.callbacks.ema.decay == 0.99 and folder.hypernet.dropout_structure == 0.3
+    assert folder.callbacks.ema.decay == 0.99 and folder.hypernet.dropout_structure == 0.5
     real = compose_config("train", ["model=sd15", "model.path=/m.safetensors", "data=folder", "data.path=/d"])
     assert (real.train.learning_rate, real.train.max_steps, real.data.tag_dropout) == (5e-5, 3000, 0.0)
     assert real.train.min_timestep == 0 and real.data.batch_size == 1  # A1111: every timestep, one image a step

@@ -205,7 +205,7 @@ def test_two_processes_on_webdataset_shards(tmp_path):
     # Finite shards, no resampling: split by node, every sample exactly once per epoch across the two ranks
     # (16 samples in 4 shards, 2 shards per rank, batch 2: 4 steps per epoch; 8 steps = 2 epochs).
     _assert_each_sample_once_per_epoch(_probes(tmp_path), epochs=2, steps_per_epoch=4)
-    # rank 0 alone writes, and only the final files: with the tiny family's dropout (0.3) the ComfyUI inference copy too
+    # rank 0 alone writes, and only the final files: with the tiny family's dropout (0.5) the ComfyUI inference copy too
     assert sorted(p.name for p in (out / "hypernetworks").iterdir()) == [
         "linear_121.comfyui.pt",
         "linear_121.hyperlit.safetensors",
