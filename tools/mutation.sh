@@ -73,8 +73,8 @@ TESTS[validation]="tests/test_validation.py tests/test_data_heldout.py tests/tes
 SOURCES[preview]="hyperlit/callbacks/preview.py"
 TESTS[preview]="tests/test_preview_grid.py tests/test_preview_taesd.py tests/test_audit_preview.py
   tests/test_audit_preview_outputs.py"
-SOURCES[vae_eval]="hyperlit/vae/evaluate.py hyperlit/vae/metrics.py hyperlit/vae/colour.py hyperlit/vae/taesd_read.py
-  hyperlit/vae/taesd_eval.py"
+# colour.py is scored alone as vae_colour (below): not mutated again here.
+SOURCES[vae_eval]="hyperlit/vae/evaluate.py hyperlit/vae/metrics.py hyperlit/vae/taesd_read.py hyperlit/vae/taesd_eval.py"
 TESTS[vae_eval]="tests/test_vae_eval.py tests/test_eval_vae_taesd.py tests/test_eval_vae_reference.py tests/test_guard_eval_inf_psnr.py tests/test_guard_colour_shift.py
   tests/test_guard_rfid_models.py tests/test_guard_colour_stats.py"
 SOURCES[vae_colour]="hyperlit/vae/colour.py"  # the small part of vae_eval, scored alone on a busy machine
@@ -84,7 +84,9 @@ TESTS[fp16_fix]="tests/test_vae_fp16_fix.py tests/test_guard_train_options.py te
 SOURCES[build]="hyperlit/tasks/hypernetwork/build.py hyperlit/tasks/vae/build.py hyperlit/tasks/taesd/build.py"
 TESTS[build]="tests/test_task.py tests/test_train_errors.py tests/test_guard_train_options.py tests/test_vae_config.py
   tests/test_bad_input_table.py tests/test_taesd_errors.py tests/test_configs.py tests/test_audit_build.py
-  $TRAIN_SUBPROCESSES"
+  tests/test_taesd_task.py::test_sixteen_channel_vae_trains_end_to_end_from_config
+  tests/test_taesd_task.py::test_the_vae_must_downsample_by_eight
+  $TRAIN_SUBPROCESSES"  # the two taesd tests: the only fast ones that call build()'s load_module
 SOURCES[vae_module]="hyperlit/tasks/vae/module.py"
 TESTS[vae_module]="tests/test_vae_task.py tests/test_audit_vae.py tests/test_guard_vae_sampling.py
   tests/test_guard_train_options.py"
@@ -94,7 +96,10 @@ SOURCES[styles]="hyperlit/demo/styles*.py hyperlit/demo/style_*.py"
 TESTS[styles]="tests/test_styles.py tests/test_style_eye_labels.py tests/test_style_looks_exact.py
   tests/test_style_judges_exact.py"
 SOURCES[lora]="hyperlit/lora/*.py"
-TESTS[lora]="tests/test_lora.py"
+TESTS[lora]="tests/test_lora.py tests/test_generate_lora.py tests/test_learning_proof.py
+  tests/test_style_suite.py::test_lora_converts_each_hypernetwork_and_judges_it_beside tests/test_audit_lora.py"
+# (the fast tests that import hyperlit.lora or run to-lora; learning_proof / style_suite load benchmarks/*.py,
+# which pyproject's also_copy puts beside the mutants)
 SOURCES[taesd]="hyperlit/tasks/taesd/*.py"
 TESTS[taesd]="tests/test_taesd_task.py tests/test_taesd_errors.py tests/test_taesd_layout.py tests/test_taesd_scenes.py"
 
