@@ -333,7 +333,7 @@ def test_export_writes_ema_weights_in_every_format(tmp_path):
         assert f.metadata()[TRAINED_PARTS] == "encoder,decoder"  # eval-vae trusts the folder's encoder
 
 
-def test_sixteen_channel_vae_trains_end_to_end_from_config(tmp_path):
+def test_sixteen_channel_vae_trains_end_to_end_from_config(tmp_path, caplog):
     vae = make_vae(1, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False,
                    scaling_factor=0.3611, shift_factor=0.1159)  # fmt: skip
     save_diffusers_folder(vae, tmp_path / "flux-vae")
@@ -341,11 +341,19 @@ def test_sixteen_channel_vae_trains_end_to_end_from_config(tmp_path):
         "model=sd15", f"model.path={tmp_path}/flux-vae", "vae.latent_channels=16", "vae.use_quant_conv=false",
         "loss.perceptual.weight=0", f"data.path={images(tmp_path)}", "data.resolution=16", "data.num_workers=0",
         "data.batch_size=2", "data.val_count=2", "train.max_steps=2", f"callbacks.export.dirpath={tmp_path}/out",
-        "disc.ndf=8", "disc.n_layers=2",
+        "disc.ndf=8", "disc.n_layers=2", "train.optimizer.lr=0.00123", "seed=7",
     ])  # fmt: skip
     parts = build(cfg)
-    module = parts.load_module()
+    with caplog.at_level("INFO", logger="hyperlit.tasks.taesd.build"):
+        module = parts.load_module()
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("TAESD task: ")]
+    assert line.startswith("TAESD task: distilling the encoder and decoder of ") and f"{tmp_path}/flux-vae" in line
+    checksum = module.teacher_checksum[:12]
+    assert line.endswith(f" into a tiny autoencoder (16 latent channels, teacher checksum {checksum})")
+    assert module.seed == 7
     assert module.latent_channels == 16 and module.shift == pytest.approx(0.1159)
+    optimizer = module.optimizer_factory([torch.zeros(1, requires_grad=True)])  # train.optimizer, not the default
+    assert optimizer.defaults["lr"] == 0.00123 and optimizer.defaults["amsgrad"] is True
     assert module.disc.main[0].in_channels == 3 + 16  # D sees the 16 latent channels beside the image
     callbacks = [instantiate(cfg.callbacks[name]) for name in ("ema", "export")]
     trainer = pl.Trainer(accelerator="cpu", max_epochs=-1, logger=False, enable_checkpointing=False,
@@ -363,8 +371,12 @@ def test_the_vae_must_downsample_by_eight(tmp_path):
                    up_block_types=["UpDecoderBlock2D"] * 2)  # fmt: skip
     save_diffusers_folder(vae, tmp_path / "vae")
     cfg = compose_config("taesd", ["model=sd15", f"model.path={tmp_path}/vae", "loss.perceptual.weight=0"])
-    with pytest.raises(ValueError, match="downsamples by 2, but TAESD's layout downsamples by 8"):
+    with pytest.raises(ValueError) as refused:
         build(cfg).load_module()
+    assert str(refused.value).startswith("the VAE from ") and str(tmp_path / "vae") in str(refused.value)  # names it
+    assert str(refused.value).endswith(
+        " downsamples by 2, but TAESD's layout downsamples by 8; use an SD-family VAE (4 levels)"
+    )
 
 
 def test_ddp_overrides_for_separate_g_and_d_backward():
