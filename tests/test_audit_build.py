@@ -159,6 +159,15 @@ def test_a_model_config_without_tiny_random_or_seed_means_the_pretrained_tiny_ba
     )
 
 
+def test_lr_auto_interpolations_resolve_against_the_run_config():
+    """A sweep written with interpolations gets the values they point to, not the `${...}` text (which the options
+    would refuse as not a number)."""
+    run = OmegaConf.create({"train": {"max_steps": 30, "lr_auto": {"steps_per_rate": "${train.max_steps}"}}})
+    assert lr_auto_options_of(run.train) == LRAutoOptions(steps_per_rate=30)
+    run = OmegaConf.create({"top": 0.02, "train": {"lr_auto": {"max": "${top}", "count": 3}}})
+    assert lr_auto_options_of(run.train) == LRAutoOptions(max=0.02, count=3)
+
+
 def test_lr_auto_null_or_left_out_gives_the_range_tests_defaults():
     """Before: OmegaConf.to_container({}) raised "Input cfg is not an OmegaConf config object", with no key named."""
     assert lr_auto_options_of(OmegaConf.create({"lr_auto": None})) == LRAutoOptions()
