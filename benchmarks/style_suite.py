@@ -77,6 +77,7 @@ class StyleResult:
     samples: int  # per multiplier
     train_seconds: float
     goal_met: bool
+    known_limit: str = ""  # Style.known_limit: why a miss is expected on the tiny base ("" = a miss is not)
     # with --lora: the hypernetwork converted by `hyperlit to-lora` (defaults), judged on the same prompts and seeds
     lora_style_1: float | None = None
     lora_adherence_1: float | None = None
@@ -131,7 +132,7 @@ def run_style(style: Style, work: Path, args: argparse.Namespace) -> tuple[Style
     adherence = {m: score(images[m], targets).adherence for m in MULTIPLIERS}
     met = goal_met(share[0.0], share[1.0], adherence[1.0])
     result = StyleResult(style.name, style.kind, vae_share, vae_psnr, share[0.0], share[1.0], adherence[0.0],
-                         adherence[1.0], len(targets), seconds, met)  # fmt: skip
+                         adherence[1.0], len(targets), seconds, met, style.known_limit)  # fmt: skip
     if args.lora:
         result = with_lora(result, style, hypernetwork, data, work, targets, seed_list, args)
     columns = len(HELD_OUT) * GRID_SEEDS
@@ -162,6 +163,29 @@ def with_lora(
     )
 
 
+def verdict(result: StyleResult) -> str:
+    """The goal column: met, or NOT met with the style's known limit when it has one."""
+    if result.goal_met:
+        return "met"
+    return f"NOT met (known limit: {result.known_limit})" if result.known_limit else "NOT met"
+
+
+def summary(results: list[StyleResult]) -> str:
+    """One line: how many styles met the goal, and which misses were expected (known limits) and which not."""
+    met = [r.style for r in results if r.goal_met]
+    expected = [r.style for r in results if not r.goal_met and r.known_limit]
+    unexpected = [r.style for r in results if not r.goal_met and not r.known_limit]
+    line = (f"goal (style <= {GOAL_BASE_STYLE} -> >= {GOAL_STYLE}, adherence >= {GOAL_ADHERENCE}) met on "
+            f"{len(met)} of {len(results)} styles")  # fmt: skip
+    if expected:
+        line += f"; known limits: {', '.join(expected)}"
+    if unexpected:
+        line += f"; missed without a known limit: {', '.join(unexpected)}"
+    elif expected:
+        line += f"; met on every style without a known limit ({len(met)} of {len(met)})"
+    return line
+
+
 def table(results: list[StyleResult]) -> str:
     """The results as a markdown table (with the LoRA's columns when it was judged)."""
     loras = any(r.lora_style_1 is not None for r in results)
@@ -175,7 +199,7 @@ def table(results: list[StyleResult]) -> str:
         lines.append(
             f"| {r.style} | {r.kind} | {r.vae_share:.2f} | {r.vae_psnr:.1f} dB | {r.style_0:.2f} | {r.style_1:.2f} | "
             f"{r.adherence_0:.2f} | {r.adherence_1:.2f} | {r.train_seconds:.0f} s | "
-            f"{'met' if r.goal_met else 'NOT met'} |"
+            f"{verdict(r)} |"
         )
         if loras and r.lora_style_1 is not None:
             lines[-1] += (f" {r.lora_style_1:.2f} | {r.lora_adherence_1:.2f} | {r.lora_ranks} | "
@@ -233,10 +257,7 @@ def header(args: argparse.Namespace) -> str:
 
 def report(args: argparse.Namespace, results: list[StyleResult]) -> str:
     """Write the table so far as markdown and JSON into --out; the markdown."""
-    met = sum(r.goal_met for r in results)
-    summary = (f"goal (style <= {GOAL_BASE_STYLE} -> >= {GOAL_STYLE}, adherence >= {GOAL_ADHERENCE}) met on {met} "
-               f"of {len(results)} styles")  # fmt: skip
-    text = f"{header(args)}\n\n{table(results)}\n\n{summary}\n"
+    text = f"{header(args)}\n\n{table(results)}\n\n{summary(results)}\n"
     atomic_write_text(args.out / "style_suite.md", text)
     payload = {"command": header(args), "extra": args.extra, "results": [asdict(r) for r in results]}
     atomic_write_text(args.out / "style_suite.json", json.dumps(payload, indent=2) + "\n")

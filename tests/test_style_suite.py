@@ -38,6 +38,23 @@ def test_goal_is_the_issues():
     assert not goal(0.0, 0.9, 0.69)
 
 
+def test_the_summary_tells_expected_misses_from_unexpected_ones():
+    ss = suite()
+
+    def row(style: str, met: bool, limit: str = ""):  # noqa: ANN202
+        return ss.StyleResult(style, "kind", 1.0, 30.0, 0.0, 0.9 if met else 0.1, 1.0, 0.9, 64, 1.0, met, limit)
+
+    head = "goal (style <= 0.2 -> >= 0.7, adherence >= 0.7) met on"
+    assert ss.summary([row("a", True), row("b", True)]) == f"{head} 2 of 2 styles"
+    only_limits = ss.summary([row("a", True), row("b", False, "the VAE erases it"), row("c", False, "K/V")])
+    assert only_limits == f"{head} 1 of 3 styles; known limits: b, c; met on every style without a known limit (1 of 1)"
+    mixed = ss.summary([row("a", False), row("b", False, "the VAE erases it"), row("c", True, "K/V")])
+    assert mixed == f"{head} 1 of 3 styles; known limits: b; missed without a known limit: a"
+    assert ss.verdict(row("c", True, "K/V")) == "met"  # a known limit that was beaten is just met
+    assert ss.verdict(row("b", False, "the VAE erases it")) == "NOT met (known limit: the VAE erases it)"
+    assert ss.verdict(row("a", False)) == "NOT met"
+
+
 def fake_generation(styled: bool):  # noqa: ANN201
     """Stands in for sampling: the base draws the prompt plainly at 0; at 1 in the style (or plainly again)."""
 
@@ -80,11 +97,19 @@ def test_the_suite_judges_each_style_and_writes_table_json_and_grids(monkeypatch
     )
     assert "| vignette | vignette | 1.00 |" in text and scores in text  # VAE share, then style/adherence 0 -> 1
     assert f"goal (style <= 0.2 -> >= 0.7, adherence >= 0.7) met on {2 if styled else 0} of 2 styles" in text
+    # a miss names the style's known limit when it has one (the stripes), and the summary tells the two kinds apart
+    stripes = next(line for line in text.splitlines() if line.startswith("| diagonal_stripes |"))
+    assert stripes.endswith(
+        "| met |" if styled else f"| NOT met (known limit: {STYLES['diagonal_stripes'].known_limit}) |"
+    )
+    assert ("; missed without a known limit: vignette" in text) != styled
+    assert ("known limits: diagonal_stripes" in text) != styled
     assert "logger=csv train.max_steps=5; 8 samples per multiplier (4 held-out prompts x 2 seeds" in text
     assert text.strip() in capsys.readouterr().out
     payload = json.loads((out / "style_suite.json").read_text())
     assert [r["style"] for r in payload["results"]] == ["vignette", "diagonal_stripes"]
     assert payload["results"][0]["goal_met"] == styled and payload["extra"] == ["train.max_steps=5"]
+    assert [r["known_limit"] for r in payload["results"]] == ["", STYLES["diagonal_stripes"].known_limit]
     # the grid: training images, then 4 prompts x 2 seeds at multiplier 0 and at 1
     sheet = Image.open(out / "vignette.png")
     assert sheet.size == (8 * 64, 3 * 64)
