@@ -655,6 +655,16 @@ def test_a_good_file_is_checked_from_its_header_and_named_by_its_hash(tmp_path):
             "changes self-attention layers of widths [32, 64, 320], but model tiny's are [32, 64]; it was made for "
             "another model",
         ),
+        (  # diffusers 0.17-0.20's attention-processor layout
+            "unet.mid_block.attentions.0.transformer_blocks.0.attn2.processor.to_v_lora.down.weight",
+            1024,
+            "changes cross-attention layers reading a text context of width [48, 1024], but model tiny's is 48",
+        ),
+        (  # diffusers 0.21-0.25's LoRA-compatible linear layout
+            "unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_k.lora.down.weight",
+            640,
+            "changes self-attention layers of widths [32, 64, 640], but model tiny's are [32, 64]",
+        ),
     ],
 )
 def test_a_file_for_other_widths_is_refused_naming_them(tmp_path, key, width, message):
@@ -671,6 +681,22 @@ def test_widths_of_up_matrices_and_other_modules_are_not_checked(tmp_path):
     }
     assert len(check(tmp_path, keys)) == 1
     assert len(check(tmp_path, {**GOOD_KEYS, "lora_unet_x_attn1_to_k.lora_down.weight.alpha": (2, 9)})) == 1
+
+
+@pytest.mark.parametrize(
+    "down",
+    [
+        "unet.mid_block.attentions.0.transformer_blocks.0.attn2.processor.to_k_lora.down.weight",
+        "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_k.lora.down.weight",
+        "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_k.lora_A.weight",
+        "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight",
+    ],
+)
+def test_every_layout_diffusers_loads_is_a_lora_and_has_its_widths_checked(tmp_path, down):
+    """Each layout alone (no other key to lean on) passes at the model's widths and is refused at others."""
+    assert len(check(tmp_path, {down: (2, 48)})) == 1
+    with pytest.raises(ValueError, match=r"text context of width \[768\], but model tiny's is 48"):
+        check(tmp_path, {down: (2, 768)})
 
 
 def test_files_that_are_not_loras_are_refused_by_name(tmp_path):
@@ -719,9 +745,10 @@ def test_lora_hashes_name_each_file_once_without_colons_and_commas():
 class StandInPipe:
     """Records what `loras_applied` asks of diffusers' pipeline."""
 
-    def __init__(self, refuse: Exception | None = None) -> None:
+    def __init__(self, refuse: Exception | None = None, empty: bool = False) -> None:
         self.calls: list[tuple] = []
         self.refuse = refuse
+        self.empty = empty  # the second file loads without error but holds nothing diffusers places
 
     def load_lora_weights(self, folder: str, weight_name: str, adapter_name: str) -> None:
         self.calls.append(("load", folder, weight_name, adapter_name))
@@ -730,6 +757,11 @@ class StandInPipe:
 
     def set_adapters(self, names: list[str], weights: list[float]) -> None:
         self.calls.append(("set", names, weights))
+
+    def get_list_adapters(self) -> dict[str, list[str]]:
+        """diffusers' answer: the adapters each component holds (a file it took nothing from adds none)."""
+        loaded = [c[3] for c in self.calls if c[0] == "load" and not (self.empty and c[3] == "lora_1")]
+        return {"unet": loaded, "text_encoder": loaded[:1]}
 
     def unload_lora_weights(self) -> None:
         self.calls.append(("unload",))
@@ -780,6 +812,21 @@ def test_a_file_diffusers_refuses_is_one_line_naming_the_tag_and_the_first_line_
         pass
     assert (
         str(caught.value) == f"<lora:b:c>: diffusers' load_lora_weights refused {tmp_path / 'b.safetensors'}: {reason}"
+    )
+    assert pipe.calls[-1] == ("unload",) and not any(c[0] == "set" for c in pipe.calls)
+
+
+def test_a_file_diffusers_takes_nothing_from_is_one_line_and_everything_is_unloaded(tmp_path):
+    loras = [
+        TaggedLora("a", tmp_path / "a.safetensors", 1.0, "h"),
+        TaggedLora("b", tmp_path / "b.safetensors", 1.0, "i"),
+    ]
+    pipe = StandInPipe(empty=True)
+    with pytest.raises(ValueError) as caught, loras_applied(pipe, loras):
+        pass
+    assert str(caught.value) == (
+        f"<lora:b>: diffusers' load_lora_weights found no layer of this model's UNet or text encoders named in "
+        f"{tmp_path / 'b.safetensors'} (keys must start with unet. / text_encoder. or be kohya's lora_unet_ / lora_te_)"
     )
     assert pipe.calls[-1] == ("unload",) and not any(c[0] == "set" for c in pipe.calls)
 

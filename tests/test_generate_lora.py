@@ -139,6 +139,60 @@ def test_a_file_diffusers_refuses_is_one_error_and_leaves_the_unet_clean(tiny, d
     assert not (tmp_path / "o").exists()
 
 
+def attention_kv_lora(tiny, layout: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Rank-2 changes of every attention layer's to_k / to_v, the same numbers in PEFT's layout (`unet.X.to_k.lora_A`)
+    or in the attention-processor layout of diffusers 0.17-0.20 (`unet.X.processor.to_k_lora.down`); `bare`: that
+    layout without the `unet.` prefix, as diffusers' first scripts wrote it (its loader no longer places those)."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, module in tiny.unet.named_modules():
+        if not name.endswith((".attn1", ".attn2")):
+            continue
+        for proj in ("to_k", "to_v"):
+            linear = getattr(module, proj)
+            down = torch.randn(2, linear.in_features, generator=generator) * 0.3
+            up = torch.randn(linear.out_features, 2, generator=generator) * 0.3
+            if layout == "peft":
+                tensors |= {f"unet.{name}.{proj}.lora_A.weight": down, f"unet.{name}.{proj}.lora_B.weight": up}
+            else:
+                prefix = "" if layout == "bare" else "unet."
+                tensors |= {
+                    f"{prefix}{name}.processor.{proj}_lora.down.weight": down,
+                    f"{prefix}{name}.processor.{proj}_lora.up.weight": up,
+                }
+    return tensors
+
+
+def test_loras_in_diffusers_attention_processor_layout_are_read_as_its_loader_reads_them(tiny, dirs, tmp_path) -> None:
+    """A LoRA from diffusers 0.17-0.20 (attention-processor keys) is checked and applied like the same
+    numbers in PEFT's layout: the same image, unlike the base's; its widths are checked too."""
+    hn_dir, _ = dirs
+    save_file(attention_kv_lora(tiny, "peft"), tmp_path / "peft.safetensors")
+    save_file(attention_kv_lora(tiny, "processor"), tmp_path / "processor.safetensors")
+
+    def image(prompt: str, out: str) -> np.ndarray:
+        options = gen.GenerateOptions(
+            prompt=prompt, out=tmp_path / out, hypernetwork_dir=hn_dir, lora_dir=tmp_path, steps=3, n=1
+        )
+        (path,) = gen.run(gen.plan(options), tiny)
+        return np.asarray(Image.open(path).convert("RGB")).astype(int)
+
+    peft = image("a red circle <lora:peft>", "p")
+    assert np.array_equal(image("a red circle <lora:processor>", "o"), peft)
+    assert np.abs(peft - image("a red circle", "b")).max() > 10
+    # a file diffusers' loader takes nothing from: one line, not a silent no-op or set_adapters' own error
+    save_file(attention_kv_lora(tiny, "bare"), tmp_path / "bare.safetensors")
+    with pytest.raises(ValueError, match=r"^<lora:bare>: diffusers' load_lora_weights found no layer of this model"):
+        image("a red circle <lora:bare>", "n")
+    assert not (tmp_path / "n").exists()
+    layer = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.processor.to_k_lora"
+    wrong = {f"{layer}.down.weight": torch.zeros(2, 768), f"{layer}.up.weight": torch.zeros(32, 2)}
+    save_file(wrong, tmp_path / "sd15_processor.safetensors")
+    options = gen.GenerateOptions(prompt="<lora:sd15_processor>", out=tmp_path / "x", lora_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"reading a text context of width \[768\], but model tiny's is 48"):
+        gen.plan(options)
+
+
 @pytest.fixture
 def no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(**_: object) -> None:

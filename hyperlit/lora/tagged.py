@@ -25,10 +25,13 @@ __all__ = ["TaggedLora", "available_loras", "check_tagged_loras", "lora_hashes",
 
 EXTENSION = ".safetensors"  # diffusers reads these without unpickling anything
 SHORT_HASH = 12  # hex digits of A1111's LoRA short hash
-# The down (input-side) matrix of a LoRA module in kohya's, PEFT's and diffusers' older layouts: shape r x in.
-_DOWN = re.compile(r"\.(lora_down|lora_A|lora\.down)\.weight$")
+# The down (input-side) matrix of a LoRA module, shape r x in, as each layout diffusers' loader reads names it:
+# kohya `X.lora_down.weight`, PEFT `X.lora_A.weight`, diffusers 0.21-0.25 `X.lora.down.weight`, and the attention
+# processors of diffusers before 0.21 (its first LoRA training scripts) `attn1.processor.to_k_lora.down.weight`.
+_DOWN_SUFFIX = r"(?:\.lora_down|\.lora_A|\.lora\.down|_lora\.down)\.weight$"
+_DOWN = re.compile(_DOWN_SUFFIX)
 # to_k / to_v of the UNet's self- (attn1) and cross-attention (attn2) layers, in kohya's `_` and diffusers' `.` names.
-_ATTENTION = re.compile(r"(attn[12])[._](?:processor[._])?to_[kv](?:_lora)?\.(lora_down|lora_A|lora\.down)\.weight$")
+_ATTENTION = re.compile(r"(attn[12])[._](?:processor[._])?to_[kv]" + _DOWN_SUFFIX)
 _BLOCK = 1 << 20
 
 
@@ -136,6 +139,14 @@ def loras_applied(pipe, loras: Sequence[TaggedLora]) -> Iterator[None]:
                 raise ValueError(
                     f"<lora:{lora.name}>: diffusers' load_lora_weights refused {lora.path}: {reason}"
                 ) from None
+            # diffusers skips keys it cannot place without a word (e.g. its first scripts' files, whose keys lack
+            # the `unet.` prefix): a file it took nothing from would otherwise change nothing, silently
+            if adapter not in {name for names in pipe.get_list_adapters().values() for name in names}:
+                raise ValueError(
+                    f"<lora:{lora.name}>: diffusers' load_lora_weights found no layer of this model's UNet or text "
+                    f"encoders named in {lora.path} (keys must start with unet. / text_encoder. or be kohya's "
+                    "lora_unet_ / lora_te_)"
+                )
         pipe.set_adapters(adapters, [lora.multiplier for lora in loras])
         yield
     finally:
