@@ -793,6 +793,14 @@ def test_each_lora_is_its_own_adapter_at_its_multiplier_and_all_are_unloaded(tmp
     assert pipe.calls == []
 
 
+def two_loras(tmp_path: Path, second: str) -> list[TaggedLora]:
+    """Tags `a` and `second` (files a.safetensors, b.safetensors): the second is the one the stand-in refuses."""
+    return [
+        TaggedLora("a", tmp_path / "a.safetensors", 1.0, "h"),
+        TaggedLora(second, tmp_path / "b.safetensors", 1.0, "i"),
+    ]
+
+
 @pytest.mark.parametrize(
     ("error", "reason"),
     [
@@ -803,10 +811,7 @@ def test_each_lora_is_its_own_adapter_at_its_multiplier_and_all_are_unloaded(tmp
     ],
 )
 def test_a_file_diffusers_refuses_is_one_line_naming_the_tag_and_the_first_line_of_the_reason(tmp_path, error, reason):
-    loras = [
-        TaggedLora("a", tmp_path / "a.safetensors", 1.0, "h"),
-        TaggedLora("b:c", tmp_path / "b.safetensors", 1.0, "i"),
-    ]
+    loras = two_loras(tmp_path, "b:c")
     pipe = StandInPipe(refuse=error)
     with pytest.raises(ValueError) as caught, loras_applied(pipe, loras):
         pass
@@ -817,10 +822,7 @@ def test_a_file_diffusers_refuses_is_one_line_naming_the_tag_and_the_first_line_
 
 
 def test_a_file_diffusers_takes_nothing_from_is_one_line_and_everything_is_unloaded(tmp_path):
-    loras = [
-        TaggedLora("a", tmp_path / "a.safetensors", 1.0, "h"),
-        TaggedLora("b", tmp_path / "b.safetensors", 1.0, "i"),
-    ]
+    loras = two_loras(tmp_path, "b")
     pipe = StandInPipe(empty=True)
     with pytest.raises(ValueError) as caught, loras_applied(pipe, loras):
         pass
