@@ -75,7 +75,7 @@ TESTS[preview]="tests/test_preview_grid.py tests/test_preview_taesd.py tests/tes
   tests/test_audit_preview_outputs.py"
 # colour.py is scored alone as vae_colour (below): not mutated again here.
 SOURCES[vae_eval]="hyperlit/vae/evaluate.py hyperlit/vae/metrics.py hyperlit/vae/taesd_read.py hyperlit/vae/taesd_eval.py"
-TESTS[vae_eval]="tests/test_vae_eval.py tests/test_eval_vae_taesd.py tests/test_eval_vae_reference.py tests/test_guard_eval_inf_psnr.py tests/test_guard_colour_shift.py
+TESTS[vae_eval]="tests/test_vae_eval.py tests/test_audit_vae_eval.py tests/test_eval_vae_taesd.py tests/test_eval_vae_reference.py tests/test_guard_eval_inf_psnr.py tests/test_guard_colour_shift.py
   tests/test_guard_rfid_models.py tests/test_guard_colour_stats.py"
 SOURCES[vae_colour]="hyperlit/vae/colour.py"  # the small part of vae_eval, scored alone on a busy machine
 TESTS[vae_colour]="tests/test_guard_colour_shift.py tests/test_guard_colour_stats.py tests/test_vae_eval.py::test_colour_statistics_values"
