@@ -101,7 +101,8 @@ TESTS[lora]="tests/test_lora.py tests/test_generate_lora.py tests/test_learning_
 # (the fast tests that import hyperlit.lora or run to-lora; learning_proof / style_suite load benchmarks/*.py,
 # which pyproject's also_copy puts beside the mutants)
 SOURCES[taesd]="hyperlit/tasks/taesd/*.py"
-TESTS[taesd]="tests/test_taesd_task.py tests/test_taesd_errors.py tests/test_taesd_layout.py tests/test_taesd_scenes.py"
+TESTS[taesd]="tests/test_taesd_task.py tests/test_taesd_errors.py tests/test_taesd_layout.py tests/test_taesd_scenes.py
+  tests/test_taesd_augment.py tests/test_audit_taesd.py tests/test_audit_build.py"  # test_audit_build: build.py's checks
 
 usage() { echo "usage: $0 MODULE [MAX_CHILDREN] | list; modules: ${!SOURCES[*]}" >&2; exit 2; }
 [[ $# -ge 1 ]] || usage

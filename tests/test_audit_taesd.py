@@ -1,0 +1,418 @@
+"""The TAESD task's parts called directly, each against a reference computed another way: the decoder's loss
+gradient and LDM's adaptive weight against autograd through the whole decoder, D's loss and accuracy written out,
+the noise, crops and conditioning rebuilt by hand, the refusals word for word, the checkpoint's contents, and one
+training step on a stand-in trainer (what is skipped, stepped, counted and stopped)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+
+from hyperlit.tasks.taesd.module import TAESDTask, teacher_checksum
+from hyperlit.vae.config import PerceptualConfig, PosteriorConfig
+from hyperlit.vae.frozen import weights_checksum
+from hyperlit.vae.losses import adversarial_factor
+from hyperlit.vae.lpips import LPIPS
+from hyperlit.vae.taesd_config import (
+    DecoderLossConfig,
+    DistillConfig,
+    TAESDDiscConfig,
+    TAESDOptimizerConfig,
+    TAESDTaskConfig,
+)
+
+SCALING, SHIFT = 0.5, 0.25
+
+
+def make_vae(seed: int = 0, channels: int = 4, shift: float | None = SHIFT) -> AutoencoderKL:
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        block_out_channels=[8] * 4, down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4, layers_per_block=1, norm_num_groups=4, latent_channels=channels,
+        scaling_factor=SCALING, shift_factor=shift,
+    )  # fmt: skip
+
+
+def config(
+    *, enc: bool = True, dec: bool = True, perceptual: float = 0.0, sample: bool = True, **kw
+) -> TAESDTaskConfig:
+    disc = {
+        "start": 0,
+        "warmup_steps": 0,
+        "ramp_steps": 0,
+        "ndf": 8,
+        "n_layers": 1,
+        "norm": "none",
+        **kw.pop("disc", {}),
+    }
+    return TAESDTaskConfig(
+        max_steps=kw.pop("max_steps", 5),
+        taesd=DistillConfig(enc, dec, **kw.pop("taesd", {})),
+        loss=DecoderLossConfig(kw.pop("rec", "mse"), kw.pop("rec_weight", 1.0), PerceptualConfig(weight=perceptual)),
+        disc=TAESDDiscConfig(**disc),
+        optimizer=kw.pop("optimizer", TAESDOptimizerConfig()),
+        posterior=PosteriorConfig(cache=False, sample=sample),
+        **kw,
+    )
+
+
+def make_task(cfg: TAESDTaskConfig, vae=None, lpips=None, seed: int = 3) -> TAESDTask:
+    torch.manual_seed(11)
+    return TAESDTask(vae if vae is not None else make_vae(), cfg, lpips, False, None, seed=seed)
+
+
+def pixels(n: int = 2, size: int = 16, seed: int = 0) -> torch.Tensor:
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+# ---------------------------------------------------------------------------------------------------- the parts
+
+
+def test_the_parts_a_task_builds_from_its_config():
+    vae = make_vae().double().train()
+    task = make_task(config(), vae)
+    assert task.vae is vae and not vae.training and next(vae.parameters()).dtype == torch.float32
+    assert not any(p.requires_grad for p in vae.parameters())
+    assert task.teacher_checksum == weights_checksum(vae) == teacher_checksum(vae)
+    assert (task.latent_channels, task.scaling, task.shift) == (4, SCALING, SHIFT)
+    assert make_task(config(), make_vae(shift=None)).shift == 0.0
+    assert not task.automatic_optimization and not task.strict_loading
+    assert (task.step, task.skipped_steps, task.bad_in_a_row, task.diverged, task.seed) == (0, 0, 0, None, 3)
+    trained = {n for n, p in task.named_parameters() if p.requires_grad}
+    assert trained == {f"taesd.{n}" for n, _ in task.taesd.named_parameters()} | {
+        f"disc.{n}" for n, _ in task.disc.named_parameters()
+    }
+    assert task.disc.main[0].in_channels == 3 + 4  # conditional D: the latents beside the image
+    assert task.last_layer is task.taesd.decoder.layers[-1]
+    assert [n for n, _ in task.ema_parameters()] == [f"taesd.{n}" for n, _ in task.taesd.named_parameters()]
+
+    enc_only = make_task(config(dec=False, perceptual=0.1))  # no decoder: no LPIPS needed, no D
+    assert enc_only.disc is None and enc_only.lpips is None and enc_only.adv_factor() == 0.0
+    assert {n for n, p in enc_only.named_parameters() if p.requires_grad} == {
+        f"taesd.encoder.{n}" for n, _ in enc_only.taesd.encoder.named_parameters()
+    }
+    assert [n for n, _ in enc_only.ema_parameters()] == [
+        f"taesd.{n}" for n, _ in enc_only.taesd.named_parameters() if n.startswith("encoder.")
+    ]
+    dec_only = make_task(config(enc=False, disc={"conditional": False}))
+    assert dec_only.disc.main[0].in_channels == 3
+    assert all(not p.requires_grad for p in dec_only.taesd.encoder.parameters())
+    assert make_task(config(disc={"enabled": False})).disc is None
+    lpips = LPIPS(random_backbone=True)
+    assert make_task(config(perceptual=0.2), lpips=lpips).lpips is lpips
+    assert make_task(config(dec=False), lpips=lpips).lpips is None
+    with pytest.raises(ValueError) as error:
+        make_task(config(perceptual=0.2))
+    assert str(error.value) == (
+        "loss.perceptual.weight=0.2 needs an LPIPS model; set loss.perceptual.weights=/path/to/vgg16.pth or "
+        "loss.perceptual.weight=0"
+    )
+    # the default optimizer: Adam, 3e-4, betas (0.9, 0.9)
+    opt = task.optimizer_factory([torch.nn.Parameter(torch.zeros(1))])
+    assert isinstance(opt, torch.optim.Adam)
+    assert (opt.defaults["lr"], opt.defaults["betas"]) == (3e-4, (0.9, 0.9))
+
+
+def test_latents_noise_and_the_teachers_image_rebuilt_by_hand():
+    task = make_task(config(max_steps=50))
+    task.step = 5
+    assert task.draw_seed() == 3 * 1_000_003 + 5 * 131
+    mean, logvar = torch.randn(2, 4, 2, 2), torch.randn(2, 4, 2, 2)
+    noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(3 * 1_000_003 + 5 * 131))
+    want = (mean + (0.5 * logvar).exp() * noise - SHIFT) * SCALING
+    assert torch.allclose(task.sample_latents(mean, logvar), want, atol=1e-6)
+    assert torch.equal(make_task(config(sample=False)).sample_latents(mean, logvar), (mean - SHIFT) * SCALING)
+    z = torch.randn(1, 4, 2, 2)
+    with torch.no_grad():
+        image = task.vae.decode(z / SCALING + SHIFT).sample.clamp(-1, 1)
+    assert torch.allclose(task.teacher_decode(z), image, atol=1e-6)
+    assert float(task.teacher_decode(z * 50).abs().max()) <= 1.0
+
+
+def test_the_latent_window_is_the_same_cells_in_every_tensor_and_covers_every_position():
+    task = make_task(config(taesd={"latent_crop": 2}))
+    h, w = 4, 5
+    cells = torch.arange(h * w, dtype=torch.float32).view(1, 1, h, w)
+    image = cells.repeat_interleave(8, -2).repeat_interleave(8, -1)  # each pixel holds its latent cell's number
+    tops, lefts = set(), set()
+    for step in range(120):
+        task.step = step
+        (px, none), (lat,) = task.crop_window([image, None], [cells])
+        assert none is None and lat.shape[-2:] == (2, 2) and px.shape[-2:] == (16, 16)
+        assert torch.equal(px, lat.repeat_interleave(8, -2).repeat_interleave(8, -1))
+        top, left = divmod(int(lat[0, 0, 0, 0]), w)
+        tops.add(top)
+        lefts.add(left)
+        assert task.crop_window([image], [cells])[1][0].equal(lat)  # the same step: the same window
+    assert tops == {0, 1, 2} and lefts == {0, 1, 2, 3}
+    small = torch.zeros(1, 1, 2, 2)
+    assert task.crop_window([None, small], [small])[1][0] is small  # a crop as large as the latents: untouched
+    wide = torch.arange(8.0).view(1, 1, 2, 4)
+    (wide_px,), (wide_lat,) = task.crop_window([torch.zeros(1, 3, 16, 32)], [wide])
+    assert wide_lat.shape[-2:] == (2, 2) and wide_px.shape[-2:] == (16, 16)  # as high, wider: still cropped
+    assert make_task(config()).crop_window([image], [cells])[1][0] is cells  # no crop set
+
+
+def test_the_conditional_discriminator_input_is_the_image_and_the_upsampled_latents_over_three():
+    task = make_task(config())
+    image, z = torch.randn(2, 3, 16, 16), torch.randn(2, 4, 2, 2)
+    got = task.disc_input(image, z)
+    assert torch.equal(got[:, :3], image)
+    assert torch.allclose(got[:, 3:], z.repeat_interleave(8, -2).repeat_interleave(8, -1) / 3.0)
+    assert make_task(config(disc={"conditional": False})).disc_input(image, z) is image
+
+
+# ---------------------------------------------------------------------------------------------------- the losses
+
+
+def autograd_reference(task: TAESDTask, target, z, factor: float, adaptive: bool, weight: float, cap: float):
+    """The decoder's loss, its gradient at x_hat and LDM's adaptive weight, by autograd through the decoder."""
+    conv = task.last_layer
+    x_hat = task.taesd.decode(z).sample
+    nll = F.mse_loss(x_hat, target) * 2.0
+    lp = None
+    if task.lpips is not None:
+        lp = task.lpips(target, x_hat).mean()  # (detached in the returned figures)
+        nll = nll + 0.3 * lp
+    g = -task.disc(task.disc_input(x_hat, z)).mean()
+    if adaptive:
+        n_rec = torch.autograd.grad(nll, conv.weight, retain_graph=True)[0].norm()
+        n_gan = torch.autograd.grad(g, conv.weight, retain_graph=True)[0].norm()
+        d_weight = (n_rec / (n_gan + 1e-4)).clamp(0, cap) * weight
+    else:
+        d_weight = torch.tensor(weight)
+    total = nll + factor * d_weight.detach() * g
+    grad = torch.autograd.grad(total, x_hat)[0]
+    lp = None if lp is None else lp.detach()
+    return grad, {"nll": nll.detach(), "lpips": lp, "g": g.detach(), "d_weight": d_weight, "total": total.detach()}
+
+
+@pytest.mark.parametrize(
+    ("adaptive", "cap", "step", "factor"),
+    [(True, 1e4, 0, 0.5), (True, 1e-3, 3, 1.0), (False, 1e4, 2, 1.0), (True, 1e4, 0, 0.0)],
+    ids=["adaptive-ramp", "adaptive-capped", "fixed", "before-warmup"],
+)
+def test_decoder_gradient_and_adaptive_weight_equal_autograd_through_the_decoder(adaptive, cap, step, factor):
+    cfg = config(perceptual=0.3, rec_weight=2.0, disc={"warmup_steps": 0, "ramp_steps": 2, "start": 0,
+                 "adaptive": adaptive, "max_adaptive_weight": cap, "weight": 0.7})  # fmt: skip
+    if factor == 0:
+        cfg = config(perceptual=0.3, rec_weight=2.0, disc={"warmup_steps": 1, "weight": 0.7})
+    task = make_task(cfg, lpips=LPIPS(random_backbone=True))
+    task.step = step
+    assert task.adv_factor() == factor == adversarial_factor(step, 0, cfg.disc.warmup_steps, cfg.disc.ramp_steps)
+    z = torch.randn(2, 4, 2, 2, generator=torch.Generator().manual_seed(1))
+    target = pixels(2).clamp(-1, 1)
+    x_hat = task.student_decode(z)
+    grad, logs = task.decoder_output_grad(target, x_hat, z)
+    ref_grad, ref = autograd_reference(task, target, z, factor, adaptive, 0.7, cap)
+    assert torch.allclose(grad, ref_grad, rtol=1e-4, atol=1e-9)
+    assert logs["rec"] == pytest.approx(float(F.mse_loss(x_hat.detach(), target)), rel=1e-5)
+    assert logs["lpips"] == pytest.approx(float(ref["lpips"]), rel=1e-5)
+    assert float(logs["adv_factor"]) == factor
+    if factor == 0:
+        assert "g_loss" not in logs and logs["decoder_total"] == pytest.approx(float(ref["nll"]), rel=1e-5)
+        return
+    assert float(logs["d_weight"]) == pytest.approx(float(ref["d_weight"]), rel=1e-4)
+    assert logs["g_loss"] == pytest.approx(float(ref["g"]), rel=1e-5)
+    assert logs["decoder_total"] == pytest.approx(float(ref["total"]), rel=1e-5)
+    if cap < 1:
+        assert float(logs["d_weight"]) == pytest.approx(cap * 0.7)
+    assert all(p.grad is None for p in task.disc.parameters()) and all(p.requires_grad for p in task.disc.parameters())
+
+
+def test_the_last_layer_gradient_equals_autograd_on_its_weight():
+    task = make_task(config())
+    z = torch.randn(1, 4, 2, 2)
+    out = task.student_decode(z)
+    seed_grad = torch.randn_like(out)
+    want = torch.autograd.grad((out * seed_grad).sum(), task.last_layer.weight)[0]
+    assert torch.allclose(task._last_layer_grad(seed_grad), want, rtol=1e-4, atol=1e-7)
+    assert not task.last_layer._forward_hooks  # the hook that kept the input is gone
+
+
+@pytest.mark.parametrize("kind", ["hinge", "non_saturating"])
+def test_d_loss_and_accuracy_written_out_and_nothing_reaches_the_student(kind):
+    task = make_task(config(disc={"loss": kind}))
+    z = torch.randn(2, 4, 2, 2)
+    target = pixels(2)
+    x_hat = task.taesd.decode(z).sample
+    loss, logs = task.disc_loss(target, x_hat, z)
+    real = task.disc(task.disc_input(target, z)).detach()
+    fake = task.disc(task.disc_input(x_hat.detach(), z)).detach()
+    if kind == "hinge":
+        want = 0.5 * ((1 - real).clamp_min(0).mean() + (1 + fake).clamp_min(0).mean())
+    else:
+        want = 0.5 * (torch.log1p((-real).exp()).mean() + torch.log1p(fake.exp()).mean())
+    acc = 0.5 * ((real > 0).float().mean() + (fake < 0).float().mean())
+    assert float(loss) == pytest.approx(float(want), rel=1e-5) and float(logs["d_loss"]) == float(loss)
+    assert float(logs["d_acc"]) == pytest.approx(float(acc))
+    loss.backward()
+    assert all(p.grad is None for p in task.taesd.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in task.disc.parameters())
+
+
+# ---------------------------------------------------------------------------------------------------- training
+
+
+class StandInTrainer:
+    """What training_step reads of a Trainer; the optimizers and schedule are the task's own."""
+
+    def __init__(self, task: TAESDTask) -> None:
+        self.should_stop = False
+        self.global_rank = 0
+        opts, schedules = task.configure_optimizers()
+        self.opts, self.schedule = opts, schedules[0]
+        self.logged: dict[str, float] = {}
+        task._trainer = self
+        task.optimizers = lambda: self.opts if len(self.opts) > 1 else self.opts[0]
+        task.lr_schedulers = lambda: self.schedule
+        task.manual_backward = lambda loss: loss.backward()
+        task.log_dict = lambda d, **_: self.logged.update({k: float(v) for k, v in d.items()})
+        task.log = lambda k, v, **_: self.logged.__setitem__(k, float(v))
+
+
+def batch(n: int = 2) -> dict:
+    return {"pixels": pixels(n, seed=5)}
+
+
+def test_one_training_step_updates_both_halves_and_d_and_counts_the_step():
+    task = make_task(config(perceptual=0.0, max_steps=2, optimizer=TAESDOptimizerConfig(disc_lr=0.5)))
+    trainer = StandInTrainer(task)
+    assert [g["lr"] for o in trainer.opts for g in o.param_groups] == [3e-4, 0.5]
+    assert {id(p) for p in trainer.opts[0].param_groups[0]["params"]} == {id(p) for p in task.taesd.parameters()}
+    assert {id(p) for p in trainer.opts[1].param_groups[0]["params"]} == {id(p) for p in task.disc.parameters()}
+    before = {n: p.detach().clone() for n, p in task.named_parameters()}
+    teacher = weights_checksum(task.vae)
+    task.training_step(batch(), 0)
+    changed = {n.split(".")[0] + "." + n.split(".")[1] for n, p in task.named_parameters() if not p.equal(before[n])}
+    assert changed == {"taesd.encoder", "taesd.decoder", "disc.main"}
+    assert weights_checksum(task.vae) == teacher
+    assert (task.step, task.bad_in_a_row, task.ema_should_update, trainer.should_stop) == (1, 0, True, False)
+    assert trainer.logged["train/step"] == 1.0 and trainer.logged["train/lr"] == pytest.approx(3e-4)
+    assert trainer.logged["train/loss"] == trainer.logged["train/total"]
+    assert trainer.logged["train/total"] == pytest.approx(
+        trainer.logged["train/encoder_mse"] + trainer.logged["train/decoder_total"], rel=1e-6
+    )
+    assert {"train/d_loss", "train/d_acc", "train/g_loss", "train/d_weight", "train/rec"} <= set(trainer.logged)
+    task.training_step(batch(), 1)
+    assert task.step == 2 and trainer.should_stop  # the last step stops the run
+    trainer.should_stop = False
+    task.training_step(batch(), 2)
+    assert task.step == 2 and trainer.should_stop and not task.ema_should_update  # past max_steps: nothing runs
+
+
+def test_the_encoder_loss_is_the_latent_mse_in_the_unet_scale_times_its_weight():
+    task = make_task(config(dec=False, taesd={"encoder_weight": 2.5}, sample=False))
+    x = pixels(2)
+    with torch.no_grad():
+        mean = task.vae.encode(x).latent_dist.mean
+    surrogate, logs, pair = task.generator_losses(x, mean, (mean - SHIFT) * SCALING)
+    want = F.mse_loss(task.taesd.encode(x).latents, (mean - SHIFT) * SCALING)
+    assert pair is None and float(logs["encoder_mse"]) == pytest.approx(float(want), rel=1e-6)
+    assert float(surrogate) == pytest.approx(2.5 * float(want), rel=1e-6) == float(logs["total"])
+
+
+def test_d_waits_for_its_start_and_the_schedule_steps_per_update():
+    sched = TAESDOptimizerConfig(lr_scheduler="linear", lr_warmup_steps=2)
+    task = make_task(config(max_steps=4, disc={"start": 1}, optimizer=sched))
+    trainer = StandInTrainer(task)
+    d_before = [p.detach().clone() for p in task.disc.parameters()]
+    task.training_step(batch(), 0)
+    assert all(p.equal(b) for p, b in zip(task.disc.parameters(), d_before, strict=True))  # step 0 < start 1
+    assert "train/d_loss" not in trainer.logged and trainer.logged["train/lr"] == 0.0  # warmup's first rate
+    task.training_step(batch(), 1)
+    assert "train/d_loss" in trainer.logged and trainer.logged["train/lr"] == pytest.approx(3e-4 / 2)
+    assert not all(p.equal(b) for p, b in zip(task.disc.parameters(), d_before, strict=True))
+
+
+def test_non_finite_losses_skip_the_update_and_stop_after_max_bad_steps(caplog):
+    task = make_task(config(max_bad_steps=2))
+    trainer = StandInTrainer(task)
+    task.vae.decoder.conv_out.bias.data.fill_(float("nan"))  # the teacher's image is NaN: every loss is
+    before = {n: p.detach().clone() for n, p in task.named_parameters() if p.requires_grad}
+    with caplog.at_level(logging.WARNING):
+        task.training_step(batch(), 0)
+        assert (task.skipped_steps, task.bad_in_a_row, task.diverged, trainer.should_stop) == (1, 1, None, False)
+        task.training_step(batch(), 1)
+    assert all(p.equal(before[n]) for n, p in task.named_parameters() if p.requires_grad)
+    assert task.step == 0 and task.skipped_steps == 2 and trainer.should_stop and not task.ema_should_update
+    assert task.diverged == "2 consecutive steps with a NaN/inf loss (max_bad_steps=2) at step 0"
+    assert "step 0: the generator loss is nan; update skipped (2 in a row)" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------------- validation
+
+
+def test_validation_metrics_equal_their_definitions():
+    task = make_task(config())
+    logged: dict = {}
+    task.log = lambda k, v, **_: logged.__setitem__(k, v)
+    x = pixels(5, seed=9)
+    task.validation_step({"pixels": x}, 0)
+    with torch.no_grad():
+        z = (task.vae.encode(x).latent_dist.mean - SHIFT) * SCALING
+        target = task.vae.decode(z / SCALING + SHIFT).sample.clamp(-1, 1)
+        out = task.taesd.decode(z).sample.clamp(-1, 1)
+        enc = F.mse_loss(task.taesd.encode(x).latents, z)
+    a, b = (target + 1) / 2, (out + 1) / 2
+    assert float(task.val_psnr.compute()) == pytest.approx(float(10 * torch.log10(1 / ((a - b) ** 2).mean())), rel=1e-5)
+    psnr_in = 10 * torch.log10(1 / ((b - (x.clamp(-1, 1) + 1) / 2) ** 2).mean())
+    assert float(task.val_psnr_input.compute()) == pytest.approx(float(psnr_in), rel=1e-5)
+    assert float(task.val_decoder_mse.compute()) == pytest.approx(float(F.mse_loss(out, target)), rel=1e-5)
+    assert float(task.val_encoder_mse.compute()) == pytest.approx(float(enc), rel=1e-5)
+    assert float(logged["val/loss"]) == pytest.approx(float(enc + F.mse_loss(out, target)), rel=1e-5)
+    assert {"val/psnr", "val/ssim", "val/psnr_input", "val/decoder_mse", "val/encoder_mse"} <= set(logged)
+    assert "val/lpips_vgg" not in logged
+    assert torch.allclose(task._panel[0], target[:4]) and torch.allclose(task._panel[1], out[:4], atol=1e-6)
+    task._panel = None
+    task.validation_step({"pixels": x}, 1)
+    assert task._panel is None  # the panel is the first batch's
+    enc_only = make_task(config(dec=False))
+    enc_only.log = lambda k, v, **_: logged.__setitem__(k, v)
+    enc_only.validation_step({"pixels": x}, 0)
+    assert enc_only._panel is None and enc_only.val_psnr.update_count == 0
+
+
+# ---------------------------------------------------------------------------------------------------- checkpoints
+
+
+def test_checkpoints_hold_the_trainable_state_and_refuse_another_teacher_or_a_lost_schedule():
+    task = make_task(config())
+    task.step, task.skipped_steps = 7, 2
+    checkpoint = {"state_dict": dict(task.state_dict()), "lr_schedulers": [{}]}
+    task.on_save_checkpoint(checkpoint)
+    assert checkpoint["state_dict"] and all(k.startswith(("taesd.", "disc.")) for k in checkpoint["state_dict"])
+    assert {k for k in task.state_dict() if k.startswith(("taesd.", "disc."))} == set(checkpoint["state_dict"])
+    assert checkpoint["taesd_task"] == {
+        "step": 7, "skipped_steps": 2, "teacher_checksum": task.teacher_checksum, "latent_channels": 4,
+    }  # fmt: skip
+    fresh = make_task(config())
+    fresh.on_load_checkpoint(checkpoint)
+    assert (fresh.step, fresh.skipped_steps) == (7, 2)
+    old = {"taesd_task": {"teacher_checksum": task.teacher_checksum}}
+    fresh.on_load_checkpoint(old)  # older checkpoints: counters from 0; no schedule needed for a constant rate
+    assert (fresh.step, fresh.skipped_steps) == (0, 0)
+
+    def refusal(t: TAESDTask, ckpt: dict) -> str:
+        with pytest.raises(ValueError) as error:
+            t.on_load_checkpoint(ckpt)
+        return str(error.value)
+
+    assert refusal(fresh, {}) == "ckpt_path: not a checkpoint of the TAESD task (--config-name taesd)"
+    other = make_task(config(), make_vae(seed=1))
+    assert refusal(other, checkpoint) == (
+        f"ckpt_path: the checkpoint distils a different VAE (checksum {task.teacher_checksum[:12]} vs "
+        f"{other.teacher_checksum[:12]}); use the same model.path"
+    )
+    for sched, warmup in (("cosine", 0), ("constant", 1)):
+        scheduled = make_task(config(optimizer=TAESDOptimizerConfig(lr_scheduler=sched, lr_warmup_steps=warmup)))
+        assert refusal(scheduled, old) == (
+            "ckpt_path: the checkpoint holds no learning-rate schedule state (written before train.lr_scheduler "
+            f"existed), so train.lr_scheduler={sched} / train.lr_warmup_steps={warmup} cannot resume where it "
+            "stopped; resume with lr_scheduler=constant and lr_warmup_steps=0"
+        )
+        scheduled.on_load_checkpoint(checkpoint)  # with its schedule's state: resumes
