@@ -127,6 +127,13 @@ def test_the_table_is_every_column_formatted_and_aligned_as_written_out_by_hand(
     assert [line[-9:] for line in format_table([a, b]).splitlines()[2:]] == ["        -", "    41.24"]
 
 
+def test_infinite_and_missing_figures_are_written_in_lower_case():
+    """One exact model has an infinite PSNR; a broken one NaN figures (an fp16 decode that overflowed)."""
+    broken = score("x", float("inf"), float("nan"), ssim=float("nan"), rfid=float("nan"), fp16_psnr=float("nan"))
+    assert format_table([broken]).splitlines()[2].split() == ["x", "inf", "nan", "nan", "nan", "x1.00", "x1.00",
+                                                              "+0.000", "0.000", "nan"]  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------------- --fail-if-worse
 
 
@@ -192,6 +199,15 @@ def test_the_folder_walk_sorted_recursive_limited_and_bad_files_counted(tmp_path
         referenced.protocol()
     )
     assert referenced.targets is referenced.reference
+
+
+def test_bad_files_are_counted_for_the_report_not_logged_as_warnings(tmp_path, caplog):
+    square_png(tmp_path / "a.png", (10, 20, 30))
+    (tmp_path / "broken.png").write_bytes(b"nope")
+    with caplog.at_level(logging.DEBUG):
+        images = load_eval_images(tmp_path, 8)
+    assert images.skips.counts == {"not_an_image": 1}
+    assert [r.levelno for r in caplog.records if "broken.png" in r.getMessage()] == [logging.DEBUG]
 
 
 def test_the_folder_and_resolution_are_refused_with_what_is_allowed(tmp_path):
@@ -506,6 +522,13 @@ def test_load_taesd_reads_each_half_and_keeps_a_fresh_one_where_a_file_is_missin
     assert not from_folder.training and torch.equal(
         from_folder.decoder.layers[-1].weight, model.decoder.layers[-1].weight
     )
+    gone = copy_file(root / "t_decoder.pth", tmp_path / "gone_decoder.pth")
+    source = find_taesd(gone, "--k")
+    gone.unlink()  # replaced after the check at the door: the error still names the key
+    for load in (load_taesd, tiny_reconstruction):
+        with pytest.raises(FileNotFoundError) as error:
+            load(source, "--k")
+        assert str(error.value) == f"--k={str(gone)!r}: file not found"
     wrong = TAESDSource(root / "t_encoder.pth", 4, decoder=root / "t_encoder.pth")
     with pytest.raises(ValueError) as error:
         load_taesd(wrong, "--k")
