@@ -22,6 +22,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from hyperlit.data.images import BadImage, decode_image
 from hyperlit.data.skips import SkipLog
 from hyperlit.vae import evaluate as ev
 from hyperlit.vae import taesd_read
@@ -187,6 +188,12 @@ def test_the_folder_walk_sorted_recursive_limited_and_bad_files_counted(tmp_path
     for got, want in zip(images.pixels, (b, c, a, rgba[..., :3]), strict=True):
         np.testing.assert_array_equal(got.permute(1, 2, 0).numpy(), want)  # 8 px images: no resize, no crop
     assert images.skips.counts == {"not_an_image": 1, "converted_alpha": 1}
+    with pytest.raises(BadImage) as bad:  # the decoder's own words, as the report's example
+        decode_image(b"not a png")
+    assert images.skips.examples == {
+        "not_an_image": [f"{tmp_path / 'broken.png'}: {bad.value.detail}"],
+        "converted_alpha": [str(tmp_path / "x.png")],
+    }
     assert images.protocol() == (
         "4 images; short side resized to 8 px (bicubic), centre crop 8x8; posterior mode; fp32 decode; outputs "
         "rounded to 8 bits; PSNR/SSIM on [0, 1]; metrics against the inputs; bad input: converted_alpha=1 "
@@ -222,7 +229,9 @@ def test_the_folder_and_resolution_are_refused_with_what_is_allowed(tmp_path):
     with pytest.raises(ValueError) as error:
         load_eval_images(tmp_path, 8)
     assert str(error.value).startswith(f"--data={str(tmp_path)!r}: no usable images (")
-    assert str(error.value).splitlines()[1].startswith("  not_an_image: 1  e.g. ")
+    with pytest.raises(BadImage) as bad:
+        decode_image(b"nope")
+    assert str(error.value).splitlines()[1] == f"  not_an_image: 1  e.g. {tmp_path / 'broken.png'}: {bad.value.detail}"
 
 
 # ---------------------------------------------------------------------------------------------------- one model
@@ -322,6 +331,7 @@ def test_evaluate_scores_every_model_against_the_targets_and_shares_the_real_set
     limits = ColourLimits(max_mean_shift=0.0)
     out = evaluate(models, images, batch_size=2, rfid=Recorder(), limits=limits)
     assert [s.label for s in out] == ["a", "b"] and [s.rfid for s in out] == [1.0, 2.0]
+    assert models[1][2].seen == [2, 1]  # each model in the batches asked
     assert len(reals) == 2 and torch.equal(torch.cat(reals), images.reference)  # the real set: the targets
     assert out[0].psnr == float("inf")  # model a is the reference itself
     assert out[1].per_image_psnr[2] == pytest.approx(hand_psnr(want_ref[2], hand_uint8(x[2] + 0.1)), abs=1e-4)
@@ -332,6 +342,7 @@ def test_evaluate_scores_every_model_against_the_targets_and_shares_the_real_set
         evaluate(models, images_of(pixels[:1]), rfid=Recorder())
     assert str(error.value) == "--inception-weights: rFID needs at least 2 images"
     assert len(evaluate(models[:1], images_of(pixels[:1]))) == 1  # one image is enough without rFID
+    assert len(evaluate(models[:1], images_of(pixels[:2]), rfid=Recorder())) == 1  # two are enough with it
 
 
 def test_a_given_colour_accumulator_is_the_input_side_as_it_stands():
