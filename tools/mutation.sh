@@ -152,6 +152,10 @@ export WANDB_MODE=disabled HF_HUB_OFFLINE=1
 # mutmut forks each mutant's pytest from a process that already ran torch: a multi-threaded OpenMP pool does not
 # survive fork (the child hangs), so torch runs single-threaded here.
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+# Every mutant's pytest session makes a new numbered /tmp/pytest-of-USER/pytest-N (tens of MB with the model files
+# the tests write) and the forked sessions leave them all (vae_eval: 465 folders, 22 GB, until the disk was full).
+# One mutant at a time can reuse one folder, which pytest empties at each session start.
+[[ $children -ne 1 ]] || export PYTEST_ADDOPTS="${PYTEST_ADDOPTS:-} --basetemp=$work-pytest-tmp"
 started=$(date -u +%FT%TZ)
 mutmut run --max-children "$children" >mutmut-run.log 2>&1 || { tail -40 mutmut-run.log; exit 1; }
 mutmut export-cicd-stats >/dev/null
