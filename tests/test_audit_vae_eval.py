@@ -443,6 +443,8 @@ def test_find_taesd_on_every_kind_of_path(tmp_path, taesd_files, monkeypatch):
     monkeypatch.setattr(taesd_read, "MAX_TORCH_FILE", 100)  # a .pth this large is not unpickled to look
     assert find_taesd(dec, key) is None
     assert find_taesd(plain, key) is not None  # safetensors headers are read whatever the size
+    monkeypatch.setattr(taesd_read, "MAX_TORCH_FILE", dec.stat().st_size)  # exactly the limit: still read
+    assert find_taesd(dec, key) is not None
 
 
 def test_find_taesd_refusals_name_the_key_the_path_and_what_is_wrong(tmp_path, taesd_files):
@@ -467,6 +469,13 @@ def test_find_taesd_refusals_name_the_key_the_path_and_what_is_wrong(tmp_path, t
         f"--k={str(enc)!r}: a TAESD encoder alone; give its decoder (<name>_decoder.safetensors/.pth beside it), "
         "which brings this encoder along"
     )
+    # an unreadable partner is named with the key too, from either side
+    enc_of_broken = copy_file(root / "t_encoder.pth", tmp_path / "u" / "b_encoder.pth")
+    (tmp_path / "u" / "b_decoder.pth").write_bytes(b"\x00" * 20)
+    assert refusal(enc_of_broken).startswith(f"--k={str(tmp_path / 'u' / 'b_decoder.pth')!r}: cannot be read as ")
+    dec_of_broken = copy_file(root / "t_decoder.pth", tmp_path / "s" / "c_decoder.pth")
+    (tmp_path / "s" / "c_encoder.pth").write_bytes(b"\x00" * 20)
+    assert refusal(dec_of_broken).startswith(f"--k={str(tmp_path / 's' / 'c_encoder.pth')!r}: cannot be read as ")
     dec = copy_file(root / "t_decoder.pth", tmp_path / "w" / "y_decoder.pth")
     copy_file(root / "t_decoder.pth", tmp_path / "w" / "y_encoder.pth")
     assert refusal(dec) == f"--k={str(dec)!r}: y_encoder.pth beside it is not a TAESD encoder for 4 latent channels"
