@@ -6,12 +6,14 @@ training step on a stand-in trainer (what is skipped, stepped, counted and stopp
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
+from hyperlit.tasks.taesd import module as taesd_module
 from hyperlit.tasks.taesd.module import TAESDTask, teacher_checksum
 from hyperlit.vae.config import PerceptualConfig, PosteriorConfig
 from hyperlit.vae.frozen import weights_checksum
@@ -341,7 +343,12 @@ def test_non_finite_losses_skip_the_update_and_stop_after_max_bad_steps(caplog):
     assert all(p.equal(before[n]) for n, p in task.named_parameters() if p.requires_grad)
     assert task.step == 0 and task.skipped_steps == 2 and trainer.should_stop and not task.ema_should_update
     assert task.diverged == "2 consecutive steps with a NaN/inf loss (max_bad_steps=2) at step 0"
-    assert "step 0: the generator loss is nan; update skipped (2 in a row)" in caplog.text
+    records = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "hyperlit.tasks.taesd.module"]
+    assert records == [
+        (logging.WARNING, "step 0: the generator loss is nan; update skipped (1 in a row)"),
+        (logging.WARNING, "step 0: the generator loss is nan; update skipped (2 in a row)"),
+        (logging.ERROR, f"training stopped: {task.diverged}"),
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------- validation
@@ -349,8 +356,11 @@ def test_non_finite_losses_skip_the_update_and_stop_after_max_bad_steps(caplog):
 
 def test_validation_metrics_equal_their_definitions():
     task = make_task(config())
+    with torch.no_grad():
+        task.taesd.decoder.layers[-1].weight.mul_(60)  # images far outside [-1, 1]: the metrics see them clamped
     logged: dict = {}
-    task.log = lambda k, v, **_: logged.__setitem__(k, v)
+    sizes: set = set()
+    task.log = lambda k, v, batch_size=None, **_: logged.__setitem__(k, v) or sizes.add(batch_size)
     x = pixels(5, seed=9)
     task.validation_step({"pixels": x}, 0)
     with torch.no_grad():
@@ -358,6 +368,8 @@ def test_validation_metrics_equal_their_definitions():
         target = task.vae.decode(z / SCALING + SHIFT).sample.clamp(-1, 1)
         out = task.taesd.decode(z).sample.clamp(-1, 1)
         enc = F.mse_loss(task.taesd.encode(x).latents, z)
+    assert float(task.taesd.decode(z).sample.detach().abs().max()) > 2  # the clamp matters
+    assert sizes == {5}  # every figure weighted by the batch's images
     a, b = (target + 1) / 2, (out + 1) / 2
     assert float(task.val_psnr.compute()) == pytest.approx(float(10 * torch.log10(1 / ((a - b) ** 2).mean())), rel=1e-5)
     psnr_in = 10 * torch.log10(1 / ((b - (x.clamp(-1, 1) + 1) / 2) ** 2).mean())
@@ -375,6 +387,27 @@ def test_validation_metrics_equal_their_definitions():
     enc_only.log = lambda k, v, **_: logged.__setitem__(k, v)
     enc_only.validation_step({"pixels": x}, 0)
     assert enc_only._panel is None and enc_only.val_psnr.update_count == 0
+
+
+def test_the_panel_of_the_first_batch_is_logged_once_by_rank_zero_outside_the_sanity_check(monkeypatch):
+    calls: list = []
+    monkeypatch.setattr(taesd_module, "log_image_panel", lambda *a: calls.append(a))
+    task = make_task(config())
+    target, out = pixels(2, seed=1), pixels(2, seed=2)
+    for sanity, zero, logged in ((False, True, 1), (True, True, 1), (False, False, 1)):  # calls so far
+        task._trainer = SimpleNamespace(sanity_checking=sanity, is_global_zero=zero, loggers=["L"])
+        task._panel, task.step = (target, out), 12
+        task.on_validation_epoch_end()
+        assert task._panel is None and len(calls) == logged
+    loggers, key, image, step = calls[0]
+    assert (loggers, key, step) == (["L"], "val/teacher_vs_tiny", 12)
+    assert image.shape == (3, 2 * 16, 3 * 16)
+    assert torch.allclose(image[:, :16, :16], (target[0] + 1) / 2) and torch.allclose(
+        image[:, :16, 16:32], (out[0] + 1) / 2
+    )
+    task._trainer = SimpleNamespace(sanity_checking=False, is_global_zero=True, loggers=["L"])
+    task.on_validation_epoch_end()  # no panel (an encoder-only run): nothing logged
+    assert len(calls) == 1
 
 
 # ---------------------------------------------------------------------------------------------------- checkpoints
