@@ -389,6 +389,29 @@ def test_validation_metrics_equal_their_definitions():
     assert enc_only._panel is None and enc_only.val_psnr.update_count == 0
 
 
+def test_validation_lpips_is_the_perceptual_net_on_the_teachers_and_the_students_images_unless_it_is_random():
+    lpips = LPIPS(random_backbone=True)
+    for is_random in (False, True):
+        torch.manual_seed(11)
+        task = TAESDTask(make_vae(), config(perceptual=0.1), lpips, is_random, None, seed=3)
+        logged: dict = {}
+        task.log = lambda k, v, _logged=logged, **_: _logged.__setitem__(k, v)
+        x = pixels(3, seed=4)
+        task.validation_step({"pixels": x}, 0)
+        assert ("val/lpips_vgg" in logged) is not is_random  # a random backbone's figure means nothing
+    with torch.no_grad():
+        z = (task.vae.encode(x).latent_dist.mean - SHIFT) * SCALING
+        target = task.vae.decode(z / SCALING + SHIFT).sample.clamp(-1, 1)
+        out = task.taesd.decode(z).sample.clamp(-1, 1)
+        want = float(lpips(target, out).mean())
+        task.lpips = lpips
+        task.perceptual_is_random = False
+        task.val_lpips.reset()
+        task.validation_step({"pixels": x}, 0)
+    assert float(task.val_lpips.compute()) == pytest.approx(want, rel=1e-5)
+    assert float(lpips(out, out).mean()) == 0 != want  # the figure compares two different images
+
+
 def test_the_panel_of_the_first_batch_is_logged_once_by_rank_zero_outside_the_sanity_check(monkeypatch):
     calls: list = []
     monkeypatch.setattr(taesd_module, "log_image_panel", lambda *a: calls.append(a))
