@@ -6,14 +6,19 @@ training step on a stand-in trainer (what is skipped, stepped, counted and stopp
 from __future__ import annotations
 
 import logging
+import random
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
+from PIL import Image
 
+from hyperlit.demo.shapes import SAMPLE_CHECKER_DARK
 from hyperlit.tasks.taesd import module as taesd_module
+from hyperlit.tasks.taesd import scenes
 from hyperlit.tasks.taesd.module import TAESDTask, teacher_checksum
 from hyperlit.vae.config import PerceptualConfig, PosteriorConfig
 from hyperlit.vae.frozen import weights_checksum
@@ -395,16 +400,17 @@ def test_validation_lpips_is_the_perceptual_net_on_the_teachers_and_the_students
         torch.manual_seed(11)
         task = TAESDTask(make_vae(), config(perceptual=0.1), lpips, is_random, None, seed=3)
         logged: dict = {}
-        task.log = lambda k, v, _logged=logged, **_: _logged.__setitem__(k, v)
+        task.log = lambda k, v, _logged=logged, batch_size=None, **_: _logged.__setitem__(k, (v, batch_size))
         x = pixels(3, seed=4)
         task.validation_step({"pixels": x}, 0)
         assert ("val/lpips_vgg" in logged) is not is_random  # a random backbone's figure means nothing
+        assert {size for _, size in logged.values()} == {3}
+        assert is_random or logged["val/lpips_vgg"][0] is task.val_lpips
     with torch.no_grad():
         z = (task.vae.encode(x).latent_dist.mean - SHIFT) * SCALING
         target = task.vae.decode(z / SCALING + SHIFT).sample.clamp(-1, 1)
         out = task.taesd.decode(z).sample.clamp(-1, 1)
         want = float(lpips(target, out).mean())
-        task.lpips = lpips
         task.perceptual_is_random = False
         task.val_lpips.reset()
         task.validation_step({"pixels": x}, 0)
@@ -472,3 +478,25 @@ def test_checkpoints_hold_the_trainable_state_and_refuse_another_teacher_or_a_lo
             "stopped; resume with lr_scheduler=constant and lr_warmup_steps=0"
         )
         scheduled.on_load_checkpoint(checkpoint)  # with its schedule's state: resumes
+
+
+def test_scenes_are_drawn_in_the_asked_look_size_and_share_of_checkered_backgrounds(monkeypatch):
+    """``draw`` replaced by a recorder: each scene's call, for the sample set's look and the base's."""
+    calls: list = []
+
+    def record(scene, size=None, **kw):
+        calls.append((size, kw))
+        return Image.new("RGB", size)
+
+    monkeypatch.setattr(scenes, "draw", record)
+    out = scenes.draw_scene(random.Random(0), 24, 40, 1.0)
+    assert out.shape == (24, 40, 3) and out.dtype == np.uint8
+    assert calls == [((40, 24), {"checker": True, "dark": SAMPLE_CHECKER_DARK})]
+    calls.clear()
+    rng = random.Random(1)
+    for _ in range(400):
+        scenes.draw_scene(rng, 8, 16, 0.0)
+    assert {size for size, _ in calls} == {(16, 8)}
+    assert {(kw["jitter"], kw["rng"] is rng) for _, kw in calls} == {(25, True)}
+    share = sum(kw["checker"] for _, kw in calls) / len(calls)
+    assert 0.28 < share < 0.42  # 0.35 of the base's backgrounds are checkered (400 draws: sd 0.024)
