@@ -14,11 +14,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
+from helpers.config import compose_config
+from helpers.paths import REPO_ROOT
 from PIL import Image
 
 from hyperlit.demo.shapes import SAMPLE_CHECKER_DARK
+from hyperlit.models.loader import embedded_tiny_vae
 from hyperlit.tasks.taesd import module as taesd_module
 from hyperlit.tasks.taesd import scenes
+from hyperlit.tasks.taesd.build import build, task_config
 from hyperlit.tasks.taesd.module import TAESDTask, teacher_checksum
 from hyperlit.vae.config import PerceptualConfig, PosteriorConfig
 from hyperlit.vae.frozen import weights_checksum
@@ -500,3 +504,19 @@ def test_scenes_are_drawn_in_the_asked_look_size_and_share_of_checkered_backgrou
     assert {(kw["jitter"], kw["rng"] is rng) for _, kw in calls} == {(25, True)}
     share = sum(kw["checker"] for _, kw in calls) / len(calls)
     assert 0.28 < share < 0.42  # 0.35 of the base's backgrounds are checkered (400 draws: sd 0.024)
+
+
+def test_build_hands_the_teacher_the_perceptual_net_the_options_and_the_seed_to_the_task(caplog):
+    """The embedded tiny base: LPIPS on a random backbone (``random_backbone: auto``); an encoder-only run none."""
+    sample = str(REPO_ROOT / "datasets" / "sample")
+    lpips = ["loss.perceptual.weight=0.1", "loss.perceptual.random_backbone=auto", "loss.perceptual.weights=null"]
+    cfg = compose_config("taesd", [f"data.path={sample}", "seed=5", "train.max_steps=30", *lpips])
+    with caplog.at_level(logging.INFO):
+        module = build(cfg).load_module()
+    assert isinstance(module, TAESDTask) and module.seed == 5 and module.config == task_config(cfg)
+    assert module.teacher_checksum == weights_checksum(embedded_tiny_vae().float())
+    assert isinstance(module.lpips, LPIPS) and module.perceptual_is_random
+    assert any(r.getMessage().startswith("TAESD task: distilling the encoder and decoder of ") for r in caplog.records)
+    encoder_only = build(compose_config("taesd", [f"data.path={sample}", "taesd.train_decoder=false", *lpips]))
+    encoder_only = encoder_only.load_module()
+    assert encoder_only.lpips is None and not encoder_only.perceptual_is_random and encoder_only.disc is None
