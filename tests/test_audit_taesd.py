@@ -520,3 +520,22 @@ def test_build_hands_the_teacher_the_perceptual_net_the_options_and_the_seed_to_
     encoder_only = build(compose_config("taesd", [f"data.path={sample}", "taesd.train_decoder=false", *lpips]))
     encoder_only = encoder_only.load_module()
     assert encoder_only.lpips is None and not encoder_only.perceptual_is_random and encoder_only.disc is None
+
+
+def test_builds_report_and_ddp_trainer_arguments(caplog):
+    sample = str(REPO_ROOT / "datasets" / "sample")
+    gpu = build(compose_config("taesd", [f"data.path={sample}", "trainer=ddp", "disc.norm=batch"]))
+    assert gpu.trainer_kwargs == {"strategy": "ddp_find_unused_parameters_true", "sync_batchnorm": True}
+    group = build(compose_config("taesd", [f"data.path={sample}", "trainer=ddp", "disc.norm=group"]))
+    assert group.trainer_kwargs == {"strategy": "ddp_find_unused_parameters_true"}  # the disc's own norm decides
+    with caplog.at_level(logging.INFO, logger="hyperlit.tasks.taesd.build"):
+        plain = build(compose_config("taesd", [f"data.path={sample}"]))
+        assert plain.trainer_kwargs == {}
+        assert plain.report(SimpleNamespace(skipped_steps=0, diverged=None)) is None
+        assert plain.report(SimpleNamespace(skipped_steps=3, diverged="it broke")) == "it broke"
+        build(compose_config("taesd", [f"data.path={sample}", "trainer=ddp_cpu"]))
+    assert [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "hyperlit.tasks.taesd.build"] == [
+        (logging.WARNING, "3 training steps were skipped for NaN/inf losses"),
+        (logging.ERROR, "TAESD training stopped early: it broke"),
+        (logging.INFO, "TAESD task under DDP: trainer overrides {'strategy': 'ddp_find_unused_parameters_true'}"),
+    ]
