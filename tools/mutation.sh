@@ -89,7 +89,7 @@ TESTS[build]="tests/test_task.py tests/test_train_errors.py tests/test_guard_tra
   $TRAIN_SUBPROCESSES"  # the two taesd tests: the only fast ones that call build()'s load_module
 SOURCES[vae_module]="hyperlit/tasks/vae/module.py"
 TESTS[vae_module]="tests/test_vae_task.py tests/test_audit_vae.py tests/test_guard_vae_sampling.py
-  tests/test_guard_train_options.py"
+  tests/test_guard_train_options.py tests/test_vae_fp16_fix.py tests/test_vae_fp16_rescale.py tests/test_audit_fp16_fix.py"  # the fp16 ones: fp16_fix_step, fp16_closed_form, limit_fp16_fine_tuning
 SOURCES[kv_inputs]="hyperlit/kv_inputs.py"  # also part of attention; alone it runs in a fraction of the time
 TESTS[kv_inputs]="tests/test_shared_context.py tests/test_audit_attention.py tests/test_attention.py"
 SOURCES[styles]="hyperlit/demo/styles*.py hyperlit/demo/style_*.py"
