@@ -75,7 +75,7 @@ TESTS[preview]="tests/test_preview_grid.py tests/test_preview_taesd.py tests/tes
   tests/test_audit_preview_outputs.py"
 # colour.py is scored alone as vae_colour (below): not mutated again here.
 SOURCES[vae_eval]="hyperlit/vae/evaluate.py hyperlit/vae/metrics.py hyperlit/vae/taesd_read.py hyperlit/vae/taesd_eval.py"
-TESTS[vae_eval]="tests/test_vae_eval.py tests/test_eval_vae_taesd.py tests/test_eval_vae_reference.py tests/test_guard_eval_inf_psnr.py tests/test_guard_colour_shift.py
+TESTS[vae_eval]="tests/test_vae_eval.py tests/test_audit_vae_eval.py tests/test_eval_vae_taesd.py tests/test_eval_vae_reference.py tests/test_guard_eval_inf_psnr.py tests/test_guard_colour_shift.py
   tests/test_guard_rfid_models.py tests/test_guard_colour_stats.py"
 SOURCES[vae_colour]="hyperlit/vae/colour.py"  # the small part of vae_eval, scored alone on a busy machine
 TESTS[vae_colour]="tests/test_guard_colour_shift.py tests/test_guard_colour_stats.py tests/test_vae_eval.py::test_colour_statistics_values"
@@ -89,7 +89,7 @@ TESTS[build]="tests/test_task.py tests/test_train_errors.py tests/test_guard_tra
   $TRAIN_SUBPROCESSES"  # the two taesd tests: the only fast ones that call build()'s load_module
 SOURCES[vae_module]="hyperlit/tasks/vae/module.py"
 TESTS[vae_module]="tests/test_vae_task.py tests/test_audit_vae.py tests/test_guard_vae_sampling.py
-  tests/test_guard_train_options.py"
+  tests/test_guard_train_options.py tests/test_vae_fp16_fix.py tests/test_vae_fp16_rescale.py tests/test_audit_fp16_fix.py"  # the fp16 ones: fp16_fix_step, fp16_closed_form, limit_fp16_fine_tuning
 SOURCES[kv_inputs]="hyperlit/kv_inputs.py"  # also part of attention; alone it runs in a fraction of the time
 TESTS[kv_inputs]="tests/test_shared_context.py tests/test_audit_attention.py tests/test_attention.py"
 SOURCES[styles]="hyperlit/demo/styles*.py hyperlit/demo/style_*.py"
@@ -101,7 +101,8 @@ TESTS[lora]="tests/test_lora.py tests/test_generate_lora.py tests/test_learning_
 # (the fast tests that import hyperlit.lora or run to-lora; learning_proof / style_suite load benchmarks/*.py,
 # which pyproject's also_copy puts beside the mutants)
 SOURCES[taesd]="hyperlit/tasks/taesd/*.py"
-TESTS[taesd]="tests/test_taesd_task.py tests/test_taesd_errors.py tests/test_taesd_layout.py tests/test_taesd_scenes.py"
+TESTS[taesd]="tests/test_taesd_task.py tests/test_taesd_errors.py tests/test_taesd_layout.py tests/test_taesd_scenes.py
+  tests/test_taesd_augment.py tests/test_audit_taesd.py tests/test_audit_build.py"  # test_audit_build: build.py's checks
 
 usage() { echo "usage: $0 MODULE [MAX_CHILDREN] | list; modules: ${!SOURCES[*]}" >&2; exit 2; }
 [[ $# -ge 1 ]] || usage
@@ -151,6 +152,10 @@ export WANDB_MODE=disabled HF_HUB_OFFLINE=1
 # mutmut forks each mutant's pytest from a process that already ran torch: a multi-threaded OpenMP pool does not
 # survive fork (the child hangs), so torch runs single-threaded here.
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+# Every mutant's pytest session makes a new numbered /tmp/pytest-of-USER/pytest-N (tens of MB with the model files
+# the tests write) and the forked sessions leave them all (vae_eval: 465 folders, 22 GB, until the disk was full).
+# One mutant at a time can reuse one folder, which pytest empties at each session start.
+[[ $children -ne 1 ]] || export PYTEST_ADDOPTS="${PYTEST_ADDOPTS:-} --basetemp=$work-pytest-tmp"
 started=$(date -u +%FT%TZ)
 mutmut run --max-children "$children" >mutmut-run.log 2>&1 || { tail -40 mutmut-run.log; exit 1; }
 mutmut export-cicd-stats >/dev/null
