@@ -85,6 +85,13 @@ class HypernetworkConfig:
     # number p: A1111's "use dropout" layout, p after every hidden layer and 0 at the input and output
     # ([1, 2, 1] -> [0, p, 0]), so a model family's default fits any layer_structure.
     dropout_structure: list[float] | float | None = None
+    # Training only, like dropout: Gaussian noise added to the MLP's input (not to the residual path), as a fraction
+    # of each context vector's standard deviation; 0 turns it off. Held-out prompts give context vectors far from
+    # the few training captions' (the text encoder is causal: every token after the first content word differs), so
+    # a network fit to the exact vectors draws the style only on prompts like its captions. The noise makes it learn a
+    # change that holds near them, as NEFTune's noisy embeddings do for language models. A1111 files do not store
+    # it (inference never adds noise); hyperlit's own .hyperlit.safetensors keep it with the rest of the config.
+    input_noise: float = 0.0
     # Context widths that get a (K, V) module pair, or "auto": the widths the base model's attention uses.
     sizes: list[int] | str = "auto"
     multiplier: float = 1.0
@@ -103,6 +110,17 @@ class HypernetworkConfig:
                 f"hypernet.weight_init: {self.weight_init!r} is not supported; allowed: {_allowed(WEIGHT_INITS)}"
             )
         self.dropout_structure = _validate_dropout(self.dropout_structure, len(self.layer_structure))
+        if (
+            isinstance(self.input_noise, bool)
+            or not isinstance(self.input_noise, int | float)
+            or not math.isfinite(self.input_noise)
+            or self.input_noise < 0
+        ):
+            raise ValueError(
+                f"hypernet.input_noise: {self.input_noise!r} is not allowed; use a number >= 0 (a fraction of each "
+                "context vector's standard deviation; 0 turns it off)"
+            )
+        self.input_noise = float(self.input_noise)
         self.sizes = _validate_sizes(self.sizes)
         if isinstance(self.multiplier, bool) or not isinstance(self.multiplier, int | float):
             raise ValueError(f"hypernet.multiplier: {self.multiplier!r} is not a number")
@@ -227,11 +245,19 @@ class HypernetworkModule(nn.Module):
             if isinstance(layer, nn.Linear | nn.LayerNorm):
                 _init_weights(layer, config.weight_init, config.activation)
         self.multiplier = config.multiplier
+        self.input_noise = config.input_noise
 
     def forward(self, x: Tensor) -> Tensor:
         # A1111 trains at strength 1 whatever the inference multiplier is.
         multiplier = 1.0 if self.training else self.multiplier
-        return x + self.linear(x) * multiplier
+        mlp_input = x
+        if self.training and self.input_noise > 0:
+            # scaled per context vector, so one value fits any text encoder's hidden-state scale. Not detached: on
+            # self-attention widths x carries gradient, and the runs measured in docs/benchmarks.md let it flow
+            # through the scale too
+            scale = self.input_noise * x.std(dim=-1, keepdim=True)
+            mlp_input = x + torch.randn_like(x) * scale
+        return x + self.linear(mlp_input) * multiplier
 
 
 class Hypernetwork(nn.Module):

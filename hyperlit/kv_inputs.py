@@ -90,6 +90,9 @@ def shareable(hypernetworks: Sequence[SupportsForwardKV]) -> bool:
         for module in hn.modules():
             if module.training and isinstance(module, STOCHASTIC_IN_TRAINING) and getattr(module, "p", 1.0) != 0:
                 return False
+            # hypernet.input_noise: each layer draws its own noise in training, as it draws its own dropout mask
+            if module.training and getattr(module, "input_noise", 0.0) > 0:
+                return False
     return True
 
 

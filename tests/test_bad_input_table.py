@@ -39,6 +39,7 @@ CASES = [
     ("train", ["+trainer.num_nodes=0"], "trainer.num_nodes"),
     ("train", ["hypernet.activation=sparkle"], "hypernet.activation"),
     ("train", ["+hypernet.actvation=relu"], "hypernet.actvation"),
+    ("train", ["hypernet.input_noise=-0.5"], "hypernet.input_noise"),
     ("train", ["train.max_steps=0"], "train.max_steps"),
     ("train", ["train.prediction_type=x0"], "train.prediction_type"),
     ("train", ["train.gradient_checkpointing=yes"], "train.gradient_checkpointing"),

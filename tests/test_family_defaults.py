@@ -14,10 +14,10 @@ from helpers.paths import REPO_ROOT
 # SD 1.x and 2.x share one file's values; SDXL halves the rate (its 70 cross-attention layers against SD1's 16).
 SD = dict(learning_rate=5e-5, max_steps=3000, lr_scheduler="cosine", lr_warmup_steps=100, min_timestep=0,
           batch_size=1, tag_dropout=0.0, ema=False, ema_decay=0.99, every=500, template="style_filewords",
-          dropout=None)  # fmt: skip
+          dropout=None, input_noise=0.0)  # fmt: skip
 TINY = dict(learning_rate=3e-3, max_steps=2500, lr_scheduler="constant", lr_warmup_steps=0, min_timestep=250,
             batch_size=4, tag_dropout=0.1, ema=True, ema_decay=0.99, every=250, template="filewords",
-            dropout=0.5)  # fmt: skip
+            dropout=0.5, input_noise=0.0)  # fmt: skip
 # The demo (data=sample on the tiny base) is the family's defaults plus conf/recipe/sample_tiny.yaml's measured recipe:
 # a batch of 6, and the family's earlier 2e-3 x 2000 without dropout (the README's val/loss and grid).
 DEMO = {**TINY, "batch_size": 6, "learning_rate": 2e-3, "max_steps": 2000, "dropout": None}
@@ -62,6 +62,7 @@ def summary(cfg: dict) -> dict:
         every=every.pop(),
         template=cfg["data"]["template"],
         dropout=cfg["hypernet"]["dropout_structure"],
+        input_noise=cfg["hypernet"]["input_noise"],
     )
 
 

@@ -154,6 +154,20 @@ def test_dropout_in_training_is_never_shared_and_matches_per_layer_draws(unet):
     assert calls == 1 and torch.equal(shared, per_layer)
 
 
+def test_input_noise_in_training_is_never_shared_and_matches_per_layer_draws(unet):
+    # hypernet.input_noise draws per call, as dropout does: one draw shared by every layer would be another model
+    hn = real_hypernetwork(seed=6, input_noise=0.5).train()
+    batch = inputs(6)
+    assert not shareable([hn])
+    shared, per_layer, calls, calls_per_layer = both_ways(unet, [hn], batch, seed=7)
+    assert calls == calls_per_layer == CROSS_LAYERS
+    assert torch.equal(shared, per_layer)
+    assert not torch.allclose(shared, forward(unet, [hn], True, batch, seed=8), atol=1e-4)  # the noise is drawn
+    hn.eval()  # inference never adds noise: shared again
+    shared, per_layer, calls, _ = both_ways(unet, [hn], batch)
+    assert calls == 1 and torch.equal(shared, per_layer)
+
+
 def test_train_then_eval_of_the_same_network(unet):
     hn = real_hypernetwork(seed=9, multiplier=0.4)
     batch = inputs(9)

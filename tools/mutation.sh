@@ -16,7 +16,8 @@ declare -A SOURCES TESTS
 SOURCES[lr_schedule]="hyperlit/lr_schedule.py"
 TESTS[lr_schedule]="tests/test_lr_schedule.py tests/test_audit_schedule.py"
 SOURCES[hypernetwork]="hyperlit/hypernetwork.py"
-TESTS[hypernetwork]="tests/test_hypernetwork.py tests/test_a1111.py tests/test_attention.py tests/test_audit_hypernetwork.py"
+TESTS[hypernetwork]="tests/test_hypernetwork.py tests/test_a1111.py tests/test_attention.py tests/test_audit_hypernetwork.py
+  tests/test_input_noise.py"
 SOURCES[attention]="hyperlit/attention.py hyperlit/kv_inputs.py"
 TESTS[attention]="tests/test_attention.py tests/test_shared_context.py tests/test_audit_attention.py"
 SOURCES[loss]="hyperlit/tasks/hypernetwork/module.py"

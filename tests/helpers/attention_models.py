@@ -67,9 +67,15 @@ def inputs(seed: int = 1, batch: int = 2) -> dict[str, Tensor]:
     }
 
 
-def real_hypernetwork(seed: int = 0, dropout: list[float] | None = None, multiplier: float = 1.0) -> Hypernetwork:
+def real_hypernetwork(
+    seed: int = 0, dropout: list[float] | None = None, multiplier: float = 1.0, input_noise: float = 0.0
+) -> Hypernetwork:
     config = HypernetworkConfig(
-        layer_structure=[1, 2, 1], activation="swish", dropout_structure=dropout, multiplier=multiplier
+        layer_structure=[1, 2, 1],
+        activation="swish",
+        dropout_structure=dropout,
+        multiplier=multiplier,
+        input_noise=input_noise,
     )
     hn = Hypernetwork(config, sizes=SELF_WIDTHS + [CROSS_WIDTH])
     gen = torch.Generator().manual_seed(seed)

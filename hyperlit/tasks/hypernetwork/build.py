@@ -91,7 +91,13 @@ def build_hypernetwork(cfg: DictConfig, config: HypernetworkConfig, unet: Any) -
         raise ValueError(
             f"hypernet.init_from={init_from}: the file does not fit this run:\n  - " + "\n  - ".join(problems)
         )
-    content.config = replace(content.config, weight_init=config.weight_init, multiplier=config.multiplier)
+    # this run's training options win over the file's
+    content.config = replace(
+        content.config,
+        weight_init=config.weight_init,
+        multiplier=config.multiplier,
+        input_noise=config.input_noise,
+    )
     hn = files.from_file_content(content, source=str(init_from))
     hn.name = name
     return hn
