@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib
 import logging
 from types import SimpleNamespace
 
@@ -151,6 +152,18 @@ def test_the_closed_form_runs_once_is_silent_off_rank_zero_and_needs_training_im
         no_data.fp16_closed_form(SimpleNamespace(datamodule=None, strategy=Ranks(1.0), is_global_zero=True))
 
 
+def test_a_layer_left_whose_readers_are_unknown_opens_every_layer_to_fine_tuning(base, monkeypatch, caplog):
+    # fine_tune_scope answers None when a left layer has no known readers (none of the tiny decoder's does)
+    module = importlib.import_module("hyperlit.tasks.vae.module")
+    seen = []
+    monkeypatch.setattr(module, "fine_tune_scope", lambda vae, left: seen.append(list(left)))
+    task = task_of(copy.deepcopy(unsafe_vae(base, left=True)), measure_images=2)
+    with caplog.at_level(logging.INFO, logger="hyperlit.tasks.vae.module"):
+        task.fp16_closed_form(stand_in_trainer(pixels(2)))
+    assert seen == [["post_quant_conv"]] and task.fp16_scope is None and task._no_update == []
+    assert caplog.messages[-1] == "fp16 fine-tuning: every layer"
+
+
 def test_no_closed_form_without_fp16_fix_or_with_closed_form_off(base):
     unsafe = unsafe_vae(base, left=False)
     off = task_of(copy.deepcopy(unsafe), closed_form=False)
@@ -199,12 +212,17 @@ def test_the_scope_leaves_every_other_gain_and_weight_out_of_the_update(base, tr
 def attach(task: VAEDecoderTask):
     """What training_step reads of a Trainer; the optimizer is the task's own."""
     (opt,) = task.configure_optimizers()
-    trainer = SimpleNamespace(should_stop=False, logged={})
+    trainer = SimpleNamespace(should_stop=False, logged={}, kwargs={})
+
+    def log(key, value, **kwargs) -> None:
+        trainer.logged[key] = float(value)
+        trainer.kwargs[key] = kwargs
+
     task._trainer = trainer
     task.optimizers = lambda: opt
     task.manual_backward = lambda loss: loss.backward()
-    task.log_dict = lambda d, **_: trainer.logged.update({k: float(v) for k, v in d.items()})
-    task.log = lambda k, v, **_: trainer.logged.__setitem__(k, float(v))
+    task.log_dict = lambda d, **kw: [log(k, v, **kw) for k, v in d.items()]
+    task.log = log
     return trainer, opt
 
 
@@ -290,6 +308,7 @@ def test_fp16_fix_steps_match_the_steps_written_out(base, scope):
         assert trainer.logged["train/activation_penalty"] == pytest.approx(want_logs[i]["pen"], rel=1e-4)
         assert trainer.logged["train/peak"] == pytest.approx(want_logs[i]["peak"], rel=1e-5)
         assert trainer.logged["train/step"] == i + 1
+        assert trainer.kwargs == {k: {"on_step": True, "batch_size": 2} for k in trainer.logged}
     assert all(float(g.abs().max()) == 0.0 for g in task.gains.parameters())  # folded after each step
     got, want = state(task.vae), state(want_vae)
     changed = set()
@@ -310,7 +329,9 @@ def test_a_non_finite_fp16_fix_loss_skips_the_update_and_an_empty_scope_stops(ba
     with caplog.at_level(logging.WARNING, logger="hyperlit.tasks.vae.module"):
         task.training_step({"pixels": bad}, 0)
     assert (task.step, task.skipped_steps, task.bad_in_a_row, task.ema_should_update) == (0, 1, 1, False)
-    assert "step 0: the fp16_fix loss is nan; update skipped (1 in a row)" in caplog.text
+    assert [r.getMessage() for r in caplog.records if r.name == "hyperlit.tasks.vae.module"] == [
+        "step 0: the fp16_fix loss is nan; update skipped (1 in a row)"
+    ]
     assert all(torch.equal(before[k], v) for k, v in state(task.vae).items()) and trainer.logged == {}
     assert all(not m._forward_hooks for m in task.vae.modules())
 
@@ -319,5 +340,7 @@ def test_a_non_finite_fp16_fix_loss_skips_the_update_and_an_empty_scope_stops(ba
     with caplog.at_level(logging.INFO, logger="hyperlit.tasks.vae.module"):
         task.training_step({"pixels": pixels(2)}, 1)
     assert trainer.should_stop and (task.step, task.skipped_steps, task.ema_should_update) == (0, 1, False)
-    assert "the closed form left no layer over the target; nothing to fine-tune, stopping" in caplog.text
+    assert [r.getMessage() for r in caplog.records if r.name == "hyperlit.tasks.vae.module"] == [
+        "fp16_fix: the closed form left no layer over the target; nothing to fine-tune, stopping"
+    ]
     assert all(torch.equal(before[k], v) for k, v in state(task.vae).items())

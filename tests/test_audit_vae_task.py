@@ -9,6 +9,7 @@ import copy
 import functools
 import importlib
 import logging
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -276,19 +277,32 @@ def test_training_steps_match_the_steps_written_out(start, warmup):
     assert all(torch.equal(a, b) for a, b in zip(before.values(), task.state_dict().values(), strict=True))
 
 
+class TwoLogits(torch.nn.Module):
+    """A stand-in discriminator: fixed logits for real images (positive pixels) and for fakes (negative ones),
+    zeros among them, so that the accuracy's strict comparisons matter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))
+        self.real = torch.tensor([1.0, 2.0, -1.0, 0.0])
+        self.fake = torch.tensor([-1.0, 0.0, 0.0, 3.0])
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.scale * (self.real if float(t.sum()) > 0 else self.fake)
+
+
 def test_the_discriminator_loss_and_its_logs_are_the_formulas():
     task = make_task()
-    x, x_hat = pixels(2, seed=1), pixels(2, seed=2).requires_grad_(True)
+    task.disc = TwoLogits()
+    x, x_hat = torch.full((2, 3, 4, 4), 0.5), torch.full((2, 3, 4, 4), -0.5, requires_grad=True)
     loss, logs = task.disc_loss(x, x_hat)
-    real, fake = task.disc(x), task.disc(x_hat.detach())
-    want = 0.5 * (F.relu(1 - real).mean() + F.relu(1 + fake).mean())
-    assert float(loss) == pytest.approx(float(want), rel=1e-6) and float(logs["d_loss"]) == float(loss)
-    assert float(logs["logits_real"]) == pytest.approx(float(real.mean()), rel=1e-6)
-    assert float(logs["logits_fake"]) == pytest.approx(float(fake.mean()), rel=1e-6)
-    acc = 0.5 * ((real > 0).float().mean() + (fake < 0).float().mean())
-    assert float(logs["d_acc"]) == pytest.approx(float(acc)) and 0 < float(acc) < 1
+    # hinge: ½(mean relu(1 - real) + mean relu(1 + fake)) = ½((0 + 0 + 2 + 1)/4 + (0 + 1 + 1 + 4)/4)
+    assert float(loss) == 0.5 * (3 / 4 + 6 / 4) == float(logs["d_loss"])
+    assert (float(logs["logits_real"]), float(logs["logits_fake"])) == (0.5, 0.5)
+    assert float(logs["d_acc"]) == 0.5 * (2 / 4 + 1 / 4)  # real > 0: 2 of 4; fake < 0: 1 of 4 (zeros count as wrong)
     loss.backward()
     assert x_hat.grad is None and all(not v.requires_grad for v in logs.values())
+    assert float(task.disc.scale.grad) != 0.0
 
 
 def test_gradient_clipping_is_by_global_norm_per_optimizer():
@@ -387,7 +401,7 @@ def test_validation_metrics_are_the_formulas_for_the_trained_and_the_starting_de
     trainer = StandIn(task)
     panels = []
     monkeypatch.setattr(vae_module, "log_image_panel", lambda *a: panels.append(a))
-    batches = [pixels(5, seed=1), pixels(3, seed=2)]
+    batches = [pixels(5, seed=1), pixels(2, seed=2)]  # 2 images: not the channel count
     for i, x in enumerate(batches):
         task.validation_step({"pixels": x, "index": torch.arange(len(x))}, i)
     assert task._panel is not None and torch.equal(task._panel[0], batches[0][:4])
@@ -403,15 +417,15 @@ def test_validation_metrics_are_the_formulas_for_the_trained_and_the_starting_de
     assert got["val/psnr"] == pytest.approx(psnr(a, b), rel=1e-5)
     assert got["val/start_psnr"] == pytest.approx(psnr(a, s), rel=1e-5)
     ssim = [structural_similarity_index_measure(p, t, data_range=1.0) for p, t in ((b[:5], a[:5]), (b[5:], a[5:]))]
-    assert got["val/ssim"] == pytest.approx(float((ssim[0] * 5 + ssim[1] * 3) / 8), rel=1e-4)
+    assert got["val/ssim"] == pytest.approx(float((ssim[0] * 5 + ssim[1] * 2) / 7), rel=1e-4)
     ssim0 = [structural_similarity_index_measure(p, t, data_range=1.0) for p, t in ((s[:5], a[:5]), (s[5:], a[5:]))]
-    assert got["val/start_ssim"] == pytest.approx(float((ssim0[0] * 5 + ssim0[1] * 3) / 8), rel=1e-4)
+    assert got["val/start_ssim"] == pytest.approx(float((ssim0[0] * 5 + ssim0[1] * 2) / 7), rel=1e-4)
     if is_random:
         assert "val/lpips_vgg" not in got and "val/start_lpips_vgg" not in got
     else:
         assert got["val/lpips_vgg"] == pytest.approx(float((x_all - trained).abs().mean()), rel=1e-5)
         assert got["val/start_lpips_vgg"] == pytest.approx(float((x_all - first).abs().mean()), rel=1e-5)
-    assert {k: kw for k, kw in trainer.kwargs.items()} == {k: {"batch_size": 3} for k in trainer.kwargs}
+    assert {k: kw for k, kw in trainer.kwargs.items()} == {k: {"batch_size": 2} for k in trainer.kwargs}
 
     task.step = 7
     task.on_validation_epoch_end()
@@ -528,3 +542,58 @@ def test_checkpoints_hold_the_trainable_state_and_the_task_state():
         "ckpt_path: the checkpoint was trained on a different base VAE encoder (checksum "
         f"{task.frozen_checksum[:12]} vs 0123456789ab); use the same model.path"
     )
+
+
+# ------------------------------------------------------------------------------------------------ generator terms
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.7])
+def test_the_perceptual_term_enters_only_with_a_positive_weight(weight):
+    loss = LossConfig("l1", 2.0, PerceptualConfig(weight=weight))
+    task = make_task(perceptual=AbsLPIPS(), loss=loss, disc=DiscConfig(enabled=False))
+    x, x_hat = pixels(2, seed=1), pixels(2, seed=2)
+    nll, g, factor, logs = task.generator_terms(x, x_hat)
+    l1, p = float((x - x_hat).abs().mean()), float((x - x_hat).abs().mean())
+    assert float(nll) == pytest.approx(2.0 * l1 + weight * p, rel=1e-6) and (g, factor) == (None, 0.0)
+    assert ("lpips" in logs) == (weight > 0)
+    if weight:
+        assert float(logs["lpips"]) == pytest.approx(p, rel=1e-6)
+
+
+@pytest.mark.parametrize("ramp", ["linear", "cosine"])
+def test_the_adversarial_factor_follows_the_configured_ramp(ramp):
+    task = make_task(disc=DiscConfig(start=2, warmup_steps=1, ramp_steps=4, ramp=ramp, ndf=8, n_layers=2))
+    got = []
+    for step in range(2, 9):
+        task.step = step
+        got.append(task.adv_factor())
+    t = [0.0, 0.25, 0.5, 0.75, 1.0, 1.0, 1.0]  # D starts at 2, G's term after 1 warm-up step: t = 1/4 at step 3
+    want = t if ramp == "linear" else [0.5 * (1 - math.cos(math.pi * v)) for v in t]
+    assert got == pytest.approx(want)
+
+
+@pytest.mark.parametrize(("rec_weight", "cap"), [(1e-6, 1e4), (2.0, None)], ids=["below-one", "capped"])
+def test_the_adaptive_weight_is_the_norm_ratio_clamped_to_zero_and_its_maximum(rec_weight, cap):
+    """d_weight = clamp(||grad_W rec|| / (||grad_W gan|| + 1e-4), 0, max) * weight at decoder.conv_out.weight."""
+    disc = DiscConfig(ndf=8, n_layers=2, norm="none", adaptive=True, weight=0.5)
+    task = make_task(disc=disc, loss=LossConfig("l1", rec_weight, PerceptualConfig(weight=0.0)))
+    x = pixels(2, seed=3)
+    z = task.posterior(x)[0]
+    x_hat = task.decode(z)
+    last = task.vae.decoder.conv_out.weight
+    rec = rec_weight * (x_hat - x).abs().mean()
+    for p in task.disc.parameters():
+        p.requires_grad_(False)
+    adv = -task.disc(x_hat).mean()
+    for p in task.disc.parameters():
+        p.requires_grad_(True)
+    ratio = float(
+        torch.linalg.vector_norm(torch.autograd.grad(rec, last, retain_graph=True)[0])
+        / (torch.linalg.vector_norm(torch.autograd.grad(adv, last, retain_graph=True)[0]) + 1e-4)
+    )
+    if cap is None:
+        cap = ratio / 3
+        task.config.disc.max_adaptive_weight = cap
+    assert (ratio < 1) == (rec_weight < 1)
+    _, logs = task.generator_output_grad(x, task.decode(z))
+    assert float(logs["d_weight"]) == pytest.approx(min(ratio, cap) * 0.5, rel=1e-4)
