@@ -344,3 +344,21 @@ def test_a_non_finite_fp16_fix_loss_skips_the_update_and_an_empty_scope_stops(ba
         "fp16_fix: the closed form left no layer over the target; nothing to fine-tune, stopping"
     ]
     assert all(torch.equal(before[k], v) for k, v in state(task.vae).items())
+
+
+def test_fp16_fix_steps_decode_a_sample_of_the_posterior(base):
+    task = task_of(copy.deepcopy(base))
+    task.config.posterior.sample = True
+    attach(task)
+    seen = []
+    task.fp16_fix_step = lambda opt, z, bs: seen.append((z, bs))
+    x = pixels(2, seed=8)
+    torch.manual_seed(5)
+    task.training_step({"pixels": x}, 0)
+    with torch.no_grad():
+        dist = base.encode(x).latent_dist
+    torch.manual_seed(5)
+    eps = torch.randn_like(dist.mean)
+    ((z, bs),) = seen
+    assert bs == 2
+    torch.testing.assert_close(z, dist.mean + torch.exp(0.5 * dist.logvar) * eps, rtol=1e-5, atol=1e-6)

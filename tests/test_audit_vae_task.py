@@ -597,3 +597,41 @@ def test_the_adaptive_weight_is_the_norm_ratio_clamped_to_zero_and_its_maximum(r
     assert (ratio < 1) == (rec_weight < 1)
     _, logs = task.generator_output_grad(x, task.decode(z))
     assert float(logs["d_weight"]) == pytest.approx(min(ratio, cap) * 0.5, rel=1e-4)
+
+
+def test_the_missing_perceptual_model_message_and_the_default_flag():
+    config = VAETaskConfig(loss=LossConfig(perceptual=PerceptualConfig(weight=1.5)))
+    with pytest.raises(ValueError) as err:
+        VAEDecoderTask(tiny_vae(), config, None)
+    assert str(err.value) == (
+        "loss.perceptual.weight=1.5 needs an LPIPS model; set "
+        "loss.perceptual.weights=/path/to/vgg16.pth or loss.perceptual.weight=0"
+    )
+    task = VAEDecoderTask(tiny_vae(), config, AbsLPIPS())
+    assert task.perceptual_is_random is False  # a given model is a real one unless told: val/lpips_vgg is logged
+    trainer = StandIn(task)
+    task.validation_step({"pixels": pixels(2)}, 0)
+    assert "val/lpips_vgg" in trainer.logged
+
+
+def test_training_steps_encode_each_indexed_image_once_through_the_cache():
+    task = make_task(max_steps=5)
+    task.config.posterior.cache = True
+    StandIn(task)
+    x = pixels(2, seed=6)
+    task.training_step({"pixels": x, "index": torch.tensor([7, 3])}, 0)
+    assert sorted(task.posterior_cache) == [3, 7]
+    with torch.no_grad():
+        want = task.vae.encode(x).latent_dist.mean
+    torch.testing.assert_close(task.posterior_cache[7][0], want[0], rtol=1e-5, atol=1e-6)
+    task.training_step({"pixels": torch.zeros(2, 3, 16, 16), "index": torch.tensor([3, 7])}, 1)
+    torch.testing.assert_close(task.posterior_cache[3][0], want[1], rtol=1e-5, atol=1e-6)  # not encoded again
+
+
+def test_a_validation_epoch_without_batches_logs_nothing(monkeypatch):
+    task = make_task()
+    trainer = StandIn(task)
+    panels = []
+    monkeypatch.setattr(vae_module, "log_image_panel", lambda *a: panels.append(a))
+    task.on_validation_epoch_end()
+    assert panels == [] and trainer.logged == {} and task.colour_check is None
