@@ -89,18 +89,26 @@ TESTS[build]="tests/test_task.py tests/test_train_errors.py tests/test_guard_tra
   tests/test_taesd_task.py::test_the_vae_must_downsample_by_eight
   $TRAIN_SUBPROCESSES"  # the two taesd tests: the only fast ones that call build()'s load_module
 SOURCES[vae_module]="hyperlit/tasks/vae/module.py"
-TESTS[vae_module]="tests/test_vae_task.py tests/test_audit_vae.py tests/test_guard_vae_sampling.py
-  tests/test_guard_train_options.py tests/test_vae_fp16_fix.py tests/test_vae_fp16_rescale.py tests/test_audit_fp16_fix.py"  # the fp16 ones: fp16_fix_step, fp16_closed_form, limit_fp16_fine_tuning
+TESTS[vae_module]="tests/test_audit_vae_task.py tests/test_audit_vae_fp16_task.py tests/test_audit_vae.py
+  tests/test_guard_vae_sampling.py tests/test_guard_train_options.py
+  tests/test_vae_task.py::test_each_generator_term_moves_the_decoder_only
+  tests/test_vae_task.py::test_full_generator_loss_has_adaptive_gan_term_and_no_d_grads
+  tests/test_vae_task.py::test_discriminator_step_does_not_touch_the_decoder
+  tests/test_vae_task.py::test_no_adversarial_term_before_warmup_ends
+  tests/test_vae_task.py::test_posterior_is_cached_once_per_image
+  tests/test_vae_task.py::test_missing_perceptual_model_is_a_clear_error"
+# Not test_vae_task.py's four Trainer fits: 8-35 s a mutant (a mutant that stops the step count runs to the timeout),
+# ~5 mutants a minute on one core; test_audit_vae_task.py and test_audit_vae_fp16_task.py check the same hooks with a
+# stand-in trainer. Not the fp16 files either: their fast tests never call this module (only the slow fits do).
 SOURCES[kv_inputs]="hyperlit/kv_inputs.py"  # also part of attention; alone it runs in a fraction of the time
 TESTS[kv_inputs]="tests/test_shared_context.py tests/test_audit_attention.py tests/test_attention.py"
 SOURCES[styles]="hyperlit/demo/styles*.py hyperlit/demo/style_*.py"
 TESTS[styles]="tests/test_styles.py tests/test_style_eye_labels.py tests/test_style_looks_exact.py
   tests/test_style_judges_exact.py"
 SOURCES[lora]="hyperlit/lora/*.py"
-TESTS[lora]="tests/test_lora.py tests/test_generate_lora.py tests/test_learning_proof.py
-  tests/test_style_suite.py::test_lora_converts_each_hypernetwork_and_judges_it_beside tests/test_audit_lora.py"
-# (the fast tests that import hyperlit.lora or run to-lora; learning_proof / style_suite load benchmarks/*.py,
-# which pyproject's also_copy puts beside the mutants)
+TESTS[lora]="tests/test_audit_lora.py tests/test_lora.py tests/test_generate_lora.py"
+# (the fast tests written for hyperlit.lora; not test_learning_proof.py or the style suite's --lora test, which
+# also run to-lora but train and judge first: with them a run made ~2-3 mutants a minute on one core)
 SOURCES[taesd]="hyperlit/tasks/taesd/*.py"
 TESTS[taesd]="tests/test_taesd_task.py tests/test_taesd_errors.py tests/test_taesd_layout.py tests/test_taesd_scenes.py
   tests/test_taesd_augment.py tests/test_audit_taesd.py tests/test_audit_build.py"  # test_audit_build: build.py's checks
