@@ -1144,3 +1144,71 @@ def inputs_module():  # noqa: ANN201
     from hyperlit.lora import inputs
 
     return inputs
+
+
+def test_a_bad_image_first_is_skipped_counted_and_the_rest_still_read(tmp_path, caplog):
+    """The unreadable file sorts first: reading goes on past it, and the warning names the kind of skip and its
+    count (SkipLog's summary, written out here)."""
+    from PIL import Image
+
+    from hyperlit.lora.inputs import read_data
+
+    (tmp_path / "0-broken.png").write_bytes(b"not an image")
+    (tmp_path / "0-broken.txt").write_text("broken", encoding="utf-8")
+    for name, value in (("a", 255), ("b", 0)):
+        Image.fromarray(np.full((16, 16, 3), value, dtype=np.uint8)).save(tmp_path / f"{name}.png")
+        (tmp_path / f"{name}.txt").write_text(f"caption {name}", encoding="utf-8")
+    with caplog.at_level("WARNING"):
+        items = read_data(tmp_path, 8)
+    assert items.captions == ["caption a", "caption b"]
+    assert torch.allclose(items.images[0], torch.ones(3, 8, 8)) and torch.allclose(
+        items.images[1], -torch.ones(3, 8, 8)
+    )
+    messages = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"--data {tmp_path}: ")]
+    assert messages == [f"--data {tmp_path}: not_an_image=1 (skipped)"]
+
+
+def test_text_inputs_fit_every_prompt_once_and_hold_out_every_fifth():
+    """_text_inputs against sums written out here: each prompt's context rows feed the training moments exactly
+    once, except prompts 4, 9, 14, ... (every fifth), whose rows are held out instead; 19 prompts span three chunks
+    of the encoder's batch of 8, so a chunk that skips, repeats or misplaces a prompt changes the sums."""
+    from types import SimpleNamespace
+
+    from hyperlit.hypernetwork import Hypernetwork, HypernetworkConfig
+    from hyperlit.lora import inputs
+
+    width, tokens = 6, 3
+    hn = Hypernetwork(HypernetworkConfig(activation="relu"), sizes=[width])
+    with torch.no_grad():
+        for p in hn.parameters():
+            p.normal_(std=0.5, generator=torch.Generator().manual_seed(p.numel()))
+    prompts = [f"prompt {i}" for i in range(19)]
+    table = {
+        p: torch.randn(tokens, width, generator=torch.Generator().manual_seed(100 + i)) for i, p in enumerate(prompts)
+    }
+    encoded: list[list[str]] = []
+
+    def encode_prompts(chunk):
+        encoded.append(list(chunk))
+        return SimpleNamespace(context=torch.stack([table[p] for p in chunk]))
+
+    components = SimpleNamespace(context_dim=width, encode_prompts=encode_prompts)
+    got = inputs._text_inputs(hn, components, prompts, torch.device("cpu"))
+    assert [len(c) for c in encoded] == [8, 8, 3] and sum(encoded, []) == prompts
+    fk, fv = hn.pairs[str(width)][0].linear, hn.pairs[str(width)][1].linear
+    train = [table[p] for i, p in enumerate(prompts) if i % 5 != 4]
+    x = torch.cat(train).double()
+    u = torch.cat([x, torch.ones(x.shape[0], 1, dtype=torch.float64)], dim=1)
+    with torch.no_grad():
+        k, v = fk(torch.cat(train)).double(), fv(torch.cat(train)).double()
+    assert got.train.rows == 16 * tokens
+    torch.testing.assert_close(got.train.uu, u.T @ u)
+    torch.testing.assert_close(got.train.uk, u.T @ k, rtol=1e-5, atol=1e-5)  # f(x) in float32, one prompt at a time
+    torch.testing.assert_close(got.train.uv, u.T @ v, rtol=1e-5, atol=1e-5)
+    held_x, held_k, _ = got.held_out.tensors()
+    held = torch.cat([table[p] for i, p in enumerate(prompts) if i % 5 == 4])  # prompts 4, 9, 14: all rows kept
+    assert got.held_out.rows == 3 * tokens
+    order = [int(torch.argmin((held - row).abs().sum(dim=1))) for row in held_x]
+    assert sorted(order) == list(range(held.shape[0]))
+    with torch.no_grad():
+        torch.testing.assert_close(held_k, fk(held[order]), rtol=1e-5, atol=1e-5)
