@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
+from helpers.models import TINY_VAE
 from torchmetrics.functional.image import structural_similarity_index_measure
 
 from hyperlit.tasks.vae.module import VAEDecoderTask, frozen_checksum
@@ -31,14 +32,7 @@ from hyperlit.vae.config import (
 )
 from hyperlit.vae.discriminator import PatchDiscriminator
 
-TINY = dict(
-    block_out_channels=[8, 16],
-    down_block_types=["DownEncoderBlock2D"] * 2,
-    up_block_types=["UpDecoderBlock2D"] * 2,
-    layers_per_block=1,
-    norm_num_groups=4,
-    latent_channels=4,
-)
+TINY = TINY_VAE  # tests/helpers/models.py: the one tiny VAE layout the tests share
 LOGGER = "hyperlit.tasks.vae.module"
 vae_module = importlib.import_module(LOGGER)  # `hyperlit.tasks.vae` names its build() entry `vae`
 
